@@ -1,0 +1,25 @@
+"""The one configuration object every adapter fills and every stage reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "pedseg-demo"
+
+
+@dataclass
+class PipelineConfig:
+    bundle: Path = DEFAULT_BUNDLE
+    device: str = "auto"  # auto | cpu | cuda
+    fast: bool = False  # fewest folds, no mirroring TTA
+    reference_role: str = "t1c"  # series the DICOM-SEG and native label map refer to
+    missing_policy: str = "fail"  # fail | allow (only with a bundle that accepts fewer inputs)
+    label_convention: str = "2024"  # label values written to NIfTI outputs: "2024" or "2023" BraTS-PEDs
+    write_seg: bool = True
+    write_sr: bool = True
+    write_pdf: bool = True
+    pseudonymize: bool = True  # report shows a pseudonym instead of patient name / ID
+    threads: int | None = None  # CPU threads for torch and SimpleITK; None = all cores
+    keep_workdir: bool = False
+    patient_age_years: float | None = None  # for the brain-volume plausibility check when headers lack it
+    extra: dict = field(default_factory=dict)
