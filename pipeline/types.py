@@ -104,7 +104,9 @@ class Preprocessed:
     images: dict[str, Path]  # role -> atlas-space skull-stripped NIfTI
     brain_mask: Path  # atlas-space uint8 mask
     native: dict[str, Path]  # role -> native NIfTI (dcm2niix output)
-    native_to_atlas: dict[str, Path]  # role -> SimpleITK transform file mapping atlas points to native points
+    # role -> SimpleITK transform file mapping atlas points to that series' native points: resampling a native
+    # image with it gives BraTS space; its inverse takes an atlas-space label map back to the native grid.
+    atlas_to_native: dict[str, Path]
     qc: dict = field(default_factory=dict)
 
 
