@@ -1,0 +1,268 @@
+"""Identify which series of a session is the pre-contrast T1, post-contrast T1, T2 and T2-FLAIR.
+
+Every series is scored against the rule table in identify_rules.py; each role then gets exactly one chosen
+series (the best-quality candidate) when any exists. Every decision carries the reasons behind it, in words
+a technologist can check against the scanner protocol.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import MissingSequenceError
+from pipeline.identify_rules import (
+    OTHER,
+    REJECT,
+    ROLE_NAMES,
+    RULES,
+    Facts,
+    Rule,
+    clean_agent,
+    normalise_text,
+    same_protocol,
+)
+from pipeline.types import ROLES, Identification, SeriesDecision, SeriesHeader, Session
+
+logger = logging.getLogger(__name__)
+
+# A series needs more evidence than this for any role; below it, it is "other". Also the "other" logit in
+# the confidence softmax, so a series with little evidence gets a low confidence.
+OTHER_PRIOR = 1.5
+# A post-contrast repeat comes at least an injection after the pre-contrast scan; reconstructions of one
+# acquisition (e.g. filtered and unfiltered) share its acquisition time and are not pre/post pairs.
+TWIN_MIN_GAP_S = 120.0
+
+
+def identify(session: Session, config: PipelineConfig) -> Identification:
+    """Classify every series; raise MissingSequenceError when a role is missing and the policy is "fail"."""
+    identification = classify_session(session)
+    if identification.missing and config.missing_policy != "allow":
+        raise MissingSequenceError(_missing_message(identification), hint=_MISSING_HINT)
+    return identification
+
+
+def classify_session(session: Session) -> Identification:
+    """Classify every series and choose one per role, never raising for missing roles."""
+    facts = _session_facts([s.header for s in session.series])
+    decisions = [_decide(facts[s.header.series_uid]) for s in session.series]
+    chosen = _choose(decisions, {s.header.series_uid: s.header for s in session.series})
+    missing = [role for role in ROLES if role not in chosen]
+    for d in decisions:
+        logger.info("series %s '%s' → %s (confidence %.2f%s)", d.series_number, d.description, d.role,
+                    d.confidence, ", chosen" if d.chosen else "")
+    if missing:
+        logger.warning("no series found for: %s", ", ".join(ROLE_NAMES[r] for r in missing))
+    return Identification(decisions=decisions, chosen=chosen, missing=missing)
+
+
+def session_to_json(identification: Identification) -> str:
+    """Deterministic JSON of an identification, for `pedseg identify INPUT --json`."""
+    series = [
+        {
+            "SeriesInstanceUID": d.series_uid,
+            "SeriesNumber": d.series_number,
+            "SeriesDescription": d.description,
+            "role": d.role,
+            "confidence": round(d.confidence, 3),
+            "reasons": list(d.reasons),
+            "chosen": d.chosen,
+        }
+        for d in sorted(identification.decisions, key=_decision_order)
+    ]
+    payload = {"series": series, "chosen": dict(identification.chosen), "missing": list(identification.missing)}
+    return json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+# ------------------------------------------------------------------------------------------- facts
+
+
+def _basic_facts(h: SeriesHeader) -> Facts:
+    return Facts(
+        h=h,
+        description=normalise_text(h.description),
+        protocol=normalise_text(h.protocol),
+        tr=h.repetition_time or None,
+        te=h.echo_time or None,
+        ti=h.inversion_time or None,
+        flip=h.flip_angle,
+        seq=frozenset(t.upper() for t in h.scanning_sequence),
+        variant=frozenset(t.upper() for t in h.sequence_variant),
+        image_type=tuple(t.upper() for t in h.image_type),
+        agent=clean_agent(h.contrast_agent, h.contrast_ingredient),
+        agent_informative=True,
+        after_agent=None,
+        before_agent=None,
+        earlier_twin=None,
+        twin_minutes=None,
+    )
+
+
+def _session_facts(headers: list[SeriesHeader]) -> dict[str, Facts]:
+    """Facts per series, with the relations that need the whole session (contrast timeline, repeats)."""
+    basic = {h.series_uid: _basic_facts(h) for h in headers}
+    # An agent written on every series (typed in once at registration) does not tell pre from post.
+    informative = len(headers) < 2 or not all(f.agent for f in basic.values())
+    timed = sorted((h for h in headers if h.acquisition_time is not None), key=lambda h: h.acquisition_time)
+    with_agent = [h for h in timed if basic[h.series_uid].agent]
+    candidates = [h for h in timed if not _rejections(basic[h.series_uid])]
+    facts = {}
+    for h in headers:
+        f = dataclasses.replace(basic[h.series_uid], agent_informative=informative)
+        t = h.acquisition_time
+        if t is not None:
+            f = dataclasses.replace(
+                f,
+                after_agent=next((a for a in with_agent if a.acquisition_time < t), None),
+                before_agent=next((a for a in with_agent if a.acquisition_time > t), None),
+            )
+            twin = next((c for c in candidates if t - c.acquisition_time >= TWIN_MIN_GAP_S and same_protocol(c, h)),
+                        None)
+            if twin is not None and not _rejections(f):
+                f = dataclasses.replace(f, earlier_twin=twin, twin_minutes=(t - twin.acquisition_time) / 60)
+        facts[h.series_uid] = f
+    return facts
+
+
+# ---------------------------------------------------------------------------------------- scoring
+
+
+def _fired(f: Facts) -> list[tuple[Rule, str]]:
+    return [(rule, hit) for rule in RULES if (hit := rule.predicate(f))]
+
+
+def _rejections(f: Facts) -> list[tuple[Rule, str]]:
+    return [(rule, hit) for rule in RULES if rule.weights is REJECT and (hit := rule.predicate(f))]
+
+
+def _reason(rule: Rule, hit: str, f: Facts) -> str:
+    return rule.reason.format(f=f, hit=hit)
+
+
+def _decide(f: Facts) -> SeriesDecision:
+    h = f.h
+    fired = _fired(f)
+    rejected = [(rule, hit) for rule, hit in fired if rule.weights is REJECT]
+    if rejected:
+        return _decision(h, OTHER, 1.0, [_reason(rule, hit, f) for rule, hit in rejected])
+    evidence = [(rule, hit) for rule, hit in fired if rule.weights is not REJECT]
+    scores = {role: sum(rule.weights.get(role, 0.0) for rule, _ in evidence) for role in ROLES}
+    best = max(ROLES, key=lambda role: scores[role])  # max keeps the first of equals: deterministic
+    probabilities = _softmax({**scores, OTHER: OTHER_PRIOR})
+    if scores[best] <= OTHER_PRIOR:
+        seen = [f"weak evidence: {_reason(rule, hit, f)}" for rule, hit in evidence]
+        summary = f"not recognised as T1, T2 or FLAIR ({f.timing}; description '{h.description}')"
+        return _decision(h, OTHER, probabilities[OTHER], [summary, *seen])
+    return _decision(h, best, probabilities[best], _role_reasons(best, evidence, f))
+
+
+def _role_reasons(role: str, evidence: list[tuple[Rule, str]], f: Facts) -> list[str]:
+    """Reasons for, then against, the chosen role; strongest first, table order among equals."""
+    relevant = [(rule, hit) for rule, hit in evidence if rule.weights.get(role, 0.0)]
+    ordered = sorted(relevant, key=lambda item: -item[0].weights[role])
+    return [("" if rule.weights[role] > 0 else "against: ") + _reason(rule, hit, f) for rule, hit in ordered]
+
+
+def _softmax(scores: dict[str, float]) -> dict[str, float]:
+    top = max(scores.values())
+    exps = {k: math.exp(v - top) for k, v in scores.items()}
+    total = sum(exps.values())
+    return {k: v / total for k, v in exps.items()}
+
+
+def _decision(h: SeriesHeader, role: str, confidence: float, reasons: list[str]) -> SeriesDecision:
+    return SeriesDecision(series_uid=h.series_uid, series_number=h.series_number, description=h.description,
+                          role=role, confidence=float(confidence), reasons=reasons)
+
+
+# ---------------------------------------------------------------------------------------- ranking
+
+
+def _choose(decisions: list[SeriesDecision], headers: dict[str, SeriesHeader]) -> dict[str, str]:
+    """Mark the best series of each role chosen; tell each runner-up why it lost."""
+    chosen = {}
+    for role in ROLES:
+        candidates = sorted((d for d in decisions if d.role == role),
+                            key=lambda d: _quality_key(headers[d.series_uid], role))
+        if not candidates:
+            continue
+        winner = candidates[0]
+        winner.chosen = True
+        chosen[role] = winner.series_uid
+        for loser in candidates[1:]:
+            loser.reasons.append(_lost_because(headers[winner.series_uid], headers[loser.series_uid], role))
+    return chosen
+
+
+def _voxel(h: SeriesHeader) -> tuple[float, float, float] | None:
+    if h.pixel_spacing is None or not h.slice_thickness:
+        return None
+    return (round(h.pixel_spacing[0], 2), round(h.pixel_spacing[1], 2), round(h.slice_thickness, 2))
+
+
+def _quality_key(h: SeriesHeader, role: str) -> tuple:
+    """3D first, then finer voxels (coarsest edge, then volume), more images, for t1c the latest, then number."""
+    voxel = _voxel(h)
+    latest = -(h.acquisition_time or 0.0) if role == "t1c" else 0.0
+    return (
+        h.mr_acquisition_type != "3D",
+        max(voxel) if voxel else math.inf,
+        math.prod(voxel) if voxel else math.inf,
+        -h.num_images,
+        latest,
+        h.series_number if h.series_number is not None else math.inf,
+        h.series_uid,
+    )
+
+
+def _lost_because(winner: SeriesHeader, loser: SeriesHeader, role: str) -> str:
+    advantages = []
+    if winner.mr_acquisition_type == "3D" and loser.mr_acquisition_type != "3D":
+        advantages.append(f"3D (this one is {loser.mr_acquisition_type or 'not 3D'})")
+    wv, lv = _voxel(winner), _voxel(loser)
+    if wv and (not lv or (max(wv), math.prod(wv)) < (max(lv), math.prod(lv))):
+        advantages.append(f"finer voxels ({_voxel_text(wv)} vs {_voxel_text(lv)})")
+    if winner.num_images > loser.num_images:
+        advantages.append(f"more complete ({winner.num_images} vs {loser.num_images} images)")
+    if role == "t1c" and (winner.acquisition_time or 0.0) > (loser.acquisition_time or 0.0):
+        minutes = (winner.acquisition_time - (loser.acquisition_time or 0.0)) / 60
+        advantages.append(f"acquired later ({minutes:.0f} min after this one), so contrast had longer to enhance")
+    if not advantages:
+        advantages.append("equal quality, and it has the lower series number")
+    return (f"not chosen: series {winner.series_number} '{winner.description}' is preferred for "
+            f"{ROLE_NAMES[role]}: " + "; ".join(advantages))
+
+
+def _voxel_text(voxel: tuple[float, float, float] | None) -> str:
+    return " × ".join(f"{v:g}" for v in voxel) + " mm" if voxel else "unknown voxel size"
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _decision_order(d: SeriesDecision) -> tuple:
+    return (d.series_number is None, d.series_number or 0, d.series_uid)
+
+
+_MISSING_HINT = (
+    "If the sequence was acquired, include it in the input (export the whole MRI session). If it is in the "
+    "input but was not recognised, compare its description and timing with the reasons shown by "
+    "`pedseg identify INPUT`, and report the series so the rules can learn it."
+)
+
+
+def _missing_message(identification: Identification) -> str:
+    missing = ", ".join(ROLE_NAMES[r] for r in identification.missing)
+    seen = "; ".join(_seen_line(d) for d in sorted(identification.decisions, key=_decision_order))
+    return f"Required sequence(s) missing: {missing}. Series seen: {seen or 'none'}."
+
+
+def _seen_line(d: SeriesDecision) -> str:
+    line = f"series {d.series_number} '{d.description}' → {d.role}"
+    if d.role == OTHER and d.reasons:
+        line += f" ({d.reasons[0]})"
+    elif not d.chosen:
+        line += " (not chosen)"
+    return line

@@ -1,0 +1,678 @@
+"""Ingest: a folder or .zip of DICOM files in, one Session (series grouped, headers summarised) out.
+
+Also converts one series to NIfTI with dcm2niix. Nothing here logs or raises with patient identifiers:
+messages name series by number and description only.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import dcm2niix
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from pipeline.errors import InputError, ResourceError, UnsupportedDataError
+from pipeline.types import Series, SeriesHeader, Session
+
+logger = logging.getLogger(__name__)
+
+# Archive limits: a real MRI session is at most a few GB; DICOM compresses 2-10x, a zip bomb ~1000x.
+MAX_UNPACKED_BYTES = 20 * 1024**3
+MAX_COMPRESSION_RATIO = 100
+RATIO_CHECK_MIN_BYTES = 1024**2  # tiny entries (headers, blank images) may compress extremely well
+MAX_ARCHIVE_ENTRIES = 500_000
+DCM2NIIX_TIMEOUT_S = 900
+_CHUNK = 1024**2
+
+# DICOM objects that share a series with images but carry no image: Philips raw data, presentation states,
+# structured reports, encapsulated documents, spectroscopy, registrations/segmentations, RT, waveforms.
+_NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.1.3.10",  # DICOMDIR (media storage directory)
+    "1.2.840.10008.5.1.4.1.1.66",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.88.",
+    "1.2.840.10008.5.1.4.1.1.104.",
+    "1.2.840.10008.5.1.4.1.1.4.2",
+    "1.2.840.10008.5.1.4.1.1.481.",
+    "1.2.840.10008.5.1.4.1.1.9.",
+    "1.2.840.10008.5.1.4.1.1.67",
+)
+_ENHANCED_FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
+# ----------------------------------------------------------------------------------------------- ingest
+
+
+def ingest(input_path: Path, workdir: Path) -> Session:
+    """Read every DICOM image under `input_path` (a folder or a .zip) and group it into series.
+
+    `workdir` receives the unpacked archive and any gzip-compressed DICOM files, decompressed.
+    """
+    input_path = Path(input_path)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if input_path.is_dir():
+        root = input_path
+    elif input_path.is_file() and (zipfile.is_zipfile(input_path) or input_path.suffix.lower() == ".zip"):
+        root = Path(tempfile.mkdtemp(prefix="input-", dir=workdir))
+        _extract_zip(input_path, root)
+    elif input_path.exists():
+        raise InputError(
+            f"The input '{input_path.name}' is neither a folder nor a .zip archive.",
+            hint="Give the folder, or a .zip of the folder, holding the DICOM files of one MRI session.",
+        )
+    else:
+        raise InputError(f"The input '{input_path.name}' does not exist.", hint="Check the path.")
+
+    files, total = _find_dicom_files(root, workdir)
+    images = _read_images(files)
+    if not images:
+        found = (f"{total} files, none of them DICOM" if not files else
+                 f"{len(files)} DICOM files, none of them a readable image") if total else "no files at all"
+        raise InputError(
+            f"No DICOM images in the input '{input_path.name}' ({found}).",
+            hint="Give the folder, or a .zip of the folder, holding the DICOM files of one MRI session.",
+        )
+    series = _build_series(images)
+    study_uid = _single_study(series)
+    study_date = str(images[0].ds.get("StudyDate", "") or "")
+    logger.info("ingested %d series (%d DICOM files) from one study", len(series), len(images))
+    return Session(series=series, study_uid=study_uid, root=root, study_date=study_date)
+
+
+# ------------------------------------------------------------------------------------------ archives
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    """Unpack `archive` into `dest`, refusing anything that could write outside it or exhaust the disk."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"The archive '{archive.name}' cannot be read as a zip file ({exc}).") from exc
+    with zf:
+        infos = zf.infolist()
+        _check_zip_entries(infos, archive.stat().st_size)
+        total = sum(i.file_size for i in infos)
+        if shutil.disk_usage(dest).free < total:
+            raise ResourceError(
+                f"Not enough free disk space to unpack '{archive.name}' ({total / 1024**3:.1f} GB needed).",
+                hint="Free disk space in the work folder or point the work folder at a larger disk.",
+            )
+        dest_root = dest.resolve()
+        for info in infos:
+            target = (dest / _entry_name(info)).resolve()
+            if not target.is_relative_to(dest_root):
+                raise InputError(f"The archive entry '{info.filename}' points outside the archive folder.")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    _copy_limited(src, dst, info.file_size, what=f"archive entry '{info.filename}'")
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError) as exc:
+                raise InputError(f"The archive entry '{info.filename}' cannot be extracted ({exc}).") from exc
+    logger.debug("unpacked %d archive entries", len(infos))
+
+
+def _entry_name(info: zipfile.ZipInfo) -> str:
+    return info.filename.replace("\\", "/")
+
+
+def _check_zip_entries(infos: list[zipfile.ZipInfo], archive_bytes: int) -> None:
+    if len(infos) > MAX_ARCHIVE_ENTRIES:
+        raise InputError(f"The archive holds {len(infos)} entries, more than the {MAX_ARCHIVE_ENTRIES} allowed.")
+    for info in infos:
+        name = _entry_name(info)
+        if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+            raise InputError(f"The archive entry '{info.filename}' has an absolute path; refusing to unpack it.",
+                             hint="Re-create the archive with relative paths.")
+        if ".." in PurePosixPath(name).parts:
+            raise InputError(f"The archive entry '{info.filename}' climbs out of the archive folder ('..'); "
+                             "refusing to unpack it.", hint="Re-create the archive without '..' in entry names.")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise InputError(f"The archive entry '{info.filename}' is a symbolic link; refusing to unpack it.",
+                             hint="Re-create the archive with the files themselves, not links.")
+        if info.flag_bits & 0x1:
+            raise InputError(f"The archive entry '{info.filename}' is password-protected.",
+                             hint="Give an unencrypted archive.")
+        ratio = info.file_size // max(info.compress_size, 1)
+        if info.file_size > RATIO_CHECK_MIN_BYTES and ratio > MAX_COMPRESSION_RATIO:
+            raise InputError(f"The archive entry '{info.filename}' expands {ratio}-fold: this looks like a zip bomb, "
+                             "refusing to unpack it.")
+    total = sum(i.file_size for i in infos)
+    if total > MAX_UNPACKED_BYTES:
+        raise InputError(f"The archive would unpack to {total / 1024**3:.1f} GB, more than the "
+                         f"{MAX_UNPACKED_BYTES / 1024**3:.0f} GB allowed for one session.")
+    if total > RATIO_CHECK_MIN_BYTES and total > MAX_COMPRESSION_RATIO * max(archive_bytes, 1):
+        raise InputError(f"The archive would unpack to {total // max(archive_bytes, 1)} times its own size: "
+                         "this looks like a zip bomb, refusing to unpack it.")
+
+
+def _copy_limited(src, dst, limit: int, *, what: str) -> int:
+    """Stream src to dst, failing as soon as more than `limit` bytes arrive (sizes in headers can lie)."""
+    copied = 0
+    while chunk := src.read(_CHUNK):
+        copied += len(chunk)
+        if copied > limit:
+            raise InputError(f"The {what} expands beyond its allowed size ({limit} bytes): refusing to unpack it.")
+        dst.write(chunk)
+    return copied
+
+
+# ------------------------------------------------------------------------------------- finding files
+
+
+def _find_dicom_files(root: Path, workdir: Path) -> tuple[list[Path], int]:
+    """Files that look like DICOM, and how many files there were in all.
+
+    Some archives store each DICOM file gzip-compressed (.dcm.gz); those are decompressed into `workdir`.
+    """
+    found: list[Path] = []
+    total = 0
+    budget = MAX_UNPACKED_BYTES
+    for path in _walk(root):
+        total += 1
+        kind = _sniff(path)
+        if kind == "gzip" and _sniff_gzip(path) == "dicom":
+            out = workdir / "gunzipped" / path.relative_to(root).with_suffix("")
+            budget -= _gunzip(path, out, budget)
+            path, kind = out, _sniff(out)
+        if kind == "dicom":
+            found.append(path)
+    logger.debug("ignored %d files that are not DICOM (READMEs, pictures, system files...)", total - len(found))
+    return found, total
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def _sniff(path: Path) -> str | None:
+    """'dicom', 'gzip' or None, from the first bytes; avoids force-parsing arbitrary junk as DICOM."""
+    try:
+        with open(path, "rb") as fh:
+            return _kind(fh.read(132))
+    except OSError:
+        return None
+
+
+def _sniff_gzip(path: Path) -> str | None:
+    """What a .gz file holds, from its first decompressed bytes (a .nii.gz is not worth unpacking)."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            return _kind(fh.read(132))
+    except (OSError, EOFError):
+        return None
+
+
+def _kind(head: bytes) -> str | None:
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    # Old files without preamble start directly with a little-endian group 0002 or 0008 tag.
+    if head[:2] in (b"\x02\x00", b"\x08\x00") and len(head) >= 8:
+        return "dicom"
+    return None
+
+
+def _gunzip(src: Path, out: Path, budget: int) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    limit = min(budget, max(MAX_COMPRESSION_RATIO * src.stat().st_size, RATIO_CHECK_MIN_BYTES))
+    try:
+        with gzip.open(src, "rb") as fin, open(out, "wb") as fout:
+            return _copy_limited(fin, fout, limit, what=f"gzip file '{src.name}'")
+    except (OSError, EOFError) as exc:
+        out.unlink(missing_ok=True)
+        logger.debug("could not decompress a .gz file (%s); ignored", type(exc).__name__)
+        return 0
+
+
+# -------------------------------------------------------------------------------------- reading headers
+
+
+@dataclass
+class _Image:
+    """One image object: its header (no pixels) and path."""
+
+    path: Path
+    ds: Dataset
+
+
+def _read_images(files: list[Path]) -> list[_Image]:
+    images: list[_Image] = []
+    seen: set[str] = set()
+    skipped = duplicates = 0
+    for path in files:
+        ds = _read_header(path)
+        if ds is None or not _is_image(ds):
+            skipped += 1
+            continue
+        # The same instance twice (a folder exported alongside its own copy) would look like a repeated volume.
+        sop_uid = str(ds.get("SOPInstanceUID", "")) or str(path)
+        if sop_uid in seen:
+            duplicates += 1
+            continue
+        seen.add(sop_uid)
+        images.append(_Image(path, ds))
+    logger.debug("skipped %d DICOM objects that are unreadable or carry no image, and %d duplicate instances",
+                 skipped, duplicates)
+    return images
+
+
+def _read_header(path: Path) -> Dataset | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    # force=True parses whatever it is given, and a corrupt file can fail in almost any way; one bad file
+    # must not stop the session, so every failure here means "not a usable DICOM file".
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("unreadable DICOM-like file skipped (%s)", type(exc).__name__)
+        return None
+    return ds if _sop_class(ds) and ds.get("SeriesInstanceUID") else None
+
+
+def _sop_class(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
+
+
+def _is_image(ds: Dataset) -> bool:
+    return (
+        not _sop_class(ds).startswith(_NON_IMAGE_SOP_PREFIXES)
+        and bool(ds.get("Rows"))
+        and bool(ds.get("Columns"))
+    )
+
+
+# ------------------------------------------------------------------------------------ building series
+
+
+@dataclass
+class _Stats:
+    """Per-series tallies over all images (and frames, for enhanced multi-frame objects)."""
+
+    images: int = 0
+    acquisition_times: list[float] = field(default_factory=list)
+    echoes: set = field(default_factory=set)
+    temporal: set = field(default_factory=set)
+    declared_temporal: int = 1
+    orientations: set = field(default_factory=set)
+    positions: dict = field(default_factory=dict)  # (position, echo, image type) -> count
+
+    def add(self, ds: Dataset) -> None:
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            self._add_enhanced(ds)
+        else:
+            self._add_classic(ds)
+        self.declared_temporal = max(self.declared_temporal, _int(ds.get("NumberOfTemporalPositions")) or 1)
+
+    def _add_classic(self, ds: Dataset) -> None:
+        self.images += 1
+        echo = _float(ds.get("EchoNumbers")) or _float(ds.get("EchoTime"))
+        self.echoes.add(echo)
+        if ds.get("TemporalPositionIdentifier") is not None:
+            self.temporal.add(_int(ds.get("TemporalPositionIdentifier")))
+        self._orientation(ds.get("ImageOrientationPatient"))
+        t = _seconds(ds.get("AcquisitionTime"))
+        if t is not None:
+            self.acquisition_times.append(t)
+        position = _rounded(ds.get("ImagePositionPatient"), 1)
+        if position is not None:
+            key = (position, echo, tuple(ds.get("ImageType") or ()))
+            self.positions[key] = self.positions.get(key, 0) + 1
+
+    def _add_enhanced(self, ds: Dataset) -> None:
+        frames = ds.PerFrameFunctionalGroupsSequence
+        self.images += _int(ds.get("NumberOfFrames")) or len(frames)
+        t = _seconds_from_datetime(ds.get("AcquisitionDateTime"))
+        if t is not None:
+            self.acquisition_times.append(t)
+        for frame in frames:
+            self.echoes.add(_float(_group_value(ds, "MREchoSequence", "EffectiveEchoTime", frame)))
+            index = _group_value(ds, "FrameContentSequence", "TemporalPositionIndex", frame)
+            if index is not None:
+                self.temporal.add(_int(index))
+            self._orientation(_group_value(ds, "PlaneOrientationSequence", "ImageOrientationPatient", frame))
+
+    def _orientation(self, iop) -> None:
+        rounded = _rounded(iop, 3)
+        if rounded is not None:
+            self.orientations.add(rounded)
+
+    def temporal_positions(self) -> int:
+        # Repeats of one slice position (same echo, same image type) mean repeated volumes: a time series,
+        # also on scanners that write no temporal position attributes (e.g. Siemens DSC without mosaic).
+        repeats = max(self.positions.values(), default=1)
+        return max(self.declared_temporal, len(self.temporal), repeats, 1)
+
+
+def _build_series(images: list[_Image]) -> list[Series]:
+    groups: dict[str, list[_Image]] = {}
+    for image in images:
+        groups.setdefault(str(image.ds.SeriesInstanceUID), []).append(image)
+    series = []
+    for uid, members in groups.items():
+        members.sort(key=lambda im: (_int(im.ds.get("InstanceNumber")) or 0, str(im.path)))
+        stats = _Stats()
+        for image in members:
+            stats.add(image.ds)
+        series.append(Series(header=_header(uid, members[0].ds, stats), files=[im.path for im in members]))
+    series.sort(key=lambda s: (s.header.series_number is None, s.header.series_number or 0, s.header.series_uid))
+    return series
+
+
+def _header(uid: str, ds: Dataset, stats: _Stats) -> SeriesHeader:
+    """Summarise one series from its first image (and its enhanced functional groups) plus the tallies."""
+    return SeriesHeader(
+        series_uid=uid,
+        series_number=_int(ds.get("SeriesNumber")),
+        description=_text(ds.get("SeriesDescription")),
+        protocol=_text(ds.get("ProtocolName")),
+        modality=_text(ds.get("Modality")),
+        manufacturer=_text(ds.get("Manufacturer")),
+        model=_text(ds.get("ManufacturerModelName")),
+        sop_class_uid=_sop_class(ds),
+        repetition_time=_float(_value(ds, "RepetitionTime", "MRTimingAndRelatedParametersSequence")),
+        echo_time=_float(ds.get("EchoTime")) or _float(_group_value(ds, "MREchoSequence", "EffectiveEchoTime")),
+        inversion_time=_inversion_time(ds),
+        flip_angle=_float(_value(ds, "FlipAngle", "MRTimingAndRelatedParametersSequence")),
+        scanning_sequence=_multi(ds.get("ScanningSequence")) or _enhanced_scanning_sequence(ds),
+        sequence_variant=_multi(ds.get("SequenceVariant")) or _enhanced_sequence_variant(ds),
+        sequence_name=_text(ds.get("SequenceName")) or _text(ds.get("PulseSequenceName")),
+        scan_options=_multi(ds.get("ScanOptions")),
+        mr_acquisition_type=_text(ds.get("MRAcquisitionType")).upper(),
+        image_type=_multi(ds.get("ImageType")),
+        contrast_agent=_contrast_agent(ds),
+        contrast_ingredient=_text(ds.get("ContrastBolusIngredient")),
+        acquisition_time=min(stats.acquisition_times) if stats.acquisition_times else _seconds(ds.get("SeriesTime")),
+        num_images=stats.images,
+        slice_thickness=_float(_value(ds, "SliceThickness", "PixelMeasuresSequence")),
+        pixel_spacing=_pair(_value(ds, "PixelSpacing", "PixelMeasuresSequence")),
+        orientation=_rounded(_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence"), 6),
+        rows=_int(ds.get("Rows")) or 0,
+        columns=_int(ds.get("Columns")) or 0,
+        study_uid=_text(ds.get("StudyInstanceUID")),
+        frame_of_reference_uid=_text(ds.get("FrameOfReferenceUID")),
+        num_echoes=max(len(stats.echoes - {None}), 1),
+        num_temporal_positions=stats.temporal_positions(),
+        num_orientations=max(len(stats.orientations), 1),
+    )
+
+
+def _single_study(series: list[Series]) -> str:
+    studies: dict[str, list[Series]] = {}
+    for s in series:
+        studies.setdefault(s.header.study_uid, []).append(s)
+    if len(studies) == 1:
+        return next(iter(studies))
+    listing = "; ".join(
+        f"study {i}: " + ", ".join(_series_label(s.header) for s in members)
+        for i, members in enumerate(studies.values(), start=1)
+    )
+    raise InputError(
+        f"The input holds {len(studies)} different studies (MRI sessions): {listing}.",
+        hint="Give one study at a time, e.g. one folder or .zip per session.",
+    )
+
+
+def _series_label(h: SeriesHeader) -> str:
+    return f"series {h.series_number if h.series_number is not None else '?'} '{h.description}'"
+
+
+# ------------------------------------------------------------------------ enhanced multi-frame helpers
+
+
+def _group_value(ds: Dataset, sequence: str, attr: str, frame: Dataset | None = None):
+    """`attr` inside functional-group `sequence`: the given frame's groups first, then the shared groups,
+    then the first frame's (enhanced objects may put any group in either place)."""
+    candidates = [frame] if frame is not None else []
+    for groups_name in _ENHANCED_FUNCTIONAL_GROUPS:
+        groups = ds.get(groups_name)
+        if groups:
+            candidates.append(groups[0])
+    for groups in candidates:
+        items = groups.get(sequence)
+        if items and attr in items[0]:
+            return items[0][attr].value
+    return None
+
+
+def _value(ds: Dataset, attr: str, sequence: str):
+    """Top-level `attr` (classic objects), else the same attribute in an enhanced functional group."""
+    value = ds.get(attr)
+    if value is not None and value != "":
+        return value
+    return _group_value(ds, sequence, attr)
+
+
+def _inversion_time(ds: Dataset) -> float | None:
+    recovery = _text(_group_value(ds, "MRModifierSequence", "InversionRecovery")).upper()
+    times = _group_value(ds, "MRModifierSequence", "InversionTimes")
+    ti = _float(times) if recovery == "YES" and times is not None else _float(ds.get("InversionTime"))
+    return ti or None  # Philips writes TI 0 for sequences without inversion
+
+
+def _enhanced_scanning_sequence(ds: Dataset) -> tuple[str, ...]:
+    """Classic ScanningSequence terms from the enhanced MR pulse-sequence attributes."""
+    echo_types = {"SPIN": ("SE",), "GRADIENT": ("GR",), "BOTH": ("SE", "GR")}
+    echo = echo_types.get(_text(ds.get("EchoPulseSequence")).upper(), ())
+    extra = ()
+    if _text(_group_value(ds, "MRModifierSequence", "InversionRecovery")).upper() == "YES":
+        extra += ("IR",)
+    if _text(ds.get("EchoPlanarPulseSequence")).upper() == "YES":
+        extra += ("EP",)
+    return echo + extra
+
+
+def _enhanced_sequence_variant(ds: Dataset) -> tuple[str, ...]:
+    """Classic SequenceVariant terms (SK, SP, SS, MTC, MP) from the enhanced MR attributes."""
+    def flag(name: str, sequence: str = "MRModifierSequence") -> str:
+        return _text(ds.get(name) or _group_value(ds, sequence, name)).upper()
+
+    variant = []
+    if flag("SegmentedKSpaceTraversal") not in ("", "SINGLE"):
+        variant.append("SK")
+    if flag("Spoiling") in ("RF", "GRADIENT", "RF_AND_GRADIENT"):
+        variant.append("SP")
+    if flag("SteadyStatePulseSequence") not in ("", "NONE"):
+        variant.append("SS")
+    if flag("MagnetizationTransfer", "MRImagingModifierSequence") not in ("", "NONE"):
+        variant.append("MTC")
+    if flag("InversionRecovery") == "YES" or flag("T2Preparation") == "YES":
+        variant.append("MP")
+    return tuple(variant)
+
+
+def _contrast_agent(ds: Dataset) -> str:
+    agent = _text(ds.get("ContrastBolusAgent"))
+    if agent:
+        return agent
+    # Enhanced objects code the agent, and say per frame whether it was given.
+    coded = ds.get("ContrastBolusAgentSequence")
+    if coded:
+        return _text(coded[0].get("CodeMeaning")) or "coded agent"
+    administered = _group_value(ds, "ContrastBolusUsageSequence", "ContrastBolusAgentAdministered")
+    return "administered" if _text(administered).upper() == "YES" else ""
+
+
+# -------------------------------------------------------------------------------- value conversion
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def _multi(value) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip().upper() for v in value.split("\\") if v.strip())
+    return tuple(str(v).strip().upper() for v in value if str(v).strip())
+
+
+def _float(value) -> float | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(value) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None else None
+
+
+def _pair(value) -> tuple[float, float] | None:
+    rounded = _rounded(value, 6)
+    return (rounded[0], rounded[1]) if rounded is not None and len(rounded) >= 2 else None
+
+
+def _rounded(value, digits: int) -> tuple[float, ...] | None:
+    if value is None or isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0:
+        return None
+    try:
+        return tuple(round(float(v), digits) + 0.0 for v in value)  # + 0.0 folds -0.0 into 0.0
+    except (TypeError, ValueError):
+        return None
+
+
+def _seconds(value) -> float | None:
+    """DICOM TM ('HHMMSS.frac', or the old 'HH:MM:SS') to seconds after midnight."""
+    text = _text(value).replace(":", "")
+    match = re.match(r"^(\d{2})(\d{2})?(\d{2})?(\.\d+)?", text)
+    if not match:
+        return None
+    hours, minutes, secs, frac = match.groups()
+    return int(hours) * 3600 + int(minutes or 0) * 60 + int(secs or 0) + float(frac or 0)
+
+
+def _seconds_from_datetime(value) -> float | None:
+    text = _text(value)
+    return _seconds(text[8:]) if len(text) > 8 else None
+
+
+# --------------------------------------------------------------------------------------- conversion
+
+# dcm2niix file-name suffixes for volumes that are not the magnitude image.
+_NOT_MAGNITUDE = re.compile(r"^(ph|phMag|real|imaginary|ROI\d*|fieldmaphz|ADC|c\d+)$")
+
+
+def convert_series(series: Series, outdir: Path) -> Path:
+    """Convert one series to `outdir/series<N>.nii.gz` (plus its BIDS .json sidecar) with dcm2niix."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    h = series.header
+    name = _output_name(h)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=outdir))
+    try:
+        indir, rawdir = scratch / "in", scratch / "out"
+        indir.mkdir()
+        rawdir.mkdir()
+        _stage_files(series.files, indir)
+        _run_dcm2niix(h, name, indir, rawdir)
+        chosen = _pick_primary(h, name, sorted(rawdir.glob(f"{name}*.nii.gz")))
+        target = outdir / f"{name}.nii.gz"
+        sidecar = chosen.with_name(chosen.name[: -len(".nii.gz")] + ".json")
+        if sidecar.exists():
+            os.replace(sidecar, outdir / f"{name}.json")
+        os.replace(chosen, target)  # same filesystem: atomic, never a half-written final file
+        return target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _output_name(h: SeriesHeader) -> str:
+    if h.series_number is not None:
+        return f"series{h.series_number}"
+    return "series_" + hashlib.sha1(h.series_uid.encode()).hexdigest()[:8]
+
+
+def _stage_files(files: list[Path], indir: Path) -> None:
+    """Only this series' files, so dcm2niix cannot pick up neighbours (or the Raw objects beside them)."""
+    for i, src in enumerate(files):
+        link = indir / f"{i:06d}.dcm"
+        try:
+            link.symlink_to(Path(src).resolve())
+        except OSError:
+            shutil.copy2(src, link)
+
+
+def _run_dcm2niix(h: SeriesHeader, name: str, indir: Path, rawdir: Path) -> None:
+    cmd = [dcm2niix.bin, "-z", "y", "-b", "y", "-ba", "y", "-f", name, "-o", str(rawdir), str(indir)]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=DCM2NIIX_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ResourceError(f"dcm2niix took longer than {DCM2NIIX_TIMEOUT_S} s on {_series_label(h)}.") from exc
+    logger.debug("dcm2niix on %s (exit %d): %s", _series_label(h), result.returncode, result.stdout[-2000:])
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise UnsupportedDataError(
+            f"dcm2niix could not convert {_series_label(h)} (exit code {result.returncode}: {' / '.join(tail)}).",
+            hint="Check that the series is complete; if it is, export it again from the scanner or PACS.",
+        )
+
+
+def _pick_primary(h: SeriesHeader, name: str, outputs: list[Path]) -> Path:
+    """The magnitude, first-echo, largest volume among dcm2niix's outputs for one series."""
+    if not outputs:
+        raise UnsupportedDataError(f"dcm2niix wrote no image for {_series_label(h)}.",
+                                   hint="Check that the series is complete and holds image data.")
+    ranked = []
+    for path in outputs:
+        suffix = path.name[len(name): -len(".nii.gz")]
+        letters, _, rest = suffix.partition("_")
+        tokens = rest.split("_") if rest else []
+        if any(_NOT_MAGNITUDE.match(t) for t in tokens):
+            continue
+        echo = next((int(t[1:]) for t in tokens if re.fullmatch(r"e\d+", t)), 1)
+        # _Eq: resampled to equal slice spacing (the geometrically right one); _Tilt: gantry tilt corrected.
+        corrected = any(t in ("Eq", "Tilt") for t in tokens)
+        ranked.append(((echo, not corrected, -_voxels(path), letters, path.name), path))
+    if not ranked:
+        raise UnsupportedDataError(
+            f"dcm2niix wrote only phase, real/imaginary or derived maps for {_series_label(h)}, no magnitude image.",
+            hint="Export the magnitude images of this series.")
+    ranked.sort()
+    chosen = ranked[0][1]
+    if len(outputs) > 1:
+        logger.info("%s: dcm2niix wrote %d volumes (%s); using %s (magnitude, echo %d, largest volume)",
+                    _series_label(h), len(outputs), ", ".join(p.name for p in outputs), chosen.name, ranked[0][0][0])
+    return chosen
+
+
+def _voxels(path: Path) -> int:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    count = 1
+    for n in reader.GetSize():
+        count *= n
+    return count
