@@ -1,0 +1,105 @@
+"""Encapsulated PDF output: the PDF report as a DICOM instance filed in the source study.
+
+highdicom has no Encapsulated PDF class, so the IOD (PS3.3 A.45.1) is built here with pydicom: Patient and
+General Study copied from the source series, a new Encapsulated Document Series, General and SC Equipment,
+Encapsulated Document and SOP Common.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import InputError
+from reporting import codes
+
+log = logging.getLogger(__name__)
+
+# Patient, General Study and Patient Study attributes: type 2 ones are written empty when the source lacks them.
+_COPIED_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+_COPIED_OPTIONAL = (
+    "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
+    "StudyDescription", "PatientIdentityRemoved", "DeidentificationMethod",
+)
+
+
+def write_encapsulated_pdf(
+    pdf_path: Path,
+    source_files: list[Path],
+    out_path: Path,
+    *,
+    title: str,
+    series_number: int = 9003,
+    identifies_patient: bool = True,
+) -> Path:
+    """Wrap `pdf_path` as Encapsulated PDF Storage in the study of `source_files`, in a new series.
+
+    `identifies_patient` sets Burned In Annotation; leave it True unless the PDF is known to carry no
+    identifiers (pseudonymised report), so de-identification tools keep treating it as identifying.
+    """
+    document = Path(pdf_path).read_bytes()
+    if not document.startswith(b"%PDF-"):
+        raise InputError("The report to encapsulate is not a PDF file.")
+    if not source_files:
+        raise InputError("No source images were given for the encapsulated PDF.")
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
+    ds = _dataset(sources, document, title, series_number, identifies_patient)
+    with atomic_path(out_path) as tmp:
+        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+    log.info("Wrote encapsulated PDF (%d bytes)", len(document))
+    return Path(out_path)
+
+
+def _dataset(
+    sources: list[Dataset], document: bytes, title: str, series_number: int, identifies_patient: bool
+) -> Dataset:
+    first = sources[0]
+    now = datetime.datetime.now()
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: holds the copied names and any title
+    ds.SOPClassUID = EncapsulatedPDFStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    for keyword in _COPIED_TYPE2:
+        setattr(ds, keyword, first.get(keyword, ""))
+    for keyword in _COPIED_OPTIONAL:
+        if keyword in first:
+            setattr(ds, keyword, first[keyword].value)
+    ds.StudyInstanceUID = first.StudyInstanceUID
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = title[:64]
+    ds.Manufacturer = codes.MANUFACTURER
+    ds.ConversionType = "WSD"  # workstation: the document was generated, not scanned
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES" if identifies_patient else "NO"
+    ds.DocumentTitle = title
+    ds.ConceptNameCodeSequence = Sequence()
+    ds.SourceInstanceSequence = Sequence([_reference(s) for s in sources])
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocumentLength = len(document)
+    ds.EncapsulatedDocument = document + b"\0" * (len(document) % 2)  # OB values have even length
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item

@@ -1,0 +1,263 @@
+"""The PDF report (reportlab platypus): volumes, RAPNO, overlays, QC, series identification and provenance.
+
+The report carries no patient identifiers beyond what the caller puts in `subject` (already pseudonymised).
+Output is deterministic (`invariant`), so the same inputs give byte-identical PDFs.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from reportlab.lib import colors
+from reportlab.lib.enums import TA_RIGHT
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
+from reportlab.lib.units import mm
+from reportlab.lib.utils import ImageReader
+from reportlab.platypus import (Image, KeepTogether, Paragraph, SimpleDocTemplate, Spacer, Table,
+                                TableStyle)
+
+from pipeline.atomic import atomic_path
+from pipeline.types import Identification, Measurements
+from reporting.figures import LABEL_STYLE, report_figures
+from reporting.tables import VOLUME_DECIMALS, measurement_rows, rapno_block
+
+log = logging.getLogger(__name__)
+
+TITLE = "Paediatric brain tumour MRI segmentation report"
+DISCLAIMER = ("For research use only. Not for clinical diagnosis or treatment decisions. "
+              "This automated segmentation has not been approved as a medical device and may be wrong; "
+              "every result must be reviewed by a qualified radiologist.")
+FAST_MODE_LINE = "fast mode: fewer folds, no test-time augmentation"
+NO_TUMOUR = "No tumour detected"
+REGION_DESCRIPTIONS = {**{name: desc for name, desc, _ in LABEL_STYLE.values()},
+                       "TC": "tumour core (ET + NET + CC)", "WT": "whole tumour (TC + ED)"}
+
+_styles = getSampleStyleSheet()
+_BODY = ParagraphStyle("body", parent=_styles["BodyText"], fontSize=9, leading=11.5)
+_CELL = ParagraphStyle("cell", parent=_BODY, fontSize=8, leading=9.5)
+_CELL_HEAD = ParagraphStyle("cell_head", parent=_CELL, fontName="Helvetica-Bold")
+_CELL_NUM = ParagraphStyle("cell_num", parent=_CELL, alignment=TA_RIGHT)
+_SMALL = ParagraphStyle("small", parent=_BODY, fontSize=7.5, leading=9, textColor=colors.HexColor("#444444"))
+_H1 = ParagraphStyle("h1", parent=_styles["Title"], fontSize=16, leading=20, spaceAfter=4)
+_H2 = ParagraphStyle("h2", parent=_styles["Heading2"], fontSize=12, leading=15, spaceBefore=8, spaceAfter=4,
+                     keepWithNext=1)
+_DISCLAIMER = ParagraphStyle("disclaimer", parent=_BODY, fontName="Helvetica-Bold", fontSize=10, leading=13,
+                             textColor=colors.HexColor("#8b0000"))
+_ALERT = ParagraphStyle("alert", parent=_BODY, fontName="Helvetica-Bold", fontSize=12, leading=15)
+
+
+def write_report_pdf(out_path: Path, *, images: dict[str, Path], labels: Path, measurements: Measurements,
+                     identification: Identification, qc: dict, provenance: dict, subject: dict,
+                     fast_mode: bool) -> Path:
+    """Render the report. `images`: role -> atlas-space NIfTI; `labels`: atlas-space 2024-convention labels.
+
+    `subject` keys used: "display_id", "study_date" (YYYYMMDD or already formatted). `qc` and `provenance`
+    are shown as flattened key/value tables; `qc["flags"]` joins `measurements.qc_flags` in the flag list.
+    """
+    figures = report_figures(images, labels)
+    story = [
+        *_header(subject, fast_mode),
+        *_volumes(measurements),
+        *_rapno(measurements),
+        *_figures(figures, measurements),
+        *_qc(qc, measurements.qc_flags),
+        *_identification(identification),
+        *_provenance(provenance),
+    ]
+    footer = _footer(str(subject.get("display_id") or ""))
+    with atomic_path(out_path) as tmp:
+        doc = SimpleDocTemplate(str(tmp), pagesize=A4, leftMargin=16 * mm, rightMargin=16 * mm,
+                                topMargin=14 * mm, bottomMargin=16 * mm, title=TITLE,
+                                subject="For research use only", creator="pedseg", invariant=1)
+        doc.build(story, onFirstPage=footer, onLaterPages=footer)
+    log.info("wrote PDF report with %d figure(s)", len(figures))
+    return Path(out_path)
+
+
+def _text(value) -> str:
+    return escape(str(value))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
+    return str(value)
+
+
+def _date(value: str) -> str:
+    value = str(value or "")
+    return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 and value.isdigit() else (value or "—")
+
+
+def _table(rows: list[list[str]], widths: list[float], *, header: bool = True, numeric_from: int | None = None):
+    """A grid table of wrapping paragraphs; columns from `numeric_from` on are right-aligned below the header."""
+    def cell(text: str, r: int, c: int) -> Paragraph:
+        if header and r == 0:
+            style = _CELL_HEAD
+        elif numeric_from is not None and c >= numeric_from:
+            style = _CELL_NUM
+        else:
+            style = _CELL
+        return Paragraph(_text(text), style)
+
+    cells = [[cell(text, r, c) for c, text in enumerate(row)] for r, row in enumerate(rows)]
+    table = Table(cells, colWidths=[w * mm for w in widths], repeatRows=1 if header else 0)
+    style = [
+        ("GRID", (0, 0), (-1, -1), 0.4, colors.HexColor("#999999")),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+        ("TOPPADDING", (0, 0), (-1, -1), 2),
+        ("BOTTOMPADDING", (0, 0), (-1, -1), 2),
+    ]
+    if header:
+        style.append(("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e6e6e6")))
+    table.setStyle(TableStyle(style))
+    return table
+
+
+def _header(subject: dict, fast_mode: bool) -> list:
+    info = _table([["Subject", str(subject.get("display_id") or "—")],
+                   ["Study date", _date(subject.get("study_date", ""))]], [35, 60], header=False)
+    info.hAlign = "LEFT"
+    disclaimer = Table([[Paragraph(_text(DISCLAIMER), _DISCLAIMER)]], colWidths=[178 * mm])
+    disclaimer.setStyle(TableStyle([
+        ("BOX", (0, 0), (-1, -1), 1.5, colors.HexColor("#8b0000")),
+        ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fdecea")),
+        ("TOPPADDING", (0, 0), (-1, -1), 6), ("BOTTOMPADDING", (0, 0), (-1, -1), 6),
+    ]))
+    flow = [Paragraph(TITLE, _H1), info, Spacer(1, 4 * mm), disclaimer, Spacer(1, 2 * mm)]
+    if fast_mode:
+        flow.append(Paragraph(f"<b>{_text(FAST_MODE_LINE)}</b>", _BODY))
+    return flow
+
+
+def _volumes(measurements: Measurements) -> list:
+    rows = measurement_rows(measurements)
+    by_name = {r["region"]: r for r in rows if r["convention"] in ("2024", "composite")}
+    volume = f"{{:.{VOLUME_DECIMALS}f}}"
+    table_rows = [["Region", "Description", "Volume (mL)", "Native volume (mL)", "Components"]]
+    for name in ("ET", "NET", "CC", "ED", "TC", "WT"):
+        r = by_name[name]
+        native = "—" if r["native_volume_ml"] is None else volume.format(r["native_volume_ml"])
+        table_rows.append([name, REGION_DESCRIPTIONS[name], volume.format(r["volume_ml"]), native,
+                           str(r["components"])])
+    old = {r["region"]: r for r in rows if r["convention"] == "2023"}
+    flow = [Paragraph("Tumour volumes", _H2)]
+    if measurements.regions["WT"].voxels == 0:
+        flow.append(Paragraph(NO_TUMOUR, _ALERT))
+    flow += [
+        _table(table_rows, [18, 62, 28, 36, 24], numeric_from=2),
+        Spacer(1, 1.5 * mm),
+        Paragraph("Volumes in atlas space (after registration to the BraTS reference) and, where available, "
+                  "in the space of the acquired series. Components: 3D connected components (26-connectivity). "
+                  "BraTS-PEDs 2023 convention: " + ", ".join(
+                      f"{n} {volume.format(old[n]['volume_ml'])} mL" for n in ("NCR", "ED", "ET"))
+                  + " (NCR = NET + CC).", _SMALL),
+    ]
+    return flow
+
+
+def _rapno(measurements: Measurements) -> list:
+    block = rapno_block(measurements.rapno)
+    region = block.get("region", "TC")
+    flow = [Paragraph(f"RAPNO bidimensional measurements ({_text(region)})", _H2)]
+    lesions = block["lesions"]
+    if not lesions:
+        return flow + [Paragraph(f"No {_text(region)} lesion to measure.", _BODY)]
+    rows = [["Lesion", "Axial slice z (mm)", "Longest (mm)", "Perpendicular (mm)", "Product (mm²)",
+             "Volume (mL)", "Measurable"]]
+    for i, lesion in enumerate(lesions, 1):
+        rows.append([str(i), f"{lesion['slice_z_mm']:.1f}", f"{lesion['longest_mm']:.1f}",
+                     f"{lesion['perpendicular_mm']:.1f}", f"{lesion['product_mm2']:.1f}",
+                     "—" if lesion["volume_ml"] is None else f"{lesion['volume_ml']:.{VOLUME_DECIMALS}f}",
+                     _fmt(lesion.get("measurable"))])
+    rows.append(["Sum", "", "", "", f"{block['sum_product_mm2']:.1f}", "", ""])
+    wt = measurements.regions["WT"].bidimensional_mm2
+    note = (f"{len(lesions)} of {block.get('lesions_total', len(lesions))} lesion(s) measured (3D connected "
+            f"components, largest first), each on its own axial slice of largest area, resampled to the patient "
+            f"axial plane. Longest diameter: maximum Feret diameter; perpendicular: longest chord within "
+            f"±{block.get('tolerance_deg', 5.0):g}° of perpendicular. Measurable: both diameters at least 10 mm. ")
+    if wt is not None and region != "WT":
+        note += f"Whole-tumour sum of products: {wt:.1f} mm²."
+    return flow + [_table(rows, [14, 28, 24, 30, 28, 26, 28], numeric_from=1), Spacer(1, 1.5 * mm),
+                   Paragraph(_text(note), _SMALL)]
+
+
+def _image(png: bytes, max_width: float, max_height: float) -> Image:
+    width, height = ImageReader(io.BytesIO(png)).getSize()
+    scale = min(max_width / width, max_height / height)
+    return Image(io.BytesIO(png), width=width * scale, height=height * scale)
+
+
+def _figures(figures: dict[str, bytes], measurements: Measurements) -> list:
+    if measurements.regions["WT"].voxels == 0:
+        intro = Paragraph(f"{NO_TUMOUR}: planes through the centre of the imaged volume.", _BODY)
+    else:
+        intro = Paragraph("Radiological convention: patient right on image left, anterior (axial) or superior "
+                          "(coronal, sagittal) at the top. Planes through the tumour centroid.", _SMALL)
+    images = [_image(png, 178 * mm, 120 * mm) for png in figures.values()]
+    # The heading travels with the first figure so it is never left alone at the foot of a page.
+    flow = [KeepTogether([Paragraph("Segmentation overlays", _H2), intro, *images[:1]])]
+    return flow + [KeepTogether([Spacer(1, 3 * mm), image]) for image in images[1:]]
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten(value, f"{name} / ")
+        elif isinstance(value, (list, tuple)):
+            rows.append((name, ", ".join(_fmt(v) for v in value) or "—"))
+        else:
+            rows.append((name, _fmt(value)))
+    return rows
+
+
+def _key_values(data: dict, empty: str) -> list:
+    rows = _flatten(data)
+    if not rows:
+        return [Paragraph(empty, _BODY)]
+    return [_table([["Item", "Value"], *[list(r) for r in rows]], [70, 108])]
+
+
+def _qc(qc: dict, flags: list[str]) -> list:
+    all_flags = list(dict.fromkeys([*flags, *qc.get("flags", [])]))
+    values = {k: v for k, v in qc.items() if k != "flags"}
+    flag_text = "; ".join(_text(f) for f in all_flags) if all_flags else "none"
+    return [Paragraph("Quality control", _H2), *_key_values(values, "No QC values recorded."), Spacer(1, 2 * mm),
+            Paragraph(f"<b>Flags:</b> {flag_text}", _BODY)]
+
+
+def _identification(identification: Identification) -> list:
+    rows = [["Series", "Description", "Role", "Confidence", "Chosen", "First reason"]]
+    for d in identification.decisions:
+        rows.append([_fmt(d.series_number), d.description or "—", d.role, f"{d.confidence:.2f}",
+                     "yes" if d.chosen else "", d.reasons[0] if d.reasons else "—"])
+    flow = [Paragraph("Series identification", _H2), _table(rows, [14, 50, 14, 20, 16, 64])]
+    if identification.missing:
+        flow.append(Paragraph("Missing roles: " + _text(", ".join(identification.missing)), _BODY))
+    return flow
+
+
+def _provenance(provenance: dict) -> list:
+    return [Paragraph("Provenance", _H2), *_key_values(provenance, "No provenance recorded.")]
+
+
+def _footer(display_id: str):
+    def draw(canvas, doc) -> None:
+        canvas.saveState()
+        canvas.setFont("Helvetica", 7.5)
+        canvas.setFillColor(colors.HexColor("#8b0000"))
+        canvas.drawString(doc.leftMargin, 9 * mm, "For research use only. Not for clinical diagnosis.")
+        canvas.setFillColor(colors.black)
+        label = f"Subject {display_id} · page {doc.page}" if display_id else f"page {doc.page}"
+        canvas.drawRightString(A4[0] - doc.rightMargin, 9 * mm, label)
+        canvas.restoreState()
+    return draw

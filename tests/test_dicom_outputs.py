@@ -1,0 +1,388 @@
+"""DICOM SEG, SR and encapsulated PDF outputs on synthetic MR series in three geometries.
+
+The phantom is asymmetric (an L-shaped ET block left-anterior-superior, NET under it, ED right-posterior-
+inferior, CC empty), lives on a flipped 1 mm grid unlike any DICOM grid here, and the series' files are
+written and passed in shuffled order: any flip, transpose or ordering bug moves a label's centroid by
+centimetres.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pydicom.uid
+import pytest
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes as dcm_codes
+
+from pipeline.errors import PipelineError
+from pipeline.types import Measurements, RegionMeasure
+from reporting import codes
+from reporting.dicom_pdf import write_encapsulated_pdf
+from reporting.dicom_seg import load_sources, read_seg_labels, write_seg
+from reporting.dicom_sr import read_sr_volumes, write_sr
+
+ROWS, COLS, SLICES = 64, 56, 20  # not square, and anisotropic pixels: a transpose or swapped spacing shows
+PIXEL_SPACING = (2.5, 3.0)  # (between rows, between columns)
+SLICE_STEP = 5.0
+
+
+def _rotation(axis: int, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+_OBLIQUE = _rotation(2, 15) @ _rotation(0, 20)
+GEOMETRIES = {
+    "axial": ((1, 0, 0), (0, 1, 0)),
+    "sagittal": ((0, 1, 0), (0, 0, -1)),
+    "oblique": (tuple(_OBLIQUE[:, 0]), tuple(_OBLIQUE[:, 1])),
+}
+
+
+@dataclass
+class Series:
+    files: list[Path]  # shuffled
+    ipps: np.ndarray  # (SLICES, 3) in ascending order along the slice normal
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+
+
+def _mr_slice(k: int, ipp: np.ndarray, iop: list[float], uids: dict[str, str]) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = pydicom.uid.MRImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Phantom^Test"
+    ds.PatientID = "PHANTOM-001"
+    ds.PatientBirthDate = "20150601"
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = uids["study"]
+    ds.SeriesInstanceUID = uids["series"]
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240301"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "MR"
+    ds.Manufacturer = "Synthetic"
+    ds.SeriesNumber = 7
+    ds.SeriesDescription = "T1 post contrast"
+    ds.InstanceNumber = k + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    ds.ScanningSequence = "GR"
+    ds.SequenceVariant = "SP"
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "3D"
+    ds.RepetitionTime = 2000.0
+    ds.EchoTime = 3.0
+    ds.EchoTrainLength = 1
+    ds.MagneticFieldStrength = 3.0
+    ds.SliceThickness = SLICE_STEP
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.BodyPartExamined = "BRAIN"
+    ds.ImagePositionPatient = [round(float(v), 6) for v in ipp]
+    ds.ImageOrientationPatient = [round(float(v), 6) for v in iop]
+    ds.PixelSpacing = list(PIXEL_SPACING)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = ROWS, COLS
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 110, 40
+    ds.PixelData = (np.full((ROWS, COLS), 100 + k, np.uint16)).tobytes()
+    return ds
+
+
+def make_series(folder: Path, geometry: str, seed: int = 0) -> Series:
+    row_dir, col_dir = (np.asarray(v, float) for v in GEOMETRIES[geometry])
+    normal = np.cross(row_dir, col_dir)
+    first = (-(COLS - 1) / 2 * PIXEL_SPACING[1] * row_dir - (ROWS - 1) / 2 * PIXEL_SPACING[0] * col_dir
+             - (SLICES - 1) / 2 * SLICE_STEP * normal)
+    ipps = np.array([first + k * SLICE_STEP * normal for k in range(SLICES)])
+    # Rounded like the headers, so the test's expected grid is the one written to disk.
+    ipps = np.round(ipps, 6)
+    iop = [*row_dir, *col_dir]
+    uids = {key: pydicom.uid.generate_uid() for key in ("study", "series", "frame")}
+    folder.mkdir(parents=True, exist_ok=True)
+    order = list(range(SLICES))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    files = []
+    for k in order:
+        path = folder / f"{rng.getrandbits(32):08x}.dcm"
+        pydicom.dcmwrite(path, _mr_slice(k, ipps[k], iop, uids), enforce_file_format=True)
+        files.append(path)
+    return Series(files, ipps, np.round(row_dir, 6), np.round(col_dir, 6))
+
+
+def phantom() -> sitk.Image:
+    """1 mm grid stored flipped in x and y (as a RAS-minded NIfTI writer would), origin off the DICOM grid."""
+    size = 201
+    arr = np.zeros((size, size, size), np.uint8)  # (z, y, x) array index of the flipped grid
+    origin = np.array([100.4, 100.4, -100.4])
+
+    def box(x0, x1, y0, y1, z0, z1, value):
+        # Physical LPS ranges → indices of this grid (x and y axes run towards -x and -y).
+        xi = slice(int(origin[0] - x1), int(origin[0] - x0))
+        yi = slice(int(origin[1] - y1), int(origin[1] - y0))
+        zi = slice(int(z0 - origin[2]), int(z1 - origin[2]))
+        arr[zi, yi, xi] = value
+
+    box(15, 35, -35, -15, 15, 22, 1)  # ET foot: left (+x), anterior (-y), superior (+z)
+    box(15, 22, -35, -15, 22, 40, 1)  # ET upright: the L
+    box(15, 35, -35, -15, 2, 15, 2)  # NET under the ET
+    box(-35, -12, 5, 30, -30, -8, 4)  # ED: right, posterior, inferior
+    image = sitk.GetImageFromArray(arr)
+    image.SetOrigin(origin.tolist())
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    return image
+
+
+def expected_on_dicom_grid(labels: sitk.Image, series: Series) -> np.ndarray:
+    """Nearest-neighbour sampling of `labels` at every DICOM pixel centre, computed with plain numpy."""
+    r, c = np.meshgrid(np.arange(ROWS), np.arange(COLS), indexing="ij")
+    offsets = (c[..., None] * PIXEL_SPACING[1] * series.row_dir + r[..., None] * PIXEL_SPACING[0] * series.col_dir)
+    points = series.ipps[:, None, None, :] + offsets[None]  # (slices, rows, cols, xyz)
+    direction = np.asarray(labels.GetDirection()).reshape(3, 3)
+    continuous = (points - np.asarray(labels.GetOrigin())) @ np.linalg.inv(direction).T
+    index = np.floor(continuous / np.asarray(labels.GetSpacing()) + 0.5).astype(int)  # ITK rounds half up
+    arr = sitk.GetArrayFromImage(labels)
+    inside = np.all((index >= 0) & (index < np.asarray(labels.GetSize())), axis=-1)
+    out = np.zeros(points.shape[:3], np.uint8)
+    i = index[inside]
+    out[inside] = arr[i[:, 2], i[:, 1], i[:, 0]]
+    return out
+
+
+def centroid_mm(mask: np.ndarray, index_to_lps) -> np.ndarray:
+    """Mean LPS position of a boolean array's voxels; `index_to_lps` maps (n, 3) array indices to mm."""
+    return index_to_lps(np.argwhere(mask).astype(float)).mean(axis=0)
+
+
+def sitk_index_to_lps(image: sitk.Image):
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    spacing, origin = np.asarray(image.GetSpacing()), np.asarray(image.GetOrigin())
+    return lambda zyx: origin + (zyx[:, ::-1] * spacing) @ direction.T
+
+
+def affine_index_to_lps(affine: np.ndarray):
+    return lambda ijk: ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+
+ALGORITHM = {"algorithm_name": "pedseg-nnunet", "algorithm_version": "0.1.0"}
+ONE_VOXEL_MM = max(*PIXEL_SPACING, SLICE_STEP)
+
+
+@pytest.fixture(scope="module")
+def labels() -> sitk.Image:
+    return phantom()
+
+
+@pytest.fixture(scope="module", params=sorted(GEOMETRIES))
+def written(request, tmp_path_factory, labels):
+    folder = tmp_path_factory.mktemp(request.param)
+    series = make_series(folder / "mr", request.param)
+    seg_path = write_seg(labels, series.files, folder / "out" / "seg.dcm", **ALGORITHM)
+    return series, seg_path
+
+
+def test_seg_frames_match_source_grid_exactly(written, labels):
+    series, seg_path = written
+    expected = expected_on_dicom_grid(labels, series)
+    assert set(np.unique(expected)) == {0, 1, 2, 4}  # the phantom really lands in the series
+    np.testing.assert_array_equal(read_seg_labels(seg_path, series.files), expected)
+
+
+def test_seg_frames_reference_their_source_images(written):
+    series, seg_path = written
+    seg = pydicom.dcmread(seg_path)
+    sources = {ds.SOPInstanceUID: ds for ds in load_sources(series.files)}
+    assert seg.NumberOfFrames == len(sources) * len(codes.REGIONS)  # all frames of all segments, empty ones too
+    seen = []
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        segment = frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(position, [float(v) for v in sources[uid].ImagePositionPatient])
+        seen.append((segment, uid))
+    assert sorted(seen) == sorted((r.segment_number, uid) for r in codes.REGIONS.values() for uid in sources)
+
+
+def test_seg_labels_keep_patient_coordinates_pydicom_seg(written, labels):
+    """An independent reader (pydicom-seg) puts every label where it was in patient space."""
+    # pydicom-seg 0.4.1 imports a module pydicom 3 renamed; the UIDs it wants now live in pydicom.uid.
+    sys.modules.setdefault("pydicom._storage_sopclass_uids", pydicom.uid)
+    pydicom_seg = pytest.importorskip("pydicom_seg")
+    series, seg_path = written
+    result = pydicom_seg.SegmentReader().read(pydicom.dcmread(seg_path))
+    expected = expected_on_dicom_grid(labels, series)
+    source_lps = sitk_index_to_lps(labels)
+    for value in (1, 2, 4):
+        image = result.segment_image(value)
+        mask = sitk.GetArrayFromImage(image).astype(bool)
+        assert mask.sum() == (expected == value).sum()
+        before = centroid_mm(sitk.GetArrayFromImage(labels) == value, source_lps)
+        after = centroid_mm(mask, sitk_index_to_lps(image))
+        assert np.linalg.norm(after - before) <= ONE_VOXEL_MM, (value, before, after)
+    assert not result.segment_data(3).any()  # CC: declared, empty
+
+
+def test_seg_labels_keep_patient_coordinates_highdicom(written, labels):
+    series, seg_path = written
+    volume = hd.seg.segread(seg_path).get_volume(segment_numbers=[1, 2, 3, 4], combine_segments=True)
+    source_lps = sitk_index_to_lps(labels)
+    for value in (1, 2, 4):
+        before = centroid_mm(sitk.GetArrayFromImage(labels) == value, source_lps)
+        after = centroid_mm(volume.array == value, affine_index_to_lps(volume.affine))
+        assert np.linalg.norm(after - before) <= ONE_VOXEL_MM, (value, before, after)
+
+
+def test_seg_segments_are_coded_and_composites_are_unions(written):
+    _, seg_path = written
+    seg = hd.seg.segread(seg_path)
+    assert seg.SegmentsOverlap == "YES"
+    assert seg.ContentQualification == "RESEARCH"
+    for region in codes.REGIONS.values():
+        desc = seg.get_segment_description(region.segment_number)
+        assert desc.segment_label == region.label
+        assert desc.segmented_property_type == region.property_type
+        assert desc.segmented_property_category == dcm_codes.SCT.MorphologicallyAbnormalStructure
+        assert desc.anatomic_regions[0] == dcm_codes.SCT.Brain
+        assert desc.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        assert desc.algorithm_identification[0].AlgorithmName == ALGORITHM["algorithm_name"]
+    vol = seg.get_volume().array  # (frames, rows, cols, segments)
+    np.testing.assert_array_equal(vol[..., 4], vol[..., 0:3].any(axis=-1))
+    np.testing.assert_array_equal(vol[..., 5], vol[..., 0:4].any(axis=-1))
+
+
+def test_region_codes_come_from_the_segmentation_context_groups():
+    for region in codes.REGIONS.values():
+        assert region.property_type in dcm_codes.cid7159.concepts.values(), region.name
+    assert codes.CATEGORY in dcm_codes.cid7150.concepts.values()
+    assert [r.segment_number for r in codes.REGIONS.values()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_seg_from_enhanced_multiframe_source(tmp_path, labels):
+    series = make_series(tmp_path / "mr", "oblique", seed=3)
+    legacy = [pydicom.dcmread(f) for f in series.files]
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(legacy, hd.UID(), 8, hd.UID(), 1)
+    enhanced_path = tmp_path / "enhanced.dcm"
+    pydicom.dcmwrite(enhanced_path, enhanced, enforce_file_format=True)
+    seg_path = write_seg(labels, [enhanced_path], tmp_path / "seg.dcm", **ALGORITHM)
+    got = read_seg_labels(seg_path, [enhanced_path])
+    # Compare position by position: the converter decides the frame order.
+    frame_ipps = [
+        [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        for frame in pydicom.dcmread(enhanced_path, stop_before_pixels=True).PerFrameFunctionalGroupsSequence
+    ]
+    order = [int(np.argmin(np.abs(series.ipps - ipp).sum(axis=1))) for ipp in frame_ipps]
+    np.testing.assert_array_equal(got, expected_on_dicom_grid(labels, series)[order])
+
+
+def test_seg_rejects_labels_outside_the_convention(tmp_path):
+    series = make_series(tmp_path / "mr", "axial")
+    bad = sitk.Image(8, 8, 8, sitk.sitkUInt8) + 7
+    with pytest.raises(PipelineError):
+        write_seg(bad, series.files, tmp_path / "seg.dcm", **ALGORITHM)
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def _measurements() -> Measurements:
+    volumes = {"ET": 4.2, "NET": 3.1, "CC": 0.0, "ED": 12.75, "TC": 7.3, "WT": 20.05}
+    regions = {name: RegionMeasure(name, int(ml * 1000), ml, 1 if ml else 0) for name, ml in volumes.items()}
+    return Measurements(regions=regions, rapno={}, qc_flags=[])
+
+
+def test_sr_volumes_round_trip_and_tracking_uids(written, tmp_path):
+    series, seg_path = written
+    given = {"WT": pydicom.uid.generate_uid(), "ET": pydicom.uid.generate_uid()}
+    sr_path, uids = write_sr(_measurements(), seg_path, series.files, tmp_path / "sr.dcm", tracking_uids=given,
+                             **ALGORITHM)
+    assert read_sr_volumes(sr_path) == pytest.approx({n: r.volume_ml for n, r in _measurements().regions.items()})
+    assert set(uids) == set(codes.REGIONS)
+    assert uids["WT"] == given["WT"] and uids["ET"] == given["ET"]
+    assert len(set(uids.values())) == len(uids)
+
+    sr = hd.sr.srread(sr_path)
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesInstanceUID != seg.SeriesInstanceUID
+    assert sr.ContentQualification == "RESEARCH"
+    assert sr.content.get_observer_contexts(observer_type=dcm_codes.DCM.Device)
+    assert not sr.content.get_observer_contexts(observer_type=dcm_codes.DCM.Person)
+    for name, region in codes.REGIONS.items():
+        (group,) = sr.content.get_volumetric_roi_measurement_groups(tracking_uid=uids[name])
+        assert group.tracking_identifier == name
+        assert group.finding_type == region.property_type
+        assert group.reference_type == dcm_codes.DCM.ReferencedSegment
+        segment_item = group.referenced_segment[0]
+        assert segment_item.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert segment_item.referenced_segment_numbers == [region.segment_number]
+
+    _, again_uids = write_sr(_measurements(), seg_path, series.files, tmp_path / "sr2.dcm", tracking_uids=uids,
+                                 **ALGORITHM)
+    assert again_uids == uids
+
+
+def test_sr_fresh_uids_without_tracking(written, tmp_path):
+    series, seg_path = written
+    _, first = write_sr(_measurements(), seg_path, series.files, tmp_path / "a.dcm", **ALGORITHM)
+    _, second = write_sr(_measurements(), seg_path, series.files, tmp_path / "b.dcm", **ALGORITHM)
+    assert not set(first.values()) & set(second.values())
+
+
+MINIMAL_PDF = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+)
+
+
+def test_encapsulated_pdf(tmp_path):
+    series = make_series(tmp_path / "mr", "axial")
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(MINIMAL_PDF)
+    out = write_encapsulated_pdf(pdf, series.files, tmp_path / "report.dcm", title="Tumor volumetry report")
+    ds = pydicom.dcmread(out)
+    src = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    assert ds.SOPClassUID == pydicom.uid.EncapsulatedPDFStorage
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert ds.DocumentTitle == "Tumor volumetry report"
+    assert len(MINIMAL_PDF) % 2 == 1  # so the even-length padding of the OB value is exercised
+    assert ds.EncapsulatedDocumentLength == len(MINIMAL_PDF)
+    assert bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength] == MINIMAL_PDF
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors(written, tmp_path):
+    series, seg_path = written
+    sr_path, _ = write_sr(_measurements(), seg_path, series.files, tmp_path / "sr.dcm", **ALGORITHM)
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(MINIMAL_PDF)
+    pdf_path = write_encapsulated_pdf(pdf, series.files, tmp_path / "report.dcm", title="Report")
+    for path in (seg_path, sr_path, pdf_path):
+        assert dciodvfy_errors(path) == [], path.name

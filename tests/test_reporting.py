@@ -1,0 +1,202 @@
+"""Measurement tables, figure orientation and the PDF report, on small synthetic phantoms."""
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import zlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from pipeline.measure import measure
+from pipeline.types import Identification, SeriesDecision
+from reporting.figures import VIEWS, display_grid, radiological_plane, report_figures, to_display
+from reporting.pdf import DISCLAIMER, FAST_MODE_LINE, NO_TUMOUR, write_report_pdf
+from reporting.tables import CSV_COLUMNS, SCHEMA_VERSION, write_measurements_csv, write_measurements_json
+
+CONTEXT = {"study_instance_uid": "1.2.826.0.1.3680043.2.1125.1",
+           "series_instance_uids": {"t1c": "1.2.3", "t2f": "1.2.4"},
+           "bundle": {"name": "pedseg-demo", "version": "0.1.0", "sha256": "abc123"}, "fast_mode": True,
+           "study_date": "20250131"}
+# Direction matrices (columns = patient direction of each index axis): plain LPS, a RAS-stored NIfTI,
+# and a sagittal grid whose index axes are permuted.
+GRIDS = {
+    "lps": np.eye(3),
+    "ras": np.diag([-1.0, -1.0, 1.0]),
+    "sagittal": np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),
+}
+
+
+def phantom(direction=np.eye(3), size=64, spacing=2.0, blobs=((np.array([-20.0, 10.0, 5.0]), 14.0),)):
+    """A head (sphere of radius 50 mm around the LPS origin) and labels in blobs (centre LPS mm, radius mm).
+
+    Returns (image, labels) with ET core, NET shell, CC centre and ED halo in each blob.
+    """
+    img = sitk.Image([size] * 3, sitk.sitkFloat32)
+    img.SetSpacing([spacing] * 3)
+    img.SetDirection(tuple(np.asarray(direction, dtype=float).ravel()))
+    img.SetOrigin(tuple(-np.asarray(direction, dtype=float) @ np.full(3, spacing * (size - 1) / 2)))
+    index = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    points = (index * spacing) @ np.asarray(direction, dtype=float).T + np.asarray(img.GetOrigin())
+    intensity = np.where(np.linalg.norm(points, axis=1) < 50.0, 100.0, 0.0)
+    labels = np.zeros(len(points), dtype=np.uint8)
+    for centre, radius in blobs:
+        r = np.linalg.norm(points - centre, axis=1) / radius
+        labels[(r <= 1.0) & (labels == 0)] = 4
+        labels[r <= 0.7] = 2
+        labels[r <= 0.5] = 1
+        labels[r <= 0.25] = 3
+    intensity[labels > 0] += 50.0 * labels[labels > 0]
+
+    def volume(values, pixel):
+        out = sitk.GetImageFromArray(values.reshape((size,) * 3).transpose(2, 1, 0).astype(pixel))
+        out.CopyInformation(img)
+        return out
+    return volume(intensity, np.float32), volume(labels, np.uint8)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    _, labels = phantom()
+    return measure(labels, labels, qc_flags=["t2f_registration_low_similarity"])
+
+
+def test_json_and_csv_share_volumes_and_schema(measured, tmp_path):
+    json_path = write_measurements_json(measured, tmp_path / "m.json", context=CONTEXT)
+    csv_path = write_measurements_csv(measured, tmp_path / "m.csv", context=CONTEXT)
+    doc = json.loads(json_path.read_text())
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["schema"] == "pedseg-measurements"
+    assert set(doc) >= {"units", "context", "regions", "conventions", "rapno", "qc_flags"}
+    assert doc["context"] == CONTEXT
+    assert doc["qc_flags"] == ["t2f_registration_low_similarity"]
+    assert set(doc["regions"]) == {"ET", "NET", "CC", "ED", "TC", "WT"}
+    assert set(doc["conventions"]["brats_peds_2024"]) == {"ET", "NET", "CC", "ED"}
+    assert set(doc["conventions"]["brats_peds_2023"]) == {"NCR", "ED", "ET"}
+    for region in doc["regions"].values():
+        assert set(region) >= {"volume_ml", "native_volume_ml", "voxels", "components", "bidimensional_mm2"}
+    assert {"region", "lesions", "sum_product_mm2"} <= set(doc["rapno"])
+    assert set(doc["rapno"]["lesions"][0]) >= {"slice_z_mm", "longest_mm", "perpendicular_mm", "product_mm2",
+                                               "endpoints_lps_mm", "perp_endpoints_lps_mm"}
+
+    assert len(rows) == 9
+    for row in rows:
+        block = "regions" if row["convention"] in ("2024", "composite") else None
+        entry = (doc[block][row["region"]] if block
+                 else doc["conventions"]["brats_peds_2023"][row["region"]])
+        assert float(row["volume_ml"]) == entry["volume_ml"]
+        assert float(row["native_volume_ml"]) == entry["native_volume_ml"]
+        assert int(row["voxels"]) == entry["voxels"]
+        assert row["study_instance_uid"] == CONTEXT["study_instance_uid"] and row["fast_mode"] == "true"
+        assert (row["bundle_name"], row["bundle_sha256"], row["study_date"]) == ("pedseg-demo", "abc123", "20250131")
+        assert row["qc_flags"] == "t2f_registration_low_similarity"
+    wt = doc["regions"]["WT"]
+    assert wt["volume_ml"] == round(measured.regions["WT"].volume_ml, 3)
+    assert doc["regions"]["TC"]["bidimensional_mm2"] == doc["rapno"]["sum_product_mm2"]
+    assert wt["bidimensional_mm2"] > doc["rapno"]["sum_product_mm2"]
+    ncr = doc["conventions"]["brats_peds_2023"]["NCR"]
+    assert ncr["voxels"] == doc["regions"]["NET"]["voxels"] + doc["regions"]["CC"]["voxels"]
+    assert ncr["components"] is None
+
+
+def test_context_keys_always_present(measured, tmp_path):
+    doc = json.loads(write_measurements_json(measured, tmp_path / "m.json", context={"extra": 1}).read_text())
+    assert doc["context"]["study_instance_uid"] is None and doc["context"]["bundle"] is None
+    assert doc["context"]["extra"] == 1
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_radiological_orientation(grid):
+    # Blob in patient left (+x), anterior (-y), superior (+z) in LPS.
+    image, labels = phantom(GRIDS[grid], size=40, spacing=2.0, blobs=((np.array([20.0, -18.0, 16.0]), 8.0),))
+    display = display_grid(labels)
+    volume = to_display(labels, display, label=True)
+    centre = [int(round(c)) for c in ndimage.center_of_mass(volume > 0)]
+    expected = {"axial": ("top", "right"), "coronal": ("top", "right"), "sagittal": ("top", "left")}
+    for view, index in zip(VIEWS, centre):
+        plane = radiological_plane(volume, view, index)
+        rows, cols = np.nonzero(plane)
+        assert rows.size, view
+        vertical = "top" if rows.mean() < plane.shape[0] / 2 else "bottom"
+        horizontal = "left" if cols.mean() < plane.shape[1] / 2 else "right"
+        assert (vertical, horizontal) == expected[view], view
+
+
+def pdf_text(path) -> bytes:
+    """Every stream decoded (reportlab: ASCII85 then Flate); text is in literal strings of the page content."""
+    data = path.read_bytes()
+    chunks = [data]
+    for stream in re.finditer(rb"stream\r?\n(.*?)endstream", data, re.S):
+        raw = stream.group(1).strip()
+        try:
+            raw = base64.a85decode(raw[:-2]) if raw.endswith(b"~>") else raw
+            chunks.append(zlib.decompress(raw))
+        except (ValueError, zlib.error):
+            chunks.append(raw)
+    return b"\n".join(chunks)
+
+
+def page_count(path) -> int:
+    return len(re.findall(rb"/Type /Page(?!s)\b", path.read_bytes()))
+
+
+def write_inputs(tmp_path, blobs):
+    image, labels = phantom(GRIDS["ras"], blobs=blobs)
+    images = {}
+    for role in ("t1c", "t2f"):
+        images[role] = tmp_path / f"{role}.nii.gz"
+        sitk.WriteImage(image, str(images[role]))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    return images, tmp_path / "labels.nii.gz", labels
+
+
+def report(tmp_path, blobs, *, fast_mode):
+    images, label_path, labels = write_inputs(tmp_path, blobs)
+    m = measure(labels, None, qc_flags=["example_flag"])
+    identification = Identification(
+        decisions=[SeriesDecision("1.2.3", 7, "AX T1 POST <GAD> & more", "t1c", 0.95, ["contrast agent"], True),
+                   SeriesDecision("1.2.4", 9, "AX FLAIR", "t2f", 0.9, [], True)],
+        chosen={"t1c": "1.2.3", "t2f": "1.2.4"}, missing=["t1n", "t2w"])
+    out = write_report_pdf(
+        tmp_path / "report.pdf", images=images, labels=label_path, measurements=m, identification=identification,
+        qc={"registration": {"t2f": {"similarity": 0.81}}, "brain_volume_ml": 1234.5},
+        provenance={"bundle": {"name": "pedseg-demo", "version": "0.1.0", "hash": "abc"}, "device": "cpu",
+                    "stage_seconds": {"infer": 12.5}},
+        subject={"display_id": "SUBJ-0001", "study_date": "20240102"}, fast_mode=fast_mode)
+    return out, m
+
+
+def test_pdf_report(tmp_path):
+    out, m = report(tmp_path, ((np.array([-20.0, 10.0, 5.0]), 14.0),), fast_mode=True)
+    assert out.is_file() and page_count(out) >= 2
+    text = pdf_text(out)
+    assert DISCLAIMER.split(". ")[0].encode() in text
+    assert b"For research use only. Not for clinical diagnosis." in text
+    assert f"{round(m.regions['WT'].volume_ml, 3):.3f}".encode() in text
+    assert FAST_MODE_LINE.encode() in text
+    assert b"SUBJ-0001" in text and b"2024-01-02" in text
+    assert NO_TUMOUR.encode() not in text
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_pdf_report_without_tumour(tmp_path):
+    out, m = report(tmp_path, (), fast_mode=False)
+    assert m.regions["WT"].voxels == 0
+    assert page_count(out) >= 2
+    text = pdf_text(out)
+    assert NO_TUMOUR.encode() in text and FAST_MODE_LINE.encode() not in text
+
+
+def test_figures_skip_montage_without_tumour(tmp_path):
+    images, label_path, _ = write_inputs(tmp_path, ())
+    figures = report_figures(images, label_path)
+    assert set(figures) == {"triplanar_t1c", "triplanar_t2f"}
+    assert all(png.startswith(b"\x89PNG") for png in figures.values())
