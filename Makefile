@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make demo` and `make test` (README). Both install what they need.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines: pin torch to the CPU wheel so nnunetv2/deepbet do not pull a multi-GB CUDA build.
+CONSTRAINTS ?= constraints-cpu.txt
+APT_PACKAGES := dicom3tools poppler-utils
+
+.PHONY: install system-deps demo test test-fast bench-preprocess clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	touch $@
+
+# dciodvfy (DICOM validator) and pdftoppm/pdftotext are used by tests; install them when missing and root.
+system-deps:
+	@if ! command -v dciodvfy >/dev/null || ! command -v pdftoppm >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+		else echo "note: install $(APT_PACKAGES) for the DICOM validation and PDF render tests"; fi; \
+	fi
+
+demo: install
+	$(VENV)/bin/pedseg demo demo-output
+
+test: install system-deps
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow"
+
+clean:
+	rm -rf demo-output .pytest_cache

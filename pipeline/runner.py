@@ -1,0 +1,245 @@
+"""One pipeline call from a DICOM session to every output. Adapters (CLI, Flywheel, PACS) call `run_pipeline`.
+
+Outputs are produced in a staging folder inside OUTDIR and moved into place only when every stage has
+succeeded, so a failed run leaves complete files only, plus `error.json` saying what went wrong.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pydicom
+import SimpleITK as sitk
+
+from pipeline.atomic import write_text
+from pipeline.bundle import load_bundle
+from pipeline.config import PipelineConfig
+from pipeline.errors import InputError, MissingSequenceError, PipelineError, ResourceError
+from pipeline.identify import identify, session_to_json
+from pipeline.infer import infer
+from pipeline.ingest import ingest
+from pipeline.measure import convert_labels, measure
+from pipeline.postprocess import postprocess
+from pipeline.preprocess import labels_to_native, preprocess
+from pipeline.types import RunResult, Session
+
+logger = logging.getLogger(__name__)
+PEDSEG_VERSION = "0.1.0"
+PACKAGES = ("nnunetv2", "torch", "SimpleITK", "pydicom", "highdicom", "deepbet", "dcm2niix", "reportlab", "numpy")
+
+
+class StageTimer:
+    """Logs each stage with its duration (a user waits minutes) and keeps the timings for provenance."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        logger.info("stage %s: started", name)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 2)
+        logger.info("stage %s: done in %.1f s", name, self.seconds[name])
+
+
+def run_pipeline(input_path: Path, outdir: Path, config: PipelineConfig) -> RunResult:
+    input_path, outdir = Path(input_path), Path(outdir)
+    _prepare_outdir(outdir)
+    staging = Path(tempfile.mkdtemp(prefix=".pedseg-staging-", dir=outdir))
+    work = Path(tempfile.mkdtemp(prefix="pedseg-work-"))
+    try:
+        result = _run(input_path, outdir, staging, work, config)
+        (outdir / "error.json").unlink(missing_ok=True)
+        return result
+    except PipelineError as error:
+        write_text(outdir / "error.json", json.dumps(error.to_dict(), indent=2) + "\n")
+        raise
+    except MemoryError as exc:
+        error = ResourceError("The run ran out of memory.", hint="Use a machine with more RAM, or --fast.")
+        write_text(outdir / "error.json", json.dumps(error.to_dict(), indent=2) + "\n")
+        raise error from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if config.keep_workdir:
+            logger.info("work folder kept at %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare_outdir(outdir: Path) -> None:
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=outdir, prefix=".pedseg-write-test-")
+        probe.close()
+    except OSError as exc:
+        raise InputError(f"Cannot write to the output folder '{outdir}' ({exc.strerror}).",
+                         hint="Choose a writable output folder.") from exc
+
+
+def _run(input_path: Path, outdir: Path, staging: Path, work: Path, config: PipelineConfig) -> RunResult:
+    stage = StageTimer()
+    bundle = load_bundle(config.bundle)  # a broken bundle fails before minutes of preprocessing
+    with stage("ingest"):
+        session = ingest(input_path, work / "input")
+    with stage("identify"):
+        identification = identify(session, config)
+    write_text(staging / "identify.json", session_to_json(identification))
+    absent = [role for role in bundle.required_inputs if role not in identification.chosen]
+    if absent:
+        raise MissingSequenceError(f"Model bundle '{bundle.name}' requires {absent}, which this session lacks.",
+                                   hint="Add the missing series or use a bundle that accepts fewer inputs.")
+    reference_role = config.reference_role if config.reference_role in identification.chosen else "t1c"
+    context = _study_context(session, identification.chosen[reference_role], config.pseudonymize)
+    if config.patient_age_years is None and context["age_years"] is not None:
+        config = PipelineConfig(**{**vars(config), "patient_age_years": context["age_years"]})
+
+    with stage("preprocess"):
+        pre = preprocess(session, identification, work, config)
+    with stage("infer"):
+        prediction = infer(pre, bundle, work, config)
+    with stage("postprocess"):
+        atlas_labels, pp_steps = postprocess(sitk.ReadImage(str(prediction.labels)), bundle.postprocessing)
+        native_labels = labels_to_native(atlas_labels, pre.atlas_to_native[reference_role], pre.native[reference_role])
+    with stage("measure"):
+        measurements = measure(atlas_labels, native_labels, qc_flags=list(pre.qc.get("flags", [])))
+
+    outputs = _write_nifti(staging, pre, prediction, atlas_labels, native_labels, reference_role, config)
+    provenance = {
+        "pedseg_version": PEDSEG_VERSION,
+        "packages": {name: _version(name) for name in PACKAGES},
+        "bundle": {"name": bundle.name, "version": bundle.version, "licence": bundle.licence, "sha256": bundle.sha256()},
+        "inputs": {
+            "study_instance_uid": session.study_uid,
+            "series_instance_uids": dict(identification.chosen),
+        },
+        "device": prediction.device,
+        "fast_mode": config.fast,
+        "tta": prediction.tta,
+        "models": prediction.models_used,
+        "folds": prediction.folds_used,
+        "postprocessing": pp_steps,
+        "qc": pre.qc,
+        "reference_role": reference_role,
+    }
+    with stage("report"):
+        outputs.update(_write_reports(staging, session, identification, pre, atlas_labels, native_labels, measurements,
+                                      provenance, context, reference_role, bundle, config))
+    provenance["stage_seconds"] = stage.seconds
+    outputs["provenance"] = write_text(staging / "provenance.json", json.dumps(provenance, indent=2, default=str) + "\n")
+    outputs["identify"] = staging / "identify.json"
+    final = {name: _publish(path, staging, outdir) for name, path in outputs.items()}
+    logger.info("all outputs written to %s", outdir)
+    return RunResult(outdir=outdir, outputs=final, identification=identification, measurements=measurements,
+                     provenance=provenance)
+
+
+def _write_nifti(staging, pre, prediction, atlas_labels, native_labels, reference_role, config) -> dict[str, Path]:
+    nifti = staging / "nifti"
+    nifti.mkdir(parents=True, exist_ok=True)
+    outputs = {}
+    for role, path in pre.images.items():
+        outputs[f"nifti_{role}"] = Path(shutil.copy(path, nifti / f"{role}.nii.gz"))
+    outputs["nifti_brain_mask"] = Path(shutil.copy(pre.brain_mask, nifti / "brain_mask.nii.gz"))
+    if prediction.uncertainty is not None:
+        outputs["nifti_uncertainty"] = Path(shutil.copy(prediction.uncertainty, nifti / "uncertainty_atlas.nii.gz"))
+    for name, image in (("labels_atlas", atlas_labels), (f"labels_{reference_role}_native", native_labels)):
+        path = nifti / f"{name}.nii.gz"
+        sitk.WriteImage(_in_convention(image, config.label_convention), str(path), useCompression=True)
+        outputs[f"nifti_{name}"] = path
+    return outputs
+
+
+def _in_convention(labels: sitk.Image, convention: str) -> sitk.Image:
+    if convention == "2024":
+        return labels
+    out = sitk.GetImageFromArray(convert_labels(sitk.GetArrayFromImage(labels), "2024", convention))
+    out.CopyInformation(labels)
+    return out
+
+
+def _write_reports(staging, session, identification, pre, atlas_labels, native_labels, measurements, provenance,
+                   context, reference_role, bundle, config) -> dict[str, Path]:
+    from reporting.dicom_pdf import write_encapsulated_pdf
+    from reporting.dicom_seg import write_seg
+    from reporting.dicom_sr import write_sr
+    from reporting.pdf import write_report_pdf
+    from reporting.tables import write_measurements_csv, write_measurements_json
+
+    outputs: dict[str, Path] = {}
+    source_files = session.by_uid(identification.chosen[reference_role]).files
+    table_context = {
+        "study_instance_uid": session.study_uid,
+        "series_instance_uids": dict(identification.chosen),
+        "bundle": provenance["bundle"],
+        "fast_mode": config.fast,
+        "study_date": session.study_date,
+    }
+    outputs["measurements_json"] = write_measurements_json(measurements, staging / "measurements.json", context=table_context)
+    outputs["measurements_csv"] = write_measurements_csv(measurements, staging / "measurements.csv", context=table_context)
+    has_tumour = measurements.regions["WT"].voxels > 0
+    if config.write_seg and has_tumour:
+        outputs["seg"] = write_seg(native_labels, source_files, staging / "seg" / "segmentation.dcm",
+                                   algorithm_name=bundle.name, algorithm_version=bundle.version)
+        if config.write_sr:
+            outputs["sr"] = _first_path(write_sr(measurements, outputs["seg"], source_files, staging / "sr" / "measurements.dcm",
+                                                 algorithm_name=bundle.name, algorithm_version=bundle.version))
+    if config.write_pdf:
+        outputs["pdf"] = write_report_pdf(
+            staging / "report.pdf", images=pre.images, labels=_atlas_labels_file(staging, atlas_labels),
+            measurements=measurements, identification=identification, qc=pre.qc, provenance=provenance,
+            subject=context["display"], fast_mode=config.fast,
+        )
+        outputs["pdf_dicom"] = write_encapsulated_pdf(outputs["pdf"], source_files, staging / "report" / "report_pdf.dcm",
+                                                      title="pedseg tumour volumetry report (research use only)")
+    return outputs
+
+
+def _first_path(result) -> Path:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _atlas_labels_file(staging: Path, atlas_labels: sitk.Image) -> Path:
+    path = staging / "nifti" / "labels_atlas.nii.gz"
+    if not path.exists():
+        sitk.WriteImage(atlas_labels, str(path), useCompression=True)
+    return path
+
+
+def _study_context(session: Session, reference_uid: str, pseudonymize: bool) -> dict:
+    """Display identity for the report (pseudonymised unless configured otherwise) and the patient's age."""
+    ds = pydicom.dcmread(session.by_uid(reference_uid).files[0], stop_before_pixels=True)
+    patient_id = str(ds.get("PatientID", ""))
+    pseudonym = "subject-" + hashlib.sha256(patient_id.encode()).hexdigest()[:10]
+    age = str(ds.get("PatientAge", ""))
+    age_years = None
+    if len(age) == 4 and age[:3].isdigit():
+        age_years = int(age[:3]) / {"Y": 1, "M": 12, "W": 52.18, "D": 365.25}.get(age[3], 1)
+    display_id = pseudonym if pseudonymize else f"{ds.get('PatientName', '')} ({patient_id})"
+    return {
+        "display": {"display_id": display_id, "study_date": session.study_date},
+        "pseudonym": pseudonym,
+        "age_years": age_years,
+    }
+
+
+def _publish(path: Path, staging: Path, outdir: Path) -> Path:
+    target = outdir / path.relative_to(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return target
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
