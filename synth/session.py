@@ -80,6 +80,8 @@ def generate_session(outdir: Path, seed: int, *, vendor: str | None = None, grow
     series_uids: dict[str, str] = {}
     for number, proto in enumerate(session_protocols(vendor), start=1):
         pose = subject_pose(centre, scale, rng)
+        # Ground-truth pose (scanner point -> phantom point) of every series, for registration accuracy tests.
+        sitk.WriteTransform(pose, str(gt_dir / f"pose_{proto.role}.tfm"))
         folder = dicom_dir / f"{number:02d}_{proto.role}"
         if proto.role == "loc":
             volumes, extras = _localizer_volumes(phantom, pose, scale, rng), None
