@@ -1,10 +1,12 @@
 """The one configuration object every adapter fills and every stage reads."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "pedseg-demo"
+# PEDSEG_BUNDLE lets an installed copy (Docker image, gear) point at its baked-in bundle.
+DEFAULT_BUNDLE = Path(os.environ.get("PEDSEG_BUNDLE", Path(__file__).resolve().parent.parent / "bundles" / "pedseg-demo"))
 
 
 @dataclass

@@ -1,0 +1,105 @@
+"""Flywheel gear entry: one job folder in, one `run_pipeline` call, outputs and `.metadata.json` out.
+
+Exit codes are the pipeline's (`pipeline.errors`): 0 done, 2 bad input, 3 missing sequence, 4 unsupported
+data, 5 out of resources, 6 bad model bundle, 1 anything unexpected. On failure `output/error.json` says why.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from gear.context import FLYWHEEL_ROOT, GearJob, load_job, unpack_bundle
+from gear.metadata import build_metadata, idempotency_key, publish_outputs, write_metadata
+from pipeline.atomic import write_text
+from pipeline.errors import InputError, PipelineError
+
+logger = logging.getLogger(__name__)
+LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    root: Path = args.root
+    debug = False
+    try:
+        job = load_job(root)
+        debug = job.debug
+        if debug:
+            logging.getLogger().setLevel(logging.DEBUG)
+        run_job(job)
+        return 0
+    except PipelineError as error:
+        logger.error("pedseg stopped (%s, exit code %d): %s", error.kind, error.exit_code, error)
+        _write_error(root / "output", error)
+        return error.exit_code
+    except Exception as exc:  # noqa: BLE001 - the engine needs an exit code and a message, not a crash
+        # str(exc) of a library error may quote header values: only the type and place, unless debugging.
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = f" in {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+        logger.error("pedseg failed with an unexpected %s%s. Re-run with debug=true for the full traceback.",
+                     type(exc).__name__, where)
+        if debug:
+            logger.exception("traceback")
+        _write_error(root / "output", PipelineError(f"Unexpected {type(exc).__name__}{where}."))
+        return 1
+
+
+def run_job(job: GearJob) -> None:
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    config = job.config
+    if job.bundle_zip is not None:
+        config = dataclasses.replace(config, bundle=unpack_bundle(job.bundle_zip, job.work_dir / "bundle"))
+    from pipeline.runner import run_pipeline  # torch and friends: not needed to report a bad config
+
+    input_path = job.dicom or _session_input(job)
+    with _temporary_files_in(job.work_dir):
+        result = run_pipeline(input_path, job.output_dir, config)
+    files = publish_outputs(result, job.output_dir)
+    metadata = build_metadata(result, files, job.destination.get("type") or "analysis", job.job_id)
+    write_metadata(metadata, job.output_dir)
+    logger.info("done: whole tumour %.2f mL, %d files for upload (idempotency key %s)",
+                result.measurements.regions["WT"].volume_ml, len(files), idempotency_key(result.provenance)[:12])
+
+
+def _session_input(job: GearJob) -> Path:
+    if not job.api_key:
+        raise InputError("No 'dicom' input was given, and no api-key to read the session's files with.",
+                         hint="Attach a zip of the session's DICOM files as the 'dicom' input, or run the gear "
+                              "as an analysis of a session so that it can download the session's DICOM files.")
+    from gear.session import download_session_dicom  # imports the Flywheel SDK: session mode only
+
+    return download_session_dicom(job, job.work_dir / "session")
+
+
+@contextlib.contextmanager
+def _temporary_files_in(folder: Path) -> Iterator[None]:
+    """The pipeline unpacks and preprocesses in tempfile folders: put them on the engine's work disk,
+    which is sized for the job, rather than on the image's /tmp."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+
+
+def _write_error(output_dir: Path, error: PipelineError) -> None:
+    with contextlib.suppress(OSError):  # an unwritable output folder must not hide the original error
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text(output_dir / "error.json", json.dumps(error.to_dict(), indent=2) + "\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description="pedseg Flywheel gear (reads ROOT/config.json).")
+    parser.add_argument("--root", type=Path, default=FLYWHEEL_ROOT,
+                        help=f"gear folder with config.json, input/, output/ (default {FLYWHEEL_ROOT})")
+    return parser

@@ -1,0 +1,497 @@
+"""Flywheel gear adapter: config.json -> PipelineConfig, exit codes, error.json, outputs and .metadata.json.
+
+`run_pipeline` is replaced by a fake that writes the pipeline's output layout and returns a realistic
+RunResult, so these tests need no model and take seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import shlex
+import tempfile
+import zipfile
+from pathlib import Path
+
+import jsonschema
+import pydicom
+import pytest
+from flywheel_gear_toolkit.interfaces import engine_metadata
+from flywheel_gear_toolkit.utils.manifest import Manifest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from gear import context as gear_context
+from gear.local_run import make_gear_root
+from gear.main import main
+from gear.metadata import idempotency_key
+from gear.session import download_session_dicom
+from pipeline.config import PipelineConfig
+from pipeline.errors import BundleError, InputError, MissingSequenceError
+from pipeline.types import Identification, Measurements, RegionMeasure, RunResult, SeriesDecision
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = json.loads((REPO / "manifest.json").read_text())
+SENTINELS = ("SENTINEL^PHI", "SENTINEL-ID-4711", "19010203", "Sentinel Childrens Hospital")
+API_KEY = "flywheel.example:SENTINEL-API-KEY-0000"
+UIDS = {"t1n": "1.2.826.0.1.3680043.8.498.11", "t1c": "1.2.826.0.1.3680043.8.498.12",
+        "t2w": "1.2.826.0.1.3680043.8.498.13", "t2f": "1.2.826.0.1.3680043.8.498.14"}
+BUNDLE_SHA = "ab" * 32
+NON_DEFAULT = {"device": "cpu", "fast": True, "reference_role": "t2f", "missing_policy": "allow",
+               "label_convention": "2023", "write_seg": False, "write_sr": False, "write_pdf": False,
+               "pseudonymize": False, "force_rerun": True, "debug": True}
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+
+def sentinel_dicom_zip(path: Path) -> Path:
+    """A one-image DICOM zip whose patient headers carry sentinel values that must never reach outputs."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.InstitutionName = SENTINELS
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "MR", UIDS["t1c"], generate_uid()
+    dcm = path.parent / "image.dcm"
+    pydicom.dcmwrite(dcm, ds, enforce_file_format=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.write(dcm, "series/image.dcm")
+    dcm.unlink()
+    return path
+
+
+def write_gear_root(root: Path, config: dict | None = None, *, dicom: bool = True, api_key: bool = False,
+                    bundle_zip: Path | None = None) -> Path:
+    """A gear folder with config.json exactly as the engine writes it (absolute /flywheel/v0 paths included)."""
+    root.mkdir(parents=True, exist_ok=True)
+    inputs = {}
+    if dicom:
+        name = "SENTINEL^PHI_session.dicom.zip"
+        (root / "input" / "dicom").mkdir(parents=True, exist_ok=True)
+        sentinel_dicom_zip(root / "input" / "dicom" / name)
+        inputs["dicom"] = {
+            "base": "file",
+            "hierarchy": {"type": "acquisition", "id": "65f0c0ffee0000000000aaaa"},
+            "location": {"path": f"/flywheel/v0/input/dicom/{name}", "name": name},
+            "object": {"type": "dicom", "modality": "MR", "mimetype": "application/zip", "size": 1234, "tags": [],
+                       "classification": {"Intent": ["Structural"], "Measurement": ["T1"]},
+                       "info": {"PatientName": SENTINELS[0], "PatientID": SENTINELS[1],
+                                "PatientBirthDate": SENTINELS[2], "InstitutionName": SENTINELS[3]},
+                       "file_id": "65f0c0ffee0000000000bbbb", "version": 1},
+        }
+    if bundle_zip is not None:
+        (root / "input" / "model_bundle").mkdir(parents=True, exist_ok=True)
+        target = root / "input" / "model_bundle" / bundle_zip.name
+        target.write_bytes(bundle_zip.read_bytes())
+        inputs["model_bundle"] = {"base": "file", "location": {"path": str(target), "name": target.name},
+                                  "object": {"type": "archive", "info": {}}}
+    if api_key:
+        inputs["api-key"] = {"base": "api-key", "key": API_KEY}
+    config_json = {
+        "config": {**{k: v["default"] for k, v in MANIFEST["config"].items()}, **(config or {})},
+        "inputs": inputs,
+        "destination": {"type": "analysis", "id": "65f0c0ffee0000000000cccc"},
+        "job": {"id": "65f0c0ffee0000000000dddd"},
+    }
+    (root / "config.json").write_text(json.dumps(config_json))
+    return root
+
+
+def fake_result(outdir: Path, config: PipelineConfig) -> RunResult:
+    """Writes the pipeline's output layout (sub-folders included) and returns what run_pipeline would."""
+    files = {
+        "nifti_t1n": "nifti/t1n.nii.gz", "nifti_t1c": "nifti/t1c.nii.gz", "nifti_t2w": "nifti/t2w.nii.gz",
+        "nifti_t2f": "nifti/t2f.nii.gz", "nifti_brain_mask": "nifti/brain_mask.nii.gz",
+        "nifti_labels_atlas": "nifti/labels_atlas.nii.gz", "nifti_labels_t1c_native": "nifti/labels_t1c_native.nii.gz",
+        "measurements_json": "measurements.json", "measurements_csv": "measurements.csv",
+        "seg": "seg/segmentation.dcm", "sr": "sr/measurements.dcm", "pdf": "report.pdf",
+        "pdf_dicom": "report/report_pdf.dcm", "provenance": "provenance.json", "identify": "identify.json",
+    }
+    outputs = {}
+    for key, rel in files.items():
+        path = outdir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"pedseg test output " + key.encode())
+        outputs[key] = path
+    regions = {name: RegionMeasure(name, voxels, voxels / 1000, 1, native_volume_ml=voxels / 1000 * 1.01,
+                                   bidimensional_mm2=531.75 if name in ("TC", "WT") else None)
+               for name, voxels in (("ET", 1215), ("NET", 4000), ("CC", 300), ("ED", 9000), ("TC", 5515), ("WT", 14515))}
+    regions["CC"] = dataclasses.replace(regions["CC"], native_volume_ml=float("nan"))  # must not reach the JSON as NaN
+    decisions = [SeriesDecision(uid, number, f"series {number}", role, 0.95, ["rule"], chosen=True)
+                 for number, (role, uid) in enumerate(UIDS.items(), start=2)]
+    decisions.append(SeriesDecision("1.2.3.99", 1, "localizer", "other", 0.99, ["localizer"]))
+    provenance = {
+        "pedseg_version": "0.1.0",
+        "bundle": {"name": "pedseg-demo", "version": "0.1.0", "licence": "CC-BY-4.0", "sha256": BUNDLE_SHA},
+        "inputs": {"study_instance_uid": "1.2.3", "series_instance_uids": dict(UIDS)},
+        "device": "cpu", "fast_mode": config.fast, "tta": not config.fast, "models": ["m"], "folds": ["0"],
+        "reference_role": config.reference_role, "qc": {"flags": []},
+    }
+    return RunResult(
+        outdir=outdir, outputs=outputs,
+        identification=Identification(decisions=decisions, chosen=dict(UIDS), missing=[]),
+        measurements=Measurements(regions=regions, qc_flags=["brain volume below the age norm: check skull stripping"],
+                                  rapno={"region": "TC", "lesions": [], "sum_product_mm2": 531.75, "lesions_total": 1}),
+        provenance=provenance,
+    )
+
+
+@pytest.fixture
+def pipeline_calls(monkeypatch):
+    """Replace run_pipeline; each call is recorded with the temp folder the pipeline would have used."""
+    calls = []
+
+    def fake_run_pipeline(input_path, outdir, config):
+        calls.append({"input": Path(input_path), "outdir": Path(outdir), "config": config,
+                      "tempdir": tempfile.gettempdir()})
+        return fake_result(Path(outdir), config)
+
+    monkeypatch.setattr("pipeline.runner.run_pipeline", fake_run_pipeline)
+    monkeypatch.delenv("PEDSEG_BUNDLE", raising=False)
+    return calls
+
+
+def raise_from_pipeline(monkeypatch, error: Exception) -> None:
+    def failing_run_pipeline(input_path, outdir, config):
+        raise error
+
+    monkeypatch.setattr("pipeline.runner.run_pipeline", failing_run_pipeline)
+
+
+def run_gear(root: Path) -> int:
+    return main(["--root", str(root)])
+
+
+def assert_no_phi(text: str) -> None:
+    for secret in (*SENTINELS, "SENTINEL", API_KEY):
+        assert secret not in text
+
+
+# ------------------------------------------------------------------------------------ config.json mapping
+
+
+def test_every_gear_config_key_reaches_the_pipeline_config(tmp_path):
+    job = gear_context.load_job(write_gear_root(tmp_path, NON_DEFAULT))
+    c = job.config
+    assert (c.device, c.fast, c.reference_role, c.missing_policy, c.label_convention) == ("cpu", True, "t2f", "allow", "2023")
+    assert (c.write_seg, c.write_sr, c.write_pdf, c.pseudonymize) == (False, False, False, False)
+    assert (job.force_rerun, job.debug) == (True, True)
+    # The engine resolves the input under /flywheel/v0; a local gear folder holds it under ROOT/input/dicom.
+    assert job.dicom == tmp_path / "input" / "dicom" / "SENTINEL^PHI_session.dicom.zip"
+    assert job.destination == {"type": "analysis", "id": "65f0c0ffee0000000000cccc"}
+    assert job.job_id == "65f0c0ffee0000000000dddd" and job.api_key is None and job.bundle_zip is None
+
+
+def test_manifest_config_matches_the_adapter_and_the_pipeline_defaults():
+    handled = {*gear_context.CHOICES, *gear_context.PIPELINE_FLAGS, *gear_context.GEAR_FLAGS}
+    assert set(MANIFEST["config"]) == handled
+    pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    assert {*gear_context.CHOICES, *gear_context.PIPELINE_FLAGS} <= pipeline_fields
+    defaults = PipelineConfig()
+    for key in (*gear_context.CHOICES, *gear_context.PIPELINE_FLAGS):  # the gear and the CLI behave alike
+        assert MANIFEST["config"][key]["default"] == getattr(defaults, key), key
+    for key, values in gear_context.CHOICES.items():
+        assert MANIFEST["config"][key]["enum"] == list(values), key
+
+
+def test_omitted_config_keys_keep_the_pipeline_defaults(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"config": {}, "inputs": {}, "destination": {}}))
+    job = gear_context.load_job(tmp_path)
+    assert dataclasses.replace(job.config, bundle=PipelineConfig().bundle) == PipelineConfig()
+    assert (job.force_rerun, job.debug, job.dicom) == (False, False, None)
+
+
+def test_bundle_location_comes_from_the_image_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEDSEG_BUNDLE", "/opt/pedseg/bundles/pedseg-demo")
+    assert gear_context.load_job(write_gear_root(tmp_path)).config.bundle == Path("/opt/pedseg/bundles/pedseg-demo")
+
+
+@pytest.mark.parametrize("config", [{"device": "tpu"}, {"fast": "yes"}, {"label_convention": 2024}, {"fsat": True}])
+def test_invalid_config_is_a_bad_input(tmp_path, pipeline_calls, config):
+    assert run_gear(write_gear_root(tmp_path, config)) == InputError.exit_code == 2
+    assert json.loads((tmp_path / "output" / "error.json").read_text())["error"] == "bad_input"
+    assert not pipeline_calls
+
+
+def test_unreadable_config_json_is_a_bad_input(tmp_path, pipeline_calls):
+    (tmp_path / "config.json").write_text("{not json")
+    assert run_gear(tmp_path) == 2 and not pipeline_calls
+
+
+# -------------------------------------------------------------------------------- exit codes, error.json
+
+
+def test_no_dicom_input_and_no_api_key_is_a_clear_input_error(tmp_path, pipeline_calls, caplog):
+    assert run_gear(write_gear_root(tmp_path, dicom=False)) == 2
+    error = json.loads((tmp_path / "output" / "error.json").read_text())
+    assert error["error"] == "bad_input" and "'dicom'" in error["message"] and error["hint"]
+    assert "No 'dicom' input" in caplog.text and not pipeline_calls
+
+
+def test_input_listed_but_missing_is_a_bad_input(tmp_path, pipeline_calls):
+    root = write_gear_root(tmp_path)
+    for path in (root / "input" / "dicom").iterdir():
+        path.unlink()
+    assert run_gear(root) == 2 and not pipeline_calls
+
+
+@pytest.mark.parametrize("error", [
+    MissingSequenceError("Model bundle 'pedseg-demo' requires ['t2f'], which this session lacks.", hint="Add it."),
+    BundleError("Bundle 'x' lacks fold 0.", hint="Restore it."),
+    InputError("The archive entry 'a/../b' climbs out of the archive folder."),
+])
+def test_pipeline_error_becomes_its_exit_code_and_error_json(tmp_path, monkeypatch, caplog, error):
+    raise_from_pipeline(monkeypatch, error)
+    assert run_gear(write_gear_root(tmp_path)) == error.exit_code
+    assert json.loads((tmp_path / "output" / "error.json").read_text()) == error.to_dict()
+    assert f"exit code {error.exit_code}" in caplog.text and error.message in caplog.text
+    assert not (tmp_path / "output" / ".metadata.json").exists()
+
+
+def test_unexpected_exception_exits_1_without_its_message(tmp_path, monkeypatch, caplog):
+    # Library errors may quote header values; only the exception type and place reach the job log.
+    raise_from_pipeline(monkeypatch, ValueError(f"bad value {SENTINELS[0]} in PatientName"))
+    assert run_gear(write_gear_root(tmp_path)) == 1
+    assert "unexpected ValueError" in caplog.text and "Traceback" not in caplog.text
+    assert_no_phi(caplog.text)
+    error = json.loads((tmp_path / "output" / "error.json").read_text())
+    assert error["error"] == "internal_error" and error["exit_code"] == 1
+    assert_no_phi(json.dumps(error))
+
+
+def test_unexpected_exception_traceback_only_with_debug(tmp_path, monkeypatch, caplog):
+    raise_from_pipeline(monkeypatch, RuntimeError("boom"))
+    assert run_gear(write_gear_root(tmp_path, {"debug": True})) == 1
+    assert "Traceback" in caplog.text and "boom" in caplog.text
+
+
+# ------------------------------------------------------------------------------ outputs and .metadata.json
+
+
+@pytest.fixture
+def finished(tmp_path, pipeline_calls, caplog):
+    caplog.set_level(logging.DEBUG)
+    root = write_gear_root(tmp_path, {"debug": True}, api_key=True)
+    assert run_gear(root) == 0
+    return root, json.loads((root / "output" / ".metadata.json").read_text()), caplog.text
+
+
+def test_run_calls_the_pipeline_once_with_the_translated_job(finished, pipeline_calls):
+    root, _, _ = finished
+    (call,) = pipeline_calls
+    assert call["input"] == root / "input" / "dicom" / "SENTINEL^PHI_session.dicom.zip"
+    assert call["outdir"] == root / "output"
+    assert call["tempdir"] == str(root / "work")  # intermediates on the engine's work disk
+    assert tempfile.gettempdir() != str(root / "work")  # and restored afterwards
+
+
+def test_outputs_are_flat_for_the_engine_upload(finished):
+    root, metadata, _ = finished
+    output = root / "output"
+    assert not [p for p in output.iterdir() if p.is_dir()]
+    names = {p.name for p in output.iterdir()} - {".metadata.json"}
+    assert {"pedseg_segmentation.dcm", "pedseg_measurements_sr.dcm", "pedseg_report.pdf", "pedseg_report_pdf.dcm",
+            "pedseg_measurements.json", "pedseg_measurements.csv", "pedseg_labels_t1c_native.nii.gz"} <= names
+    assert {f["name"] for f in metadata["analysis"]["files"]} == names
+
+
+def test_metadata_is_valid_engine_metadata_with_the_summary(finished):
+    _, metadata, _ = finished
+    jsonschema.Draft7Validator(engine_metadata).validate(metadata)
+    summary = metadata["analysis"]["info"]["pedseg"]
+    expected_key = hashlib.sha256("\n".join([*sorted(UIDS.values()), BUNDLE_SHA]).encode()).hexdigest()
+    assert summary["idempotency_key"] == expected_key
+    assert summary["bundle"] == {"name": "pedseg-demo", "version": "0.1.0", "licence": "CC-BY-4.0", "sha256": BUNDLE_SHA}
+    assert summary["volumes_ml"]["WT"] == pytest.approx(14.515) and summary["native_volumes_ml"]["CC"] is None
+    assert summary["series_numbers"] == {"t1n": 2, "t1c": 3, "t2w": 4, "t2f": 5}
+    assert summary["rapno"] == {"region": "TC", "lesions_total": 1, "sum_product_mm2": 531.75}
+
+
+def test_file_entries_carry_type_modality_classification_tags_and_qc(finished):
+    _, metadata, _ = finished
+    files = {f["name"]: f for f in metadata["analysis"]["files"]}
+    assert {name: files[name]["type"] for name in ("pedseg_segmentation.dcm", "pedseg_report.pdf",
+                                                   "pedseg_measurements.csv", "pedseg_measurements.json",
+                                                   "pedseg_t2f.nii.gz")} == {
+        "pedseg_segmentation.dcm": "dicom", "pedseg_report.pdf": "pdf", "pedseg_measurements.csv": "tabular data",
+        "pedseg_measurements.json": "source code", "pedseg_t2f.nii.gz": "nifti"}
+    assert files["pedseg_t2f.nii.gz"]["modality"] == "MR"
+    assert files["pedseg_t2f.nii.gz"]["classification"] == {"Intent": ["Structural"], "Measurement": ["T2"]}
+    assert all(f["tags"] == ["pedseg"] for f in files.values())
+    qc = files["pedseg_report.pdf"]["info"]["qc"]["pedseg-brain-tumor"]
+    assert qc["segmentation"]["state"] == "FAIL" and qc["segmentation"]["flags"]  # a QC flag asks for review
+    assert qc["job_info"]["job_id"] == "65f0c0ffee0000000000dddd"
+
+
+def test_metadata_and_log_hold_no_phi_nor_api_key(finished):
+    root, _, log_text = finished
+    assert_no_phi((root / "output" / ".metadata.json").read_text())
+    assert_no_phi(log_text)
+    assert "NaN" not in (root / "output" / ".metadata.json").read_text()
+
+
+def test_qc_passes_without_flags_and_lands_on_the_table_without_pdf(tmp_path, monkeypatch):
+    def run_without_flags(input_path, outdir, config):
+        result = fake_result(Path(outdir), config)
+        for key in ("pdf", "pdf_dicom"):
+            result.outputs.pop(key).unlink()
+        return dataclasses.replace(result, measurements=dataclasses.replace(result.measurements, qc_flags=[]))
+
+    monkeypatch.setattr("pipeline.runner.run_pipeline", run_without_flags)
+    assert run_gear(write_gear_root(tmp_path)) == 0
+    files = json.loads((tmp_path / "output" / ".metadata.json").read_text())["analysis"]["files"]
+    (qc_file,) = [f for f in files if "info" in f]
+    assert qc_file["name"] == "pedseg_measurements.json"
+    assert qc_file["info"]["qc"]["pedseg-brain-tumor"]["segmentation"]["state"] == "PASS"
+
+
+def test_idempotency_key_ignores_role_order_but_not_the_weights():
+    provenance = {"inputs": {"series_instance_uids": dict(UIDS)}, "bundle": {"sha256": BUNDLE_SHA}}
+    reordered = {"inputs": {"series_instance_uids": dict(reversed(UIDS.items()))}, "bundle": {"sha256": BUNDLE_SHA}}
+    retrained = {"inputs": {"series_instance_uids": dict(UIDS)}, "bundle": {"sha256": "cd" * 32}}
+    assert idempotency_key(provenance) == idempotency_key(reordered) != idempotency_key(retrained)
+    assert re.fullmatch(r"[0-9a-f]{64}", idempotency_key(provenance))
+
+
+# ---------------------------------------------------------------------------------- model_bundle input
+
+
+def _bundle_zip(path: Path, folder: str | None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        if folder is not None:
+            zf.writestr(f"{folder}/bundle.json", "{}")
+            zf.writestr(f"{folder}/models/m/plans.json", "{}")
+        else:
+            zf.writestr("README.txt", "no bundle here")
+    return path
+
+
+def test_bundle_zip_is_unpacked_and_the_bundle_folder_found(tmp_path, pipeline_calls):
+    root = write_gear_root(tmp_path / "gear", bundle_zip=_bundle_zip(tmp_path / "my-bundle.zip", "export/pedseg-x"))
+    assert run_gear(root) == 0
+    assert pipeline_calls[0]["config"].bundle == root / "work" / "bundle" / "export" / "pedseg-x"
+    assert run_gear(root) == 0  # a local re-run in the same gear folder
+
+
+def test_bundle_zip_without_bundle_json_is_a_bundle_error(tmp_path, pipeline_calls):
+    root = write_gear_root(tmp_path / "gear", bundle_zip=_bundle_zip(tmp_path / "empty.zip", None))
+    assert run_gear(root) == BundleError.exit_code == 6
+    assert json.loads((root / "output" / "error.json").read_text())["error"] == "bad_bundle"
+    assert not pipeline_calls
+
+
+def test_unsafe_bundle_zip_is_refused(tmp_path, pipeline_calls):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../escape/bundle.json", "{}")
+    assert run_gear(write_gear_root(tmp_path / "gear", bundle_zip=evil)) == 2
+    assert not (tmp_path / "escape").exists() and not pipeline_calls
+
+
+# --------------------------------------------------------------------------------------- session mode
+
+
+class FakeAcquisition:
+    def __init__(self, files: dict[str, tuple[str, bytes]]):
+        self._files = files
+        self.files = [type("FileEntry", (), {"name": name, "type": kind}) for name, (kind, _) in files.items()]
+
+    def reload(self):
+        return self
+
+    def download_file(self, name: str, dest: str) -> None:
+        Path(dest).write_bytes(self._files[name][1])
+
+
+class FakeClient:
+    def __init__(self, acquisitions, parent_type: str = "session"):
+        self._acquisitions, self._parent_type = acquisitions, parent_type
+
+    def get_analysis(self, analysis_id):
+        return type("Analysis", (), {"parent": type("Ref", (), {"type": self._parent_type, "id": "s1"})})
+
+    def get_session(self, session_id):
+        return type("Session", (), {"acquisitions": lambda _self: self._acquisitions})()
+
+
+def test_session_mode_downloads_and_unpacks_the_session_dicom(tmp_path):
+    series = sentinel_dicom_zip(tmp_path / "t1.dicom.zip").read_bytes()
+    client = FakeClient([FakeAcquisition({"T1 MPRAGE.dicom.zip": ("dicom", series), "t1.nii.gz": ("nifti", b"x")}),
+                         FakeAcquisition({"single.dcm": ("dicom", b"DICM")})])
+    job = gear_context.load_job(write_gear_root(tmp_path / "gear", dicom=False, api_key=True))
+    folder = download_session_dicom(job, tmp_path / "session", client=client)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "0001/series/image.dcm", "0002/image.dcm"]
+
+
+def test_session_mode_needs_a_session_level_analysis(tmp_path):
+    job = gear_context.load_job(write_gear_root(tmp_path, dicom=False, api_key=True))
+    with pytest.raises(InputError, match="subject analysis"):
+        download_session_dicom(job, tmp_path / "session", client=FakeClient([], parent_type="subject"))
+
+
+def test_session_without_dicom_files_is_a_bad_input(tmp_path):
+    job = gear_context.load_job(write_gear_root(tmp_path, dicom=False, api_key=True))
+    with pytest.raises(InputError, match="no DICOM files"):
+        download_session_dicom(job, tmp_path / "session", client=FakeClient([FakeAcquisition({})]))
+
+
+def test_api_key_never_shows_in_the_job_repr(tmp_path):
+    job = gear_context.load_job(write_gear_root(tmp_path, api_key=True))
+    assert job.api_key == API_KEY and API_KEY not in repr(job)
+
+
+# ------------------------------------------------------------------------------------------ local runs
+
+
+def test_local_run_lays_out_a_gear_folder_the_gear_runs(tmp_path, pipeline_calls):
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    sentinel_dicom_zip(tmp_path / "s.zip")
+    zipfile.ZipFile(tmp_path / "s.zip").extractall(dicom)
+    root = make_gear_root(dicom, tmp_path / "gear", {"fast": "true", "label_convention": "2023"})
+    config_json = json.loads((root / "config.json").read_text())
+    assert config_json["config"]["fast"] is True and config_json["config"]["label_convention"] == "2023"
+    assert config_json["config"]["write_pdf"] is True  # manifest default
+    assert zipfile.is_zipfile(config_json["inputs"]["dicom"]["location"]["path"])
+    assert run_gear(root) == 0
+    assert pipeline_calls[0]["config"].fast and pipeline_calls[0]["config"].label_convention == "2023"
+
+
+def test_local_run_rejects_unknown_and_mistyped_options(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config option"):
+        make_gear_root(tmp_path, tmp_path / "gear", {"fsat": "true"})
+    with pytest.raises(SystemExit, match="true or false"):
+        make_gear_root(tmp_path, tmp_path / "gear", {"fast": "yes"})
+
+
+# -------------------------------------------------------------------------------------------- manifest
+
+
+def test_manifest_is_valid_for_flywheel():
+    Manifest(str(REPO / "manifest.json")).validate()  # the toolkit's schema plus defaults and image-tag checks
+
+
+def test_manifest_declares_the_gear_contract():
+    m = MANIFEST
+    assert (m["name"], m["version"], m["license"], m["command"]) == (
+        "pedseg-brain-tumor", "0.1.0", "Apache-2.0", "python3 /flywheel/v0/run.py")
+    assert m["custom"]["gear-builder"] == {"category": "analysis", "image": "pedseg/brain-tumor:0.1.0"}
+    assert m["custom"]["flywheel"]["classification"] == {
+        "function": ["Image Processing - Segmentation"], "modality": ["MR"], "organ": ["Brain"],
+        "therapeutic_area": ["Oncology"], "species": ["Human"]}
+    assert {k: v["base"] for k, v in m["inputs"].items()} == {"dicom": "file", "model_bundle": "file", "api-key": "api-key"}
+    assert m["inputs"]["dicom"]["optional"] and m["inputs"]["model_bundle"]["optional"]
+    assert {"nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "OMP_NUM_THREADS"} <= set(m["environment"])
+
+
+def test_dockerfile_sets_the_manifest_environment():
+    """Flywheel runs the gear with the manifest's environment; a plain `docker run` with the image's ENV."""
+    instructions = (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+    env = dict(token.split("=", 1) for line in instructions if line.startswith("ENV ") for token in shlex.split(line)[1:])
+    assert env == MANIFEST["environment"]
