@@ -1,0 +1,35 @@
+"""The committed demo bundle still reaches its documented held-out accuracy (one held-out synthetic case)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from scripts.evaluate_bundle import REGIONS, dice, predict_case
+from scripts.train_demo_bundle import CHANNELS, HOLDOUT_SEEDS
+from synth.session import generate_training_case
+
+pytestmark = pytest.mark.slow
+
+
+def test_heldout_case_whole_tumour_dice(tmp_path):
+    seed = HOLDOUT_SEEDS[0]
+    images, truth = generate_training_case(seed)
+    paths = {}
+    for role in CHANNELS.values():
+        paths[role] = tmp_path / f"{role}.nii.gz"
+        sitk.WriteImage(images[role], str(paths[role]))
+    pred = sitk.GetArrayFromImage(predict_case(DEFAULT_BUNDLE, paths, PipelineConfig(device="cpu", threads=2)))
+    truth_arr = sitk.GetArrayFromImage(truth)
+    scores = {region: dice(pred, truth_arr, labels) for region, labels in REGIONS.items()}
+    assert scores["WT"] >= 0.90, scores
+    # The case must match what the bundle documents for it (same data, same model: same numbers).
+    documented = json.loads((DEFAULT_BUNDLE / "bundle.json").read_text())["training"]["holdout_dice"]["per_case"]
+    expected = documented[f"syn_{seed:04d}"]
+    for region, value in scores.items():
+        if value is not None and expected[region] is not None:
+            assert value == pytest.approx(expected[region], abs=0.01), region
+    assert np.isin(np.unique(pred), [0, 1, 2, 3, 4]).all()

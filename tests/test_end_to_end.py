@@ -1,0 +1,128 @@
+"""A full DICOM -> PDF run on a synthetic session with the committed demo bundle (CI runs it)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pipeline.runner import run_pipeline
+from reporting.dicom_seg import load_sources, read_seg_labels
+from reporting.dicom_sr import read_sr_volumes
+from synth.session import generate_session
+
+pytestmark = pytest.mark.slow
+SEED = 4  # GE-style session: sagittal 3D T1s, axial 2D T2, sagittal 3D FLAIR
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    if not (DEFAULT_BUNDLE / "bundle.json").exists():
+        pytest.fail(f"demo bundle missing at {DEFAULT_BUNDLE}: run scripts/train_demo_bundle.py")
+    root = tmp_path_factory.mktemp("e2e")
+    summary = generate_session(root / "session", SEED)
+    result = run_pipeline(root / "session" / "dicom", root / "out", PipelineConfig(device="cpu", threads=2))
+    return summary, result, root
+
+
+def test_all_four_roles_identified_as_generated(demo_run):
+    summary, result, _ = demo_run
+    assert result.identification.missing == []
+    for role in ("t1n", "t1c", "t2w", "t2f"):
+        assert result.identification.chosen[role] == summary["series_uids"][role]
+    rejected = {d.series_uid for d in result.identification.decisions if d.role == "other"}
+    assert {summary["series_uids"]["loc"], summary["series_uids"]["dwi"]} <= rejected
+
+
+def test_outputs_complete_and_no_staging_left(demo_run):
+    _, result, root = demo_run
+    out = root / "out"
+    expected = [
+        "identify.json", "measurements.json", "measurements.csv", "report.pdf", "provenance.json",
+        "seg/segmentation.dcm", "sr/measurements.dcm", "report/report_pdf.dcm",
+        "nifti/t1n.nii.gz", "nifti/t1c.nii.gz", "nifti/t2w.nii.gz", "nifti/t2f.nii.gz",
+        "nifti/labels_atlas.nii.gz", "nifti/labels_t1c_native.nii.gz",
+    ]
+    for name in expected:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".pedseg-staging-*")) and not (out / "error.json").exists()
+    atlas = sitk.ReadImage(str(out / "nifti" / "t1c.nii.gz"))
+    assert atlas.GetSize() == (240, 240, 155) and atlas.GetSpacing() == (1.0, 1.0, 1.0)
+
+
+def test_segmentation_matches_ground_truth_on_native_t1c(demo_run):
+    _, _, root = demo_run
+    truth = sitk.ReadImage(str(root / "session" / "ground_truth" / "labels_t1c_native.nii.gz"))
+    pred = sitk.ReadImage(str(root / "out" / "nifti" / "labels_t1c_native.nii.gz"))
+    # Compare in physical space: dcm2niix may store the native grid with a different axis order.
+    pred = sitk.Resample(pred, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    t, p = sitk.GetArrayFromImage(truth), sitk.GetArrayFromImage(pred)
+    wt = _dice(t > 0, p > 0)
+    tc = _dice(np.isin(t, (1, 2, 3)), np.isin(p, (1, 2, 3)))
+    assert wt >= 0.85, f"whole-tumour Dice {wt:.3f}"
+    assert tc >= 0.75, f"tumour-core Dice {tc:.3f}"
+
+
+def test_seg_reads_back_to_the_same_voxels(demo_run):
+    _, result, root = demo_run
+    out = root / "out"
+    sources = result.identification.chosen["t1c"]
+    files = sorted((root / "session" / "dicom").glob("*_t1c/*.dcm"))
+    assert files, sources
+    seg_labels = read_seg_labels(out / "seg" / "segmentation.dcm", files)
+    native = sitk.ReadImage(str(out / "nifti" / "labels_t1c_native.nii.gz"))
+    # The native label map resampled onto the sorted DICOM frames must equal what the SEG stores.
+    datasets = load_sources(files)
+    expected = np.stack([_label_plane(native, ds) for ds in datasets])
+    assert seg_labels.shape == expected.shape
+    assert np.array_equal(seg_labels, expected)
+    assert (seg_labels > 0).sum() == (sitk.GetArrayFromImage(native) > 0).sum()
+
+
+def _label_plane(labels: sitk.Image, ds) -> np.ndarray:
+    row, col = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+    plane = sitk.Image(int(ds.Columns), int(ds.Rows), 1, sitk.sitkUInt8)
+    plane.SetOrigin([float(v) for v in ds.ImagePositionPatient])
+    plane.SetSpacing((float(ds.PixelSpacing[1]), float(ds.PixelSpacing[0]), 1.0))
+    plane.SetDirection(tuple(np.column_stack([row, col, np.cross(row, col)]).ravel()))
+    return sitk.GetArrayFromImage(sitk.Resample(labels, plane, sitk.Transform(), sitk.sitkNearestNeighbor, 0))[0]
+
+
+def test_volumes_agree_across_json_csv_and_sr(demo_run):
+    _, result, root = demo_run
+    out = root / "out"
+    doc = json.loads((out / "measurements.json").read_text())
+    with open(out / "measurements.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    sr = read_sr_volumes(out / "sr" / "measurements.dcm")
+    for region in ("ET", "NET", "CC", "ED", "TC", "WT"):
+        expected = round(result.measurements.regions[region].volume_ml, 3)
+        json_value = doc["regions"][region]["volume_ml"]
+        csv_value = next(float(r["volume_ml"]) for r in rows if r["region"] == region and r["convention"] in ("2024", "composite"))
+        assert json_value == pytest.approx(expected, abs=1e-3)
+        assert csv_value == pytest.approx(expected, abs=1e-3)
+        if region in sr:
+            assert sr[region] == pytest.approx(expected, abs=1e-3)
+    assert result.measurements.regions["WT"].volume_ml > 1.0
+
+
+def test_provenance_and_pdf(demo_run):
+    summary, result, root = demo_run
+    out = root / "out"
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["inputs"]["series_instance_uids"]["t1c"] == summary["series_uids"]["t1c"]
+    assert len(prov["bundle"]["sha256"]) == 64
+    assert {"ingest", "identify", "preprocess", "infer", "postprocess", "measure", "report"} <= set(prov["stage_seconds"])
+    pdf = (out / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") >= 2
+    # The synthetic patient's name must not appear in any text output (report is pseudonymised by default).
+    for path in [out / "measurements.json", out / "measurements.csv", out / "provenance.json", out / "identify.json"]:
+        assert "SYNTHETIC^PHANTOM" not in path.read_text()

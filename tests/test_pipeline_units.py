@@ -1,0 +1,175 @@
+"""Fast unit tests of the stage internals: bundle validation, post-processing, transforms, geometry."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.atlas import BRATS_ORIGIN, BRATS_SIZE, brats_reference_grid, load_atlas_brain_mask
+from pipeline.bundle import load_bundle
+from pipeline.config import DEFAULT_BUNDLE
+from pipeline.errors import BundleError
+from pipeline.postprocess import postprocess
+from pipeline.preprocess import labels_to_native
+from pipeline.registration import compose, inverse, working_copy
+from synth.acquire import SeriesGeometry, native_grid
+from synth.dicom_writer import StudyInfo, write_series
+from synth.protocols import session_protocols
+
+
+def _centroid_mm(labels: sitk.Image, value: int = 1) -> np.ndarray:
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(labels == value, sitk.sitkUInt8))
+    return np.asarray(stats.GetCentroid(1))
+
+
+# ------------------------------------------------------------------------------------------------ bundle
+
+
+@pytest.fixture
+def bundle_copy(tmp_path):
+    if not (DEFAULT_BUNDLE / "bundle.json").exists():
+        pytest.skip("demo bundle not built")
+    dst = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, dst)
+    return dst
+
+
+def test_demo_bundle_loads_and_hashes(bundle_copy):
+    bundle = load_bundle(bundle_copy)
+    assert bundle.inputs == {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3}
+    assert bundle.labels == {1: "ET", 2: "NET", 3: "CC", 4: "ED"}
+    assert len(bundle.models[0].folds) >= 2
+    assert len(bundle.sha256()) == 64
+
+
+def test_bundle_missing_fold_is_named(bundle_copy):
+    model = load_bundle(bundle_copy).models[0]
+    shutil.rmtree(model.path / f"fold_{model.folds[-1]}")
+    with pytest.raises(BundleError, match=f"lacks fold {model.folds[-1]}") as err:
+        load_bundle(bundle_copy)
+    assert err.value.exit_code == 6
+
+
+def test_bundle_channel_mapping_must_match_model(bundle_copy):
+    spec = json.loads((bundle_copy / "bundle.json").read_text())
+    spec["inputs"] = {"t1c": 0, "t2f": 1}
+    (bundle_copy / "bundle.json").write_text(json.dumps(spec))
+    with pytest.raises(BundleError, match="takes 4 input channels but bundle.json maps 2"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_bundle_json(tmp_path):
+    with pytest.raises(BundleError, match="No bundle.json"):
+        load_bundle(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ postprocess
+
+
+def _label_image(arr: np.ndarray) -> sitk.Image:
+    return sitk.GetImageFromArray(arr.astype(np.uint8))
+
+
+def test_small_et_speck_inside_net_becomes_net_and_far_speck_is_dropped():
+    arr = np.zeros((40, 40, 40), np.uint8)
+    arr[10:30, 10:30, 10:30] = 2  # NET block
+    arr[20, 20, 20] = 1  # 1-voxel ET speck inside NET
+    arr[2:4, 2:4, 2:4] = 4  # 8-voxel isolated ED component, far from the tumour
+    out, steps = postprocess(_label_image(arr), {"min_wt_component_voxels": 50, "min_component_voxels": {"ET": 5}})
+    result = sitk.GetArrayFromImage(out)
+    assert result[20, 20, 20] == 2
+    assert result[2:4, 2:4, 2:4].max() == 0
+    assert (result == 2).sum() == 20**3
+    assert [s["voxels_changed"] for s in steps] == [8, 1]
+
+
+def test_redefine_small_et_as_net():
+    arr = np.zeros((30, 30, 30), np.uint8)
+    arr[5:25, 5:25, 5:25] = 4
+    arr[10:20, 10:20, 10:20] = 2
+    arr[14:16, 14:16, 14:16] = 1
+    rule = {"region": "ET", "below_fraction_of_wt": 0.01, "to": "NET"}
+    out, steps = postprocess(_label_image(arr), {"redefine": [rule]})
+    assert (sitk.GetArrayFromImage(out) == 1).sum() == 0 and steps[0]["applied"]
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+
+def test_brats_grid_matches_shared_brats_case(shared_data):
+    case = sitk.ReadImage(str(shared_data / "nifti" / "brats_space_BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t1c.nii.gz"))
+    grid = brats_reference_grid()
+    assert grid.GetSize() == case.GetSize() == BRATS_SIZE
+    assert np.allclose(grid.GetOrigin(), case.GetOrigin()) and np.allclose(grid.GetOrigin(), BRATS_ORIGIN)
+    assert np.allclose(grid.GetDirection(), case.GetDirection())
+
+
+def test_atlas_brain_is_oriented_like_the_brats_case(shared_data):
+    """Atlas and BraTS case overlap as arrays; mirroring left-right or front-back would lower the overlap."""
+    case = sitk.GetArrayFromImage(sitk.ReadImage(str(
+        shared_data / "nifti" / "brats_space_BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t1n.nii.gz"))) > 0
+    atlas = sitk.GetArrayFromImage(load_atlas_brain_mask()) > 0
+    dice = 2 * (case & atlas).sum() / (case.sum() + atlas.sum())
+    flipped_ap = atlas[:, ::-1, :]
+    dice_flipped = 2 * (case & flipped_ap).sum() / (case.sum() + flipped_ap.sum())
+    assert dice > 0.85 and dice > dice_flipped + 0.05
+
+
+def test_compose_and_inverse_round_trip():
+    a = sitk.Euler3DTransform((10, -20, 30), 0.1, -0.2, 0.3, (5, 6, 7))
+    b = sitk.Euler3DTransform((0, 0, 0), -0.05, 0.15, 0.0, (-3, 2, 1))
+    ab = compose(a, b)  # a first, then b
+    p = (12.0, -40.0, 55.0)
+    assert np.allclose(ab.TransformPoint(p), b.TransformPoint(a.TransformPoint(p)))
+    assert np.allclose(inverse(ab).TransformPoint(ab.TransformPoint(p)), p, atol=1e-6)
+
+
+def test_working_copy_keeps_physical_extent_and_orientation():
+    ref = native_grid(SeriesGeometry("sag", 1.0, 1.0, 1.0, (200.0, 220.0, 160.0)), 1.0)
+    img = sitk.Image(ref.GetSize(), sitk.sitkFloat32)
+    img.CopyInformation(ref)
+    small = working_copy(img)
+    assert small.GetSpacing() == (2.0, 2.0, 2.0) and small.GetDirection() == img.GetDirection()
+    assert np.allclose(small.GetOrigin(), img.GetOrigin())
+
+
+@pytest.mark.parametrize("plane,tilt", [("sag", 0.0), ("ax", 0.0), ("ax", 15.0), ("cor", 0.0)])
+def test_labels_back_to_native_land_on_the_same_patient_coordinates(tmp_path, plane, tilt):
+    """An asymmetric blob in atlas space, mapped through a known atlas->native rigid transform, must appear at
+    the transformed physical position on any native grid (a flip anywhere would move it by centimetres)."""
+    atlas = sitk.Image(BRATS_SIZE, sitk.sitkUInt8)
+    atlas.CopyInformation(brats_reference_grid())
+    arr = sitk.GetArrayFromImage(atlas)
+    arr[100:110, 60:80, 150:165] = 1  # left (high x), anterior (low y), superior-ish; elongated: asymmetric
+    blob = sitk.GetImageFromArray(arr)
+    blob.CopyInformation(atlas)
+    atlas_to_native = sitk.Euler3DTransform((120, -120, 77), 0.05, -0.1, 0.2, (-120.0, 115.0, -70.0))
+    tfm = tmp_path / "t.tfm"
+    sitk.WriteTransform(atlas_to_native, str(tfm))
+    grid = native_grid(SeriesGeometry(plane, 1.0, 1.0, 1.0, (240.0, 240.0, 200.0), tilt_deg=tilt), 1.0)
+    native_path = tmp_path / "native.nii.gz"
+    sitk.WriteImage(sitk.Cast(grid, sitk.sitkUInt8), str(native_path))
+    native = labels_to_native(blob, tfm, native_path)
+    expected = atlas_to_native.TransformPoint(tuple(_centroid_mm(blob)))
+    assert np.linalg.norm(_centroid_mm(native) - np.asarray(expected)) < 1.0
+
+
+def test_synthetic_dicom_geometry_read_back_by_simpleitk(tmp_path):
+    """The synthetic DICOM writer must put voxels where SimpleITK's (ITK/GDCM) DICOM reader finds them."""
+    grid = native_grid(SeriesGeometry("ax", 2.0, 2.0, 2.0, (64.0, 80.0, 40.0), tilt_deg=12.0), 1.0)
+    arr = np.zeros(sitk.GetArrayFromImage(grid).shape, np.float32)
+    arr[5:9, 10:14, 20:30] = 1000  # asymmetric bar
+    image = sitk.GetImageFromArray(arr)
+    image.CopyInformation(grid)
+    study = StudyInfo("T^T", "T1", "20200101", "F", "005Y", "1.2.3", "1.2.3.4", "20250101", 36000.0, "A1",
+                      "SIEMENS", "Skyra")
+    write_series([image], session_protocols("SIEMENS")[1], study, 2, tmp_path / "s")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
+    read = reader.Execute()
+    assert np.linalg.norm(_centroid_mm(read > 500) - _centroid_mm(image > 500)) < 0.5
