@@ -48,6 +48,8 @@ GEOMETRIES = {
     "axial": ((1, 0, 0), (0, 1, 0)),
     "sagittal": ((0, 1, 0), (0, 0, -1)),
     "oblique": (tuple(_OBLIQUE[:, 0]), tuple(_OBLIQUE[:, 1])),
+    # Feet-first supine: the scanner's axial rows run from the patient's left to right (IOP -1,0,0 / 0,1,0).
+    "axial_feet_first": ((-1, 0, 0), (0, 1, 0)),
 }
 
 
@@ -59,7 +61,7 @@ class Series:
     col_dir: np.ndarray
 
 
-def _mr_slice(k: int, ipp: np.ndarray, iop: list[float], uids: dict[str, str]) -> Dataset:
+def _mr_slice(k: int, ipp: np.ndarray, iop: list[float], uids: dict[str, str], position: str = "HFS") -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
@@ -96,7 +98,7 @@ def _mr_slice(k: int, ipp: np.ndarray, iop: list[float], uids: dict[str, str]) -
     ds.MagneticFieldStrength = 3.0
     ds.SliceThickness = SLICE_STEP
     ds.PositionReferenceIndicator = ""
-    ds.PatientPosition = "HFS"
+    ds.PatientPosition = position
     ds.BodyPartExamined = "BRAIN"
     ds.ImagePositionPatient = [round(float(v), 6) for v in ipp]
     ds.ImageOrientationPatient = [round(float(v), 6) for v in iop]
@@ -127,7 +129,8 @@ def make_series(folder: Path, geometry: str, seed: int = 0) -> Series:
     files = []
     for k in order:
         path = folder / f"{rng.getrandbits(32):08x}.dcm"
-        pydicom.dcmwrite(path, _mr_slice(k, ipps[k], iop, uids), enforce_file_format=True)
+        position = "FFS" if geometry.endswith("feet_first") else "HFS"
+        pydicom.dcmwrite(path, _mr_slice(k, ipps[k], iop, uids, position), enforce_file_format=True)
         files.append(path)
     return Series(files, ipps, np.round(row_dir, 6), np.round(col_dir, 6))
 
