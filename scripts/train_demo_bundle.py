@@ -123,7 +123,14 @@ def train_fold(fold: int, iterations: int, device: str) -> Path:
     # Every patch centred on tumour (nnU-Net default: one in three). With so few iterations the small
     # sub-regions (ET rim, cyst) are otherwise never learned; a 72 mm patch still holds plenty of normal brain.
     trainer.oversample_foreground_percent = 1.0
-    trainer.save_every = 10
+    trainer.save_every = 5
+    out = Path(trainer.output_folder)
+    if (out / "checkpoint_final.pth").is_file():
+        print(f"fold {fold} already trained: {out}", flush=True)
+        return out
+    if (out / "checkpoint_latest.pth").is_file():
+        # An interrupted run resumes from its last saved epoch instead of starting over.
+        trainer.load_checkpoint(str(out / "checkpoint_latest.pth"))
     trainer.run_training()
     return Path(trainer.output_folder)
 
