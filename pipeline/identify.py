@@ -47,22 +47,26 @@ def identify(session: Session, config: PipelineConfig) -> Identification:
 def classify_session(session: Session) -> Identification:
     """Classify every series and choose one per role, never raising for missing roles."""
     facts = _session_facts([s.header for s in session.series])
-    decisions = [_decide(facts[s.header.series_uid]) for s in session.series]
-    chosen = _choose(decisions, {s.header.series_uid: s.header for s in session.series})
+    decisions = [_decide(facts[s.header.key]) for s in session.series]
+    chosen = _choose(decisions, {s.header.key: s.header for s in session.series})
     missing = [role for role in ROLES if role not in chosen]
     for d in decisions:
-        logger.info("series %s '%s' → %s (confidence %.2f%s)", d.series_number, d.description, d.role,
-                    d.confidence, ", chosen" if d.chosen else "")
+        logger.info("%s → %s (confidence %.2f%s)", d.label, d.role, d.confidence, ", chosen" if d.chosen else "")
     if missing:
         logger.warning("no series found for: %s", ", ".join(ROLE_NAMES[r] for r in missing))
     return Identification(decisions=decisions, chosen=chosen, missing=missing)
 
 
 def session_to_json(identification: Identification) -> str:
-    """Deterministic JSON of an identification, for `pedseg identify INPUT --json`."""
+    """Deterministic JSON of an identification, for `pedseg identify INPUT --json`.
+
+    `part` is null for a whole series, else the stack of a split series ('e2', 'cor'); `chosen` maps each role
+    to its series key: the SeriesInstanceUID, or 'SeriesInstanceUID#part'.
+    """
     series = [
         {
             "SeriesInstanceUID": d.series_uid,
+            "part": d.part or None,
             "SeriesNumber": d.series_number,
             "SeriesDescription": d.description,
             "role": d.role,
@@ -102,15 +106,15 @@ def _basic_facts(h: SeriesHeader) -> Facts:
 
 def _session_facts(headers: list[SeriesHeader]) -> dict[str, Facts]:
     """Facts per series, with the relations that need the whole session (contrast timeline, repeats)."""
-    basic = {h.series_uid: _basic_facts(h) for h in headers}
+    basic = {h.key: _basic_facts(h) for h in headers}
     # An agent written on every series (typed in once at registration) does not tell pre from post.
     informative = len(headers) < 2 or not all(f.agent for f in basic.values())
     timed = sorted((h for h in headers if h.acquisition_time is not None), key=lambda h: h.acquisition_time)
-    with_agent = [h for h in timed if basic[h.series_uid].agent]
-    candidates = [h for h in timed if not _rejections(basic[h.series_uid])]
+    with_agent = [h for h in timed if basic[h.key].agent]
+    candidates = [h for h in timed if not _rejections(basic[h.key])]
     facts = {}
     for h in headers:
-        f = dataclasses.replace(basic[h.series_uid], agent_informative=informative)
+        f = dataclasses.replace(basic[h.key], agent_informative=informative)
         t = h.acquisition_time
         if t is not None:
             f = dataclasses.replace(
@@ -122,7 +126,7 @@ def _session_facts(headers: list[SeriesHeader]) -> dict[str, Facts]:
                         None)
             if twin is not None and not _rejections(f):
                 f = dataclasses.replace(f, earlier_twin=twin, twin_minutes=(t - twin.acquisition_time) / 60)
-        facts[h.series_uid] = f
+        facts[h.key] = f
     return facts
 
 
@@ -174,7 +178,7 @@ def _softmax(scores: dict[str, float]) -> dict[str, float]:
 
 def _decision(h: SeriesHeader, role: str, confidence: float, reasons: list[str]) -> SeriesDecision:
     return SeriesDecision(series_uid=h.series_uid, series_number=h.series_number, description=h.description,
-                          role=role, confidence=float(confidence), reasons=reasons)
+                          role=role, confidence=float(confidence), reasons=reasons, part=h.part)
 
 
 # ---------------------------------------------------------------------------------------- ranking
@@ -185,14 +189,14 @@ def _choose(decisions: list[SeriesDecision], headers: dict[str, SeriesHeader]) -
     chosen = {}
     for role in ROLES:
         candidates = sorted((d for d in decisions if d.role == role),
-                            key=lambda d: _quality_key(headers[d.series_uid], role))
+                            key=lambda d: _quality_key(headers[d.key], role))
         if not candidates:
             continue
         winner = candidates[0]
         winner.chosen = True
-        chosen[role] = winner.series_uid
+        chosen[role] = winner.key
         for loser in candidates[1:]:
-            loser.reasons.append(_lost_because(headers[winner.series_uid], headers[loser.series_uid], role))
+            loser.reasons.append(_lost_because(headers[winner.key], headers[loser.key], role))
     return chosen
 
 
@@ -213,7 +217,7 @@ def _quality_key(h: SeriesHeader, role: str) -> tuple:
         -h.num_images,
         latest,
         h.series_number if h.series_number is not None else math.inf,
-        h.series_uid,
+        h.key,
     )
 
 
@@ -229,10 +233,11 @@ def _lost_because(winner: SeriesHeader, loser: SeriesHeader, role: str) -> str:
     if role == "t1c" and (winner.acquisition_time or 0.0) > (loser.acquisition_time or 0.0):
         minutes = (winner.acquisition_time - (loser.acquisition_time or 0.0)) / 60
         advantages.append(f"acquired later ({minutes:.0f} min after this one), so contrast had longer to enhance")
-    if not advantages:
+    if not advantages and winner.series_uid == loser.series_uid:
+        advantages.append("equal quality, and it is the first part of the same series")
+    elif not advantages:
         advantages.append("equal quality, and it has the lower series number")
-    return (f"not chosen: series {winner.series_number} '{winner.description}' is preferred for "
-            f"{ROLE_NAMES[role]}: " + "; ".join(advantages))
+    return f"not chosen: {winner.label} is preferred for {ROLE_NAMES[role]}: " + "; ".join(advantages)
 
 
 def _voxel_text(voxel: tuple[float, float, float] | None) -> str:
@@ -243,7 +248,7 @@ def _voxel_text(voxel: tuple[float, float, float] | None) -> str:
 
 
 def _decision_order(d: SeriesDecision) -> tuple:
-    return (d.series_number is None, d.series_number or 0, d.series_uid)
+    return (d.series_number is None, d.series_number or 0, d.series_uid, d.part)
 
 
 _MISSING_HINT = (
@@ -260,7 +265,7 @@ def _missing_message(identification: Identification) -> str:
 
 
 def _seen_line(d: SeriesDecision) -> str:
-    line = f"series {d.series_number} '{d.description}' → {d.role}"
+    line = f"{d.label} → {d.role}"
     if d.role == OTHER and d.reasons:
         line += f" ({d.reasons[0]})"
     elif not d.chosen:

@@ -248,17 +248,17 @@ def _post_text(f: Facts) -> str | None:
 
 def _after_agent(f: Facts) -> str | None:
     s = f.after_agent
-    return f"series {s.series_number} '{s.description}'" if s is not None and f.agent_informative else None
+    return s.label if s is not None and f.agent_informative else None
 
 
 def _before_agent(f: Facts) -> str | None:
     s = f.before_agent
-    return f"series {s.series_number} '{s.description}'" if s is not None and f.agent_informative else None
+    return s.label if s is not None and f.agent_informative else None
 
 
 def _later_twin(f: Facts) -> str | None:
     s = f.earlier_twin
-    return f"series {s.series_number} '{s.description}'" if s is not None else None
+    return s.label if s is not None else None
 
 
 _T1_FLAIR = text("t1_flair")

@@ -1,4 +1,5 @@
-"""Ingest: a folder or .zip of DICOM files in, one Session (series grouped, headers summarised) out.
+"""Ingest: folders, .zip archives or DICOM files in, one Session (series grouped and split into single stacks,
+headers summarised) out.
 
 Also converts one series to NIfTI with dcm2niix. Nothing here logs or raises with patient identifiers:
 messages name series by number and description only.
@@ -15,7 +16,7 @@ import stat
 import subprocess
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -26,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from pipeline.errors import InputError, ResourceError, UnsupportedDataError
-from pipeline.types import Series, SeriesHeader, Session
+from pipeline.types import Series, SeriesHeader, Session, series_label
 
 logger = logging.getLogger(__name__)
 
@@ -52,46 +53,65 @@ _NON_IMAGE_SOP_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.67",
 )
 _ENHANCED_FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+# Direction cosines of one stack agree far closer than this; a reformat or another plane differs by degrees.
+ORIENTATION_TOLERANCE = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------- ingest
 
 
-def ingest(input_path: Path, workdir: Path) -> Session:
-    """Read every DICOM image under `input_path` (a folder or a .zip) and group it into series.
+def ingest(inputs: Path | Sequence[Path], workdir: Path) -> Session:
+    """Read every DICOM image in `inputs` and group it into the series of one session.
 
-    `workdir` receives the unpacked archive and any gzip-compressed DICOM files, decompressed.
+    `inputs` is one path or several: folders, .zip archives (e.g. one Flywheel acquisition zip per series) and
+    single DICOM files, merged into one session; an instance found in two inputs counts once. `workdir`
+    receives unpacked archives and decompressed copies of gzip-compressed DICOM files.
     """
-    input_path = Path(input_path)
+    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    if not paths:
+        raise InputError("No input was given.", hint=_INPUT_HINT)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if input_path.is_dir():
-        root = input_path
-    elif input_path.is_file() and (zipfile.is_zipfile(input_path) or input_path.suffix.lower() == ".zip"):
-        root = Path(tempfile.mkdtemp(prefix="input-", dir=workdir))
-        _extract_zip(input_path, root)
-    elif input_path.exists():
-        raise InputError(
-            f"The input '{input_path.name}' is neither a folder nor a .zip archive.",
-            hint="Give the folder, or a .zip of the folder, holding the DICOM files of one MRI session.",
-        )
-    else:
-        raise InputError(f"The input '{input_path.name}' does not exist.", hint="Check the path.")
-
-    files, total = _find_dicom_files(root, workdir)
+    files: list[Path] = []
+    total = 0
+    for index, path in enumerate(paths):
+        found, count = _input_files(path, workdir, workdir / "gunzipped" / str(index))
+        files += found
+        total += count
     images = _read_images(files)
+    names = ", ".join(f"'{p.name}'" for p in paths)
     if not images:
         found = (f"{total} files, none of them DICOM" if not files else
                  f"{len(files)} DICOM files, none of them a readable image") if total else "no files at all"
-        raise InputError(
-            f"No DICOM images in the input '{input_path.name}' ({found}).",
-            hint="Give the folder, or a .zip of the folder, holding the DICOM files of one MRI session.",
-        )
+        raise InputError(f"No DICOM images in the input{'s' if len(paths) > 1 else ''} {names} ({found}).",
+                         hint=_INPUT_HINT)
     series = _build_series(images)
     study_uid = _single_study(series)
     study_date = str(images[0].ds.get("StudyDate", "") or "")
     logger.info("ingested %d series (%d DICOM files) from one study", len(series), len(images))
+    root = paths[0] if len(paths) == 1 and paths[0].is_dir() else workdir
     return Session(series=series, study_uid=study_uid, root=root, study_date=study_date)
+
+
+_INPUT_HINT = ("Give the folder, or a .zip of the folder, holding the DICOM files of one MRI session "
+               "(or several folders, zips or DICOM files of that session).")
+
+
+def _input_files(path: Path, workdir: Path, gunzip_dir: Path) -> tuple[list[Path], int]:
+    """The DICOM files of one input, and how many files it held in all."""
+    if path.is_dir():
+        return _find_dicom_files(_walk(path), path, gunzip_dir)
+    if path.is_file() and (zipfile.is_zipfile(path) or path.suffix.lower() == ".zip"):
+        root = Path(tempfile.mkdtemp(prefix="input-", dir=workdir))
+        _extract_zip(path, root)
+        return _find_dicom_files(_walk(root), root, gunzip_dir)
+    if path.is_file():
+        found, total = _find_dicom_files([path], path.parent, gunzip_dir)
+        if found:
+            return found, total
+        raise InputError(f"The input '{path.name}' is neither a folder, a .zip archive nor a DICOM file.",
+                         hint=_INPUT_HINT)
+    raise InputError(f"The input '{path.name}' does not exist.", hint="Check the path.")
 
 
 # ------------------------------------------------------------------------------------------ archives
@@ -177,19 +197,19 @@ def _copy_limited(src, dst, limit: int, *, what: str) -> int:
 # ------------------------------------------------------------------------------------- finding files
 
 
-def _find_dicom_files(root: Path, workdir: Path) -> tuple[list[Path], int]:
-    """Files that look like DICOM, and how many files there were in all.
+def _find_dicom_files(paths: Iterable[Path], root: Path, gunzip_dir: Path) -> tuple[list[Path], int]:
+    """The files among `paths` (all under `root`) that look like DICOM, and how many files there were in all.
 
-    Some archives store each DICOM file gzip-compressed (.dcm.gz); those are decompressed into `workdir`.
+    Some archives store each DICOM file gzip-compressed (.dcm.gz); those are decompressed into `gunzip_dir`.
     """
     found: list[Path] = []
     total = 0
     budget = MAX_UNPACKED_BYTES
-    for path in _walk(root):
+    for path in paths:
         total += 1
         kind = _sniff(path)
         if kind == "gzip" and _sniff_gzip(path) == "dicom":
-            out = workdir / "gunzipped" / path.relative_to(root).with_suffix("")
+            out = gunzip_dir / path.relative_to(root).with_suffix("")
             budget -= _gunzip(path, out, budget)
             path, kind = out, _sniff(out)
         if kind == "dicom":
@@ -314,7 +334,7 @@ class _Stats:
     echoes: set = field(default_factory=set)
     temporal: set = field(default_factory=set)
     declared_temporal: int = 1
-    orientations: set = field(default_factory=set)
+    orientations: list = field(default_factory=list)  # one ImageOrientationPatient per distinct orientation
     positions: dict = field(default_factory=dict)  # (position, echo, image type) -> count
 
     def add(self, ds: Dataset) -> None:
@@ -326,7 +346,7 @@ class _Stats:
 
     def _add_classic(self, ds: Dataset) -> None:
         self.images += 1
-        echo = _float(ds.get("EchoNumbers")) or _float(ds.get("EchoTime"))
+        echo = _echo(ds)
         self.echoes.add(echo)
         if ds.get("TemporalPositionIdentifier") is not None:
             self.temporal.add(_int(ds.get("TemporalPositionIdentifier")))
@@ -346,22 +366,31 @@ class _Stats:
         if t is not None:
             self.acquisition_times.append(t)
         for frame in frames:
-            self.echoes.add(_float(_group_value(ds, "MREchoSequence", "EffectiveEchoTime", frame)))
+            self.echoes.add(_rounded_float(_group_value(ds, "MREchoSequence", "EffectiveEchoTime", frame), 1))
             index = _group_value(ds, "FrameContentSequence", "TemporalPositionIndex", frame)
             if index is not None:
                 self.temporal.add(_int(index))
             self._orientation(_group_value(ds, "PlaneOrientationSequence", "ImageOrientationPatient", frame))
 
     def _orientation(self, iop) -> None:
-        rounded = _rounded(iop, 3)
-        if rounded is not None:
-            self.orientations.add(rounded)
+        rounded = _rounded(iop, 6)
+        if rounded is not None and not any(_same_orientation(rounded, o) for o in self.orientations):
+            self.orientations.append(rounded)
 
     def temporal_positions(self) -> int:
         # Repeats of one slice position (same echo, same image type) mean repeated volumes: a time series,
         # also on scanners that write no temporal position attributes (e.g. Siemens DSC without mosaic).
         repeats = max(self.positions.values(), default=1)
         return max(self.declared_temporal, len(self.temporal), repeats, 1)
+
+
+def _echo(ds: Dataset) -> float | None:
+    """Which echo a classic image holds: its TE (what makes PD and T2 of a dual-echo differ), else its number."""
+    return _rounded_float(ds.get("EchoTime"), 1) or _float(ds.get("EchoNumbers"))
+
+
+def _same_orientation(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= ORIENTATION_TOLERANCE for x, y in zip(a, b))
 
 
 def _build_series(images: list[_Image]) -> list[Series]:
@@ -371,18 +400,74 @@ def _build_series(images: list[_Image]) -> list[Series]:
     series = []
     for uid, members in groups.items():
         members.sort(key=lambda im: (_int(im.ds.get("InstanceNumber")) or 0, str(im.path)))
-        stats = _Stats()
-        for image in members:
-            stats.add(image.ds)
-        series.append(Series(header=_header(uid, members[0].ds, stats), files=[im.path for im in members]))
-    series.sort(key=lambda s: (s.header.series_number is None, s.header.series_number or 0, s.header.series_uid))
+        for part, stack in _stacks(members).items():
+            stats = _Stats()
+            for image in stack:
+                stats.add(image.ds)
+            series.append(Series(header=_header(uid, part, stack[0].ds, stats), files=[im.path for im in stack]))
+    series.sort(key=lambda s: (s.header.series_number is None, s.header.series_number or 0, s.header.series_uid,
+                               s.header.part))
     return series
 
 
-def _header(uid: str, ds: Dataset, stats: _Stats) -> SeriesHeader:
-    """Summarise one series from its first image (and its enhanced functional groups) plus the tallies."""
+def _stacks(members: list[_Image]) -> dict[str, list[_Image]]:
+    """One series' images split into stacks of one orientation and one echo, keyed by part name ('' if whole).
+
+    Scanners may put a 3-plane localizer, an acquired stack with its reformat, or both echoes of a dual-echo
+    PD/T2 under one SeriesInstanceUID; each stack is a different image, identified and converted on its own.
+    Parts are named from content alone (plane, then echo in TE order: 'ax', 'cor_e2'), so names are stable.
+    An enhanced object holding several stacks in one file cannot be split by file: that series stays whole.
+    """
+    signatures = []
+    for image in members:
+        stats = _Stats()
+        stats.add(image.ds)
+        if len(stats.orientations) != 1 or len(stats.echoes) != 1:
+            return {"": members}
+        signatures.append((stats.orientations[0], next(iter(stats.echoes))))
+    orientations: list[tuple[float, ...]] = []
+    for iop, _ in signatures:
+        if not any(_same_orientation(iop, o) for o in orientations):
+            orientations.append(iop)
+    echoes = sorted({echo for _, echo in signatures}, key=lambda e: (e is None, e or 0.0))
+    if len(orientations) == 1 and len(echoes) == 1:
+        return {"": members}
+    plane_names = _plane_names(sorted(orientations)) if len(orientations) > 1 else {}
+    stacks: dict[str, list[_Image]] = {}
+    for image, (iop, echo) in zip(members, signatures):
+        plane = next((name for o, name in plane_names.items() if _same_orientation(iop, o)), "")
+        echo_name = f"e{echoes.index(echo) + 1}" if len(echoes) > 1 else ""
+        stacks.setdefault("_".join(n for n in (plane, echo_name) if n), []).append(image)
+    logger.info("%s mixes %d orientation(s) and %d echo(es): identified as %d separate parts (%s)",
+                series_label(_int(members[0].ds.get("SeriesNumber")), _text(members[0].ds.get("SeriesDescription"))),
+                len(orientations), len(echoes), len(stacks), ", ".join(sorted(stacks)))
+    return dict(sorted(stacks.items()))
+
+
+def _plane_names(orientations: list[tuple[float, ...]]) -> dict[tuple[float, ...], str]:
+    """'sag', 'cor' or 'ax' from each stack's slice normal; numbered when two stacks share a plane (oblique)."""
+    planes = {}
+    for iop in orientations:
+        normal = [abs(v) for v in _cross(iop[:3], iop[3:6])]
+        planes[iop] = ("sag", "cor", "ax")[normal.index(max(normal))]
+    counts = {name: list(planes.values()).count(name) for name in set(planes.values())}
+    seen: dict[str, int] = {}
+    for iop, name in planes.items():
+        if counts[name] > 1:
+            seen[name] = seen.get(name, 0) + 1
+            planes[iop] = f"{name}{seen[name]}"
+    return planes
+
+
+def _cross(a, b) -> tuple[float, float, float]:
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def _header(uid: str, part: str, ds: Dataset, stats: _Stats) -> SeriesHeader:
+    """Summarise one series (or part) from its first image (and its enhanced functional groups) plus the tallies."""
     return SeriesHeader(
         series_uid=uid,
+        part=part,
         series_number=_int(ds.get("SeriesNumber")),
         description=_text(ds.get("SeriesDescription")),
         protocol=_text(ds.get("ProtocolName")),
@@ -424,17 +509,13 @@ def _single_study(series: list[Series]) -> str:
     if len(studies) == 1:
         return next(iter(studies))
     listing = "; ".join(
-        f"study {i}: " + ", ".join(_series_label(s.header) for s in members)
+        f"study {i}: " + ", ".join(s.header.label for s in members)
         for i, members in enumerate(studies.values(), start=1)
     )
     raise InputError(
         f"The input holds {len(studies)} different studies (MRI sessions): {listing}.",
         hint="Give one study at a time, e.g. one folder or .zip per session.",
     )
-
-
-def _series_label(h: SeriesHeader) -> str:
-    return f"series {h.series_number if h.series_number is not None else '?'} '{h.description}'"
 
 
 # ------------------------------------------------------------------------ enhanced multi-frame helpers
@@ -555,6 +636,11 @@ def _pair(value) -> tuple[float, float] | None:
     return (rounded[0], rounded[1]) if rounded is not None and len(rounded) >= 2 else None
 
 
+def _rounded_float(value, digits: int) -> float | None:
+    number = _float(value)
+    return round(number, digits) if number is not None else None
+
+
 def _rounded(value, digits: int) -> tuple[float, ...] | None:
     if value is None or isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0:
         return None
@@ -586,7 +672,8 @@ _NOT_MAGNITUDE = re.compile(r"^(ph|phMag|real|imaginary|ROI\d*|fieldmaphz|ADC|c\
 
 
 def convert_series(series: Series, outdir: Path) -> Path:
-    """Convert one series to `outdir/series<N>.nii.gz` (plus its BIDS .json sidecar) with dcm2niix."""
+    """Convert one series to `outdir/series<N>.nii.gz` (`series<N>_<part>` for part of a split series), plus its
+    BIDS .json sidecar, with dcm2niix."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     h = series.header
@@ -610,9 +697,9 @@ def convert_series(series: Series, outdir: Path) -> Path:
 
 
 def _output_name(h: SeriesHeader) -> str:
-    if h.series_number is not None:
-        return f"series{h.series_number}"
-    return "series_" + hashlib.sha1(h.series_uid.encode()).hexdigest()[:8]
+    if h.series_number is None:
+        return "series_" + hashlib.sha1(h.key.encode()).hexdigest()[:8]
+    return f"series{h.series_number}_{h.part}" if h.part else f"series{h.series_number}"
 
 
 def _stage_files(files: list[Path], indir: Path) -> None:
@@ -630,12 +717,12 @@ def _run_dcm2niix(h: SeriesHeader, name: str, indir: Path, rawdir: Path) -> None
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=DCM2NIIX_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise ResourceError(f"dcm2niix took longer than {DCM2NIIX_TIMEOUT_S} s on {_series_label(h)}.") from exc
-    logger.debug("dcm2niix on %s (exit %d): %s", _series_label(h), result.returncode, result.stdout[-2000:])
+        raise ResourceError(f"dcm2niix took longer than {DCM2NIIX_TIMEOUT_S} s on {h.label}.") from exc
+    logger.debug("dcm2niix on %s (exit %d): %s", h.label, result.returncode, result.stdout[-2000:])
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise UnsupportedDataError(
-            f"dcm2niix could not convert {_series_label(h)} (exit code {result.returncode}: {' / '.join(tail)}).",
+            f"dcm2niix could not convert {h.label} (exit code {result.returncode}: {' / '.join(tail)}).",
             hint="Check that the series is complete; if it is, export it again from the scanner or PACS.",
         )
 
@@ -643,7 +730,7 @@ def _run_dcm2niix(h: SeriesHeader, name: str, indir: Path, rawdir: Path) -> None
 def _pick_primary(h: SeriesHeader, name: str, outputs: list[Path]) -> Path:
     """The magnitude, first-echo, largest volume among dcm2niix's outputs for one series."""
     if not outputs:
-        raise UnsupportedDataError(f"dcm2niix wrote no image for {_series_label(h)}.",
+        raise UnsupportedDataError(f"dcm2niix wrote no image for {h.label}.",
                                    hint="Check that the series is complete and holds image data.")
     ranked = []
     for path in outputs:
@@ -658,13 +745,13 @@ def _pick_primary(h: SeriesHeader, name: str, outputs: list[Path]) -> Path:
         ranked.append(((echo, not corrected, -_voxels(path), letters, path.name), path))
     if not ranked:
         raise UnsupportedDataError(
-            f"dcm2niix wrote only phase, real/imaginary or derived maps for {_series_label(h)}, no magnitude image.",
+            f"dcm2niix wrote only phase, real/imaginary or derived maps for {h.label}, no magnitude image.",
             hint="Export the magnitude images of this series.")
     ranked.sort()
     chosen = ranked[0][1]
     if len(outputs) > 1:
         logger.info("%s: dcm2niix wrote %d volumes (%s); using %s (magnitude, echo %d, largest volume)",
-                    _series_label(h), len(outputs), ", ".join(p.name for p in outputs), chosen.name, ranked[0][0][0])
+                    h.label, len(outputs), ", ".join(p.name for p in outputs), chosen.name, ranked[0][0][0])
     return chosen
 
 

@@ -12,6 +12,18 @@ from pathlib import Path
 ROLES = ("t1n", "t1c", "t2w", "t2f")
 
 
+def series_key(series_uid: str, part: str) -> str:
+    """Names a series within its session: its SeriesInstanceUID, plus '#part' for one stack of a series that
+    mixed orientations or echoes (the parts share the real UID, which DICOM outputs must reference)."""
+    return f"{series_uid}#{part}" if part else series_uid
+
+
+def series_label(number: int | None, description: str, part: str = "") -> str:
+    """How messages name a series: number and description (never patient identifiers), and the part."""
+    label = f"series {number if number is not None else '?'} '{description}'"
+    return f"{label} part {part}" if part else label
+
+
 @dataclass(frozen=True)
 class SeriesHeader:
     """What identification needs from one series' DICOM headers. No patient identifiers."""
@@ -48,6 +60,15 @@ class SeriesHeader:
     num_echoes: int = 1
     num_temporal_positions: int = 1
     num_orientations: int = 1
+    part: str = ""  # "" for a whole series; e.g. "e2", "cor", "ax_e1" for one stack of a split series
+
+    @property
+    def key(self) -> str:
+        return series_key(self.series_uid, self.part)
+
+    @property
+    def label(self) -> str:
+        return series_label(self.series_number, self.description, self.part)
 
 
 @dataclass
@@ -65,11 +86,12 @@ class Session:
     root: Path
     study_date: str = ""  # YYYYMMDD, not PHI on its own and needed for longitudinal ordering
 
-    def by_uid(self, series_uid: str) -> Series:
+    def by_uid(self, key: str) -> Series:
+        """The series with this key: its SeriesInstanceUID, or 'UID#part' for one part of a split series."""
         for s in self.series:
-            if s.header.series_uid == series_uid:
+            if s.header.key == key:
                 return s
-        raise KeyError(series_uid)
+        raise KeyError(key)
 
 
 @dataclass
@@ -81,13 +103,27 @@ class SeriesDecision:
     confidence: float  # in [0, 1]
     reasons: list[str]
     chosen: bool = False
+    part: str = ""
+
+    @property
+    def key(self) -> str:
+        return series_key(self.series_uid, self.part)
+
+    @property
+    def label(self) -> str:
+        return series_label(self.series_number, self.description, self.part)
 
 
 @dataclass
 class Identification:
     decisions: list[SeriesDecision]
-    chosen: dict[str, str]  # role -> SeriesInstanceUID
+    chosen: dict[str, str]  # role -> series key (the SeriesInstanceUID, or 'UID#part' for part of a split series)
     missing: list[str]
+
+    def chosen_series_uids(self) -> dict[str, str]:
+        """role -> the real SeriesInstanceUID of the chosen series (parts of a split series share theirs)."""
+        uids = {d.key: d.series_uid for d in self.decisions}
+        return {role: uids[key] for role, key in self.chosen.items()}
 
     def to_dict(self) -> dict:
         return {

@@ -266,8 +266,9 @@ def test_json_is_deterministic_and_complete():
     payload = json.loads(first)
     assert payload["missing"] == []
     assert [s["SeriesNumber"] for s in payload["series"]] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert set(payload["series"][0]) == {"SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "role",
+    assert set(payload["series"][0]) == {"SeriesInstanceUID", "part", "SeriesNumber", "SeriesDescription", "role",
                                          "confidence", "reasons", "chosen"}
+    assert payload["series"][0]["part"] is None
     assert payload["chosen"]["t1c"] == "1.2.3.7"
 
 

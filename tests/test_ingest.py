@@ -1,9 +1,11 @@
 """Ingest (folders, zips, junk, unsafe archives, enhanced and gzip-compressed DICOM) and dcm2niix conversion."""
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
@@ -12,6 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pipeline.errors import InputError, UnsupportedDataError
 from pipeline.ingest import convert_series, ingest
 from pipeline.types import Series
+from synth.dicom_writer import StudyInfo, write_series
+from synth.protocols import Protocol
 
 DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 needs_data = pytest.mark.skipif(not DICOM.is_dir(), reason="shared DICOM data not available")
@@ -20,6 +24,35 @@ PHILIPS = DICOM / "philips_t1_multiframe_and_classic"
 
 def only(session, number):
     return next(s for s in session.series if s.header.series_number == number)
+
+
+# Synthetic series written as real DICOM files (tiny images: only headers and geometry matter here).
+STUDY = StudyInfo("SYNTHETIC^INGEST", "SYN000001", "20150101", "F", "010Y", "1.2.826.0.1.3680043.8.498.11",
+                  "1.2.826.0.1.3680043.8.498.12", "20260105", 10 * 3600.0, "ACC1", "SIEMENS", "Skyra")
+# Direction matrix columns (row axis, column axis, slice normal) in LPS, as scanners write them per plane.
+PLANES = {"ax": ((1, 0, 0), (0, 1, 0), (0, 0, 1)), "cor": ((1, 0, 0), (0, 0, -1), (0, 1, 0)),
+          "sag": ((0, 1, 0), (0, 0, -1), (-1, 0, 0))}
+
+
+def volume(plane: str = "ax", slices: int = 12, spacing=(0.9, 0.9, 4.0), tilt_deg: float = 0.0) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.random.default_rng(slices).uniform(50, 500, (slices, 16, 16)).astype(np.float32))
+    a = np.deg2rad(tilt_deg)
+    tilt = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    image.SetDirection(tuple((tilt @ np.array(PLANES[plane], float).T).flatten()))
+    image.SetSpacing(spacing)
+    return image
+
+
+def write(folder: Path, number: int, description: str, volumes: list[sitk.Image], extras=None, *, tr=3500.0,
+          te=12.0, study: StudyInfo = STUDY) -> str:
+    proto = Protocol("test", description, None, tr, te, None, 150.0, "SE", "SK\\SP", "", "2D")
+    return write_series(volumes, proto, study, number, folder, extras)
+
+
+def dual_echo(folder: Path, number: int = 3) -> str:
+    """A dual-echo PD/T2 TSE: both echoes under one SeriesInstanceUID, as Siemens writes 'pd+t2_tse'."""
+    return write(folder, number, "pd+t2_tse_tra", [volume(), volume()],
+                 [{"EchoTime": 12.0, "EchoNumbers": 1}, {"EchoTime": 95.0, "EchoNumbers": 2}])
 
 
 # ------------------------------------------------------------------------------------- headers
@@ -77,7 +110,91 @@ def test_two_studies_in_one_input_are_refused(tmp_path):
         ingest(PHILIPS, tmp_path)
 
 
+# ---------------------------------------------------------------- series split by echo or orientation
+
+
+def test_dual_echo_series_is_split_into_one_part_per_echo_each_converted(tmp_path):
+    uid = dual_echo(tmp_path / "in")
+    session = ingest(tmp_path / "in", tmp_path / "work")
+    headers = [s.header for s in session.series]
+    assert [(h.series_uid, h.part, h.key) for h in headers] == [(uid, "e1", f"{uid}#e1"), (uid, "e2", f"{uid}#e2")]
+    assert [(h.echo_time, h.num_images, h.num_echoes) for h in headers] == [(12.0, 12, 1), (95.0, 12, 1)]
+    files = [set(s.files) for s in session.series]
+    assert not files[0] & files[1] and len(files[0] | files[1]) == 24
+    assert all(pydicom.dcmread(f, stop_before_pixels=True).EchoTime == 95 for f in files[1])
+    assert session.by_uid(f"{uid}#e2") is session.series[1]
+    outputs = [convert_series(s, tmp_path / "nifti") for s in session.series]
+    assert [p.name for p in outputs] == ["series3_e1.nii.gz", "series3_e2.nii.gz"]
+    assert all(_nifti_info(p).GetSize() == (16, 16, 12) for p in outputs)
+
+
+def test_stacks_in_several_orientations_are_split_by_plane_with_stable_names(tmp_path):
+    # A 3-plane localizer, plus a second axial stack tilted 15 degrees (a reformat), all under one UID.
+    volumes = [volume("sag", 3), volume("cor", 3), volume("ax", 3), volume("ax", 3, tilt_deg=15.0)]
+    uid = write(tmp_path / "in", 1, "localizer", volumes, tr=8.6, te=4.0)
+    session = ingest(tmp_path / "in", tmp_path / "work")
+    assert [s.header.key for s in session.series] == [f"{uid}#{p}" for p in ("ax1", "ax2", "cor", "sag")]
+    assert [(s.header.num_images, s.header.num_orientations) for s in session.series] == [(3, 1)] * 4
+    # Same-plane stacks are numbered in ImageOrientationPatient order: the tilted one sorts first.
+    assert session.series[0].header.orientation == pytest.approx((1.0, 0.0, 0.0, 0.0, 0.965926, 0.258819))
+    assert session.series[1].header.orientation == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    assert session.series[3].header.orientation == (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+    # Names and membership depend on content only, not on file names or the order files are found in.
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for i, f in enumerate(sorted((tmp_path / "in").iterdir(), reverse=True)):
+        shutil.copy(f, shuffled / f"z{i:03d}.dcm")
+    again = ingest(shuffled, tmp_path / "work2")
+    assert [(s.header.key, sorted(pydicom.dcmread(f).SOPInstanceUID for f in s.files)) for s in again.series] == [
+        (s.header.key, sorted(pydicom.dcmread(f).SOPInstanceUID for f in s.files)) for s in session.series]
+
+
+def test_single_stack_single_echo_series_is_not_split(tmp_path):
+    write(tmp_path / "in", 4, "t2_tse_tra", [volume()], te=98.0)
+    (h,) = [s.header for s in ingest(tmp_path / "in", tmp_path / "work").series]
+    assert (h.part, h.key, h.num_images) == ("", h.series_uid, 12)
+
+
 # ------------------------------------------------------------------------------ folders and zips
+
+
+def test_several_inputs_merge_into_one_session_and_repeated_instances_count_once(tmp_path):
+    dual_echo(tmp_path / "a")
+    write(tmp_path / "b", 4, "t2_tse_tra", [volume()], te=98.0)
+    archive = tmp_path / "acquisition_4.dicom.zip"  # as Flywheel stores each acquisition
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "b").iterdir()):
+            zf.write(f, f"t2/{f.name}")
+    single = tmp_path / "a" / "IM00001.dcm"  # also inside folder a: the same instance twice
+    session = ingest([tmp_path / "a", archive, single, tmp_path / "b"], tmp_path / "work")
+    assert [(s.header.series_number, s.header.part, s.header.num_images, len(s.files)) for s in session.series] == [
+        (3, "e1", 12, 12), (3, "e2", 12, 12), (4, "", 12, 12)]
+    assert session.study_uid == STUDY.study_uid
+
+
+def test_a_single_dicom_file_is_an_input(tmp_path):
+    write(tmp_path / "in", 4, "t2_tse_tra", [volume()], te=98.0)
+    session = ingest(tmp_path / "in" / "IM00005.dcm", tmp_path / "work")
+    assert [(s.header.series_number, s.header.num_images) for s in session.series] == [(4, 1)]
+
+
+def test_several_inputs_from_different_studies_are_refused(tmp_path):
+    write(tmp_path / "a", 4, "t2_tse_tra", [volume()])
+    other = StudyInfo(**{**vars(STUDY), "study_uid": "1.2.826.0.1.3680043.8.498.13"})
+    write(tmp_path / "b", 5, "t1_se_tra", [volume()], study=other)
+    with pytest.raises(InputError, match=r"2 different studies.*series 4 't2_tse_tra'.*series 5 't1_se_tra'"):
+        ingest([tmp_path / "a", tmp_path / "b"], tmp_path / "work")
+
+
+def test_empty_input_list_and_inputs_without_dicom_are_refused(tmp_path):
+    with pytest.raises(InputError, match="No input was given"):
+        ingest([], tmp_path / "work")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("not dicom")
+    with pytest.raises(InputError, match=r"No DICOM images in the inputs 'a', 'b' \(2 files, none of them DICOM\)"):
+        ingest([tmp_path / "a", tmp_path / "b"], tmp_path / "work")
+
 
 
 def test_empty_folder_is_refused(tmp_path):
@@ -99,7 +216,7 @@ def test_missing_and_non_archive_inputs_are_refused(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         ingest(tmp_path / "nope", tmp_path / "work")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(InputError, match="neither a folder nor a .zip"):
+    with pytest.raises(InputError, match="neither a folder, a .zip archive nor a DICOM file"):
         ingest(tmp_path / "notes.txt", tmp_path / "work")
 
 
