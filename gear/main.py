@@ -16,8 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gear.context import FLYWHEEL_ROOT, GearJob, load_job, unpack_bundle
-from gear.metadata import build_metadata, idempotency_key, publish_outputs, write_metadata
+from gear.idempotency import input_key
+from gear.metadata import build_metadata, publish_outputs, run_summary, write_metadata
+from gear.session import FlywheelSession, open_session
 from pipeline.atomic import write_text
+from pipeline.config import PipelineConfig
 from pipeline.errors import InputError, PipelineError
 
 logger = logging.getLogger(__name__)
@@ -60,24 +63,46 @@ def run_job(job: GearJob) -> None:
         config = dataclasses.replace(config, bundle=unpack_bundle(job.bundle_zip, job.work_dir / "bundle"))
     from pipeline.runner import run_pipeline  # torch and friends: not needed to report a bad config
 
-    input_path = job.dicom or _session_input(job)
+    session = None if job.dicom else _open_session(job)
     with _temporary_files_in(job.work_dir):
+        input_path = job.dicom
+        if session is not None:
+            input_path = session.download_candidates(job.work_dir / "session")
+            if _already_done(session, job, input_path, config):
+                return
         result = run_pipeline(input_path, job.output_dir, config)
+    summary = run_summary(result)
     files = publish_outputs(result, job.output_dir)
-    metadata = build_metadata(result, files, job.destination.get("type") or "analysis", job.job_id)
-    write_metadata(metadata, job.output_dir)
+    write_metadata(build_metadata(summary, files, job.destination.get("type") or "analysis", job.job_id),
+                   job.output_dir)
+    if session is not None:
+        session.write_results(summary)
     logger.info("done: whole tumour %.2f mL, %d files for upload (idempotency key %s)",
-                result.measurements.regions["WT"].volume_ml, len(files), idempotency_key(result.provenance)[:12])
+                result.measurements.regions["WT"].volume_ml, len(files), summary["idempotency_key"][:12])
 
 
-def _session_input(job: GearJob) -> Path:
+def _open_session(job: GearJob) -> FlywheelSession:
     if not job.api_key:
         raise InputError("No 'dicom' input was given, and no api-key to read the session's files with.",
                          hint="Attach a zip of the session's DICOM files as the 'dicom' input, or run the gear "
                               "as an analysis of a session so that it can download the session's DICOM files.")
-    from gear.session import download_session_dicom  # imports the Flywheel SDK: session mode only
+    return open_session(job)
 
-    return download_session_dicom(job, job.work_dir / "session")
+
+def _already_done(session: FlywheelSession, job: GearJob, dicom: Path, config: PipelineConfig) -> bool:
+    """True when the session holds a result for the same series and weights and no re-run was asked for.
+    Identification runs here first (as the pipeline will) because the key needs the chosen series."""
+    key = input_key(dicom, config, job.work_dir / "identify")
+    earlier = session.earlier_result(key)
+    if earlier is None:
+        return False
+    if job.force_rerun:
+        logger.info("force_rerun: running again although %s holds a result for these series and model weights "
+                    "(idempotency key %s)", earlier, key[:12])
+        return False
+    logger.info("nothing to do: %s already holds the pedseg result for these series and model weights "
+                "(idempotency key %s); no outputs written. Set force_rerun=true to run again.", earlier, key[:12])
+    return True
 
 
 @contextlib.contextmanager

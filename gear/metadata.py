@@ -3,10 +3,11 @@
 The engine uploads only the files directly in output/, so the pipeline's sub-folders are flattened into
 `pedseg_*` names. `.metadata.json` holds a summary on the destination container (numbers, bundle, hashes:
 never patient identifiers, DICOM UIDs or input file names), each output's Flywheel file type, and a QC result.
+It is built with flywheel_gear_toolkit's `Metadata` (update_container, update_file, add_qc_result), so it
+follows Flywheel's conventions exactly, then checked against the engine's schema and written atomically.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import jsonschema
 from flywheel_gear_toolkit.interfaces import engine_metadata
+from flywheel_gear_toolkit.utils.metadata import Metadata
 
+from gear.idempotency import idempotency_key
 from pipeline.atomic import write_text
 from pipeline.types import RunResult
 
@@ -39,12 +42,6 @@ FILE_TYPES = {".dcm": "dicom", ".nii.gz": "nifti", ".pdf": "pdf", ".csv": "tabul
 SEQUENCE_MEASUREMENT = {"t1n": "T1", "t1c": "T1", "t2w": "T2", "t2f": "T2"}
 
 
-def idempotency_key(provenance: dict) -> str:
-    """Same chosen series and same model weights -> same key, whatever the session's other series."""
-    uids = sorted(provenance["inputs"]["series_instance_uids"].values())
-    return hashlib.sha256("\n".join([*uids, provenance["bundle"]["sha256"]]).encode()).hexdigest()
-
-
 def publish_outputs(result: RunResult, output_dir: Path) -> dict[str, Path]:
     """Move every output to a flat `pedseg_*` name in output_dir and drop the emptied sub-folders."""
     published = {}
@@ -64,12 +61,32 @@ def flat_name(key: str, path: Path) -> str:
     return f"pedseg_{key.removeprefix('nifti_')}{_suffix(path)}"
 
 
-def build_metadata(result: RunResult, files: dict[str, Path], destination_type: str, job_id: str = "") -> dict:
-    summary = run_summary(result)
-    entries = {key: _file_entry(key, path) for key, path in files.items()}
-    qc_key = "pdf" if "pdf" in entries else "measurements_json"  # the report a reviewer opens
-    entries[qc_key]["info"] = {"qc": {GEAR_NAME: _qc_result(summary, job_id)}}
-    return {destination_type: {"info": {"pedseg": summary}, "files": list(entries.values())}}
+def build_metadata(summary: dict, files: dict[str, Path], destination_type: str, job_id: str = "") -> dict:
+    metadata = _GearMetadata(summary["pedseg_version"], job_id)
+    metadata.update_container(destination_type, info={"pedseg": summary})
+    for key, path in files.items():
+        metadata.update_file(_output_file(path, destination_type), **_file_fields(key, path))
+    # Flywheel's QC convention, on the report a reviewer opens: any QC flag asks for review.
+    qc_file = files["pdf"] if "pdf" in files else files["measurements_json"]
+    flags = summary["qc_flags"]
+    metadata.add_qc_result(_output_file(qc_file, destination_type), "segmentation", "FAIL" if flags else "PASS",
+                           flags=flags, whole_tumour_ml=summary["volumes_ml"].get("WT"))
+    return metadata.as_dict()
+
+
+class _GearMetadata(Metadata):
+    """The toolkit's builder with this job's version and id as job_info. Its GearToolkitContext is not used:
+    it parses sys.argv and would copy the input file names (which may hold PHI) into every QC result."""
+
+    def __init__(self, version: str, job_id: str):
+        super().__init__(name_override=GEAR_NAME, version_override=version)
+        self.name, self.version, self.job = GEAR_NAME, version, job_id
+        self.job_info = {GEAR_NAME: {"job_info": {"version": version, "job_id": job_id}}}
+        self._has_job_info = True  # else add_qc_result would pull job info from the (absent) context
+
+    def as_dict(self) -> dict:
+        self.clean()  # as the toolkit's own write(): NaN -> null, '.' in keys -> '_'
+        return self._metadata
 
 
 def write_metadata(metadata: dict, output_dir: Path) -> Path:
@@ -80,7 +97,7 @@ def write_metadata(metadata: dict, output_dir: Path) -> Path:
 
 def run_summary(result: RunResult) -> dict:
     provenance = result.provenance
-    numbers = {d.series_uid: d.series_number for d in result.identification.decisions}
+    numbers = {d.key: d.series_number for d in result.identification.decisions}
     return {
         "pedseg_version": provenance.get("pedseg_version"),
         "idempotency_key": idempotency_key(provenance),
@@ -103,24 +120,19 @@ def run_summary(result: RunResult) -> dict:
     }
 
 
-def _qc_result(summary: dict, job_id: str) -> dict:
-    """Flywheel's QC convention: info.qc.<gear>.<check>.state is PASS or FAIL; any QC flag asks for review."""
-    flags = summary["qc_flags"]
-    return {
-        "job_info": {"version": summary["pedseg_version"], "job_id": job_id},
-        "segmentation": {"state": "FAIL" if flags else "PASS", "flags": flags,
-                         "whole_tumour_ml": summary["volumes_ml"].get("WT")},
-    }
+def _output_file(path: Path, destination_type: str) -> dict:
+    """An output as the toolkit's SDK-file form (name, parent type, info): the toolkit needs no context then."""
+    return {"name": path.name, "parent_ref": {"type": destination_type}, "info": {}}
 
 
-def _file_entry(key: str, path: Path) -> dict:
-    entry = {"name": path.name, "type": FILE_TYPES.get(_suffix(path), "file"), "tags": list(TAGS)}
-    if entry["type"] == "nifti":
-        entry["modality"] = "MR"  # every NIfTI output lies on an MR series' grid
+def _file_fields(key: str, path: Path) -> dict:
+    fields = {"type": FILE_TYPES.get(_suffix(path), "file"), "tags": list(TAGS)}
+    if fields["type"] == "nifti":
+        fields["modality"] = "MR"  # every NIfTI output lies on an MR series' grid
     role = key.removeprefix("nifti_")
     if role in SEQUENCE_MEASUREMENT:
-        entry["classification"] = {"Intent": ["Structural"], "Measurement": [SEQUENCE_MEASUREMENT[role]]}
-    return entry
+        fields["classification"] = {"Intent": ["Structural"], "Measurement": [SEQUENCE_MEASUREMENT[role]]}
+    return fields
 
 
 def _suffix(path: Path) -> str:

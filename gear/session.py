@@ -1,40 +1,108 @@
-"""Session mode: no 'dicom' input, so read every DICOM file of the analysed session through the api-key.
+"""Session mode: no 'dicom' input, so the gear works on the analysed session through the SDK (api-key input).
 
-Each Flywheel acquisition holds a series as a DICOM zip; they are unpacked side by side into one folder,
-which is what `run_pipeline` takes as a session. Names and labels are not logged (they may hold PHI).
+It downloads the session's candidate DICOM series (Flywheel's header copy rules out the rest, see
+`gear.candidates`), finds an earlier pedseg result with the same idempotency key, and writes the summary
+back under session.info["pedseg"] (other keys untouched) with a tag. Each Flywheel acquisition holds a
+series as a DICOM zip; they are unpacked side by side into one folder, which `run_pipeline` takes as a
+session. Series are named by number and description only; labels and file names are not logged.
 """
 from __future__ import annotations
 
 import logging
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from gear.candidates import flywheel_header, rejection_reasons
 from gear.context import GearJob
-from pipeline.errors import InputError
+from gear.metadata import GEAR_NAME, TAGS
+from pipeline.errors import InputError, MissingSequenceError
+from pipeline.identify_rules import ROLE_NAMES
 from pipeline.ingest import _extract_zip
 
 logger = logging.getLogger(__name__)
 
+INFO_KEY = "pedseg"  # the namespace of this gear's results in session.info and analysis.info
 
-def download_session_dicom(job: GearJob, dest: Path, client=None) -> Path:
-    client = client or _client(job.api_key)
-    session = _session(client, job.destination)
-    shutil.rmtree(dest, ignore_errors=True)  # a local re-run in the same gear folder starts afresh
-    dest.mkdir(parents=True)
-    count = 0
-    for listed in session.acquisitions():
-        acquisition = listed.reload()  # the full container: a listing's entries may lack file details
-        for file_entry in acquisition.files:
-            if file_entry.type != "dicom":
+
+@dataclass
+class FlywheelSession:
+    session: Any  # flywheel.Session (or a test fake with the same methods)
+    analysis_id: str | None  # this job's own analysis: never an "earlier" result
+
+    def download_candidates(self, dest: Path) -> Path:
+        """Download every DICOM file that may hold one of the four sequences into `dest`."""
+        shutil.rmtree(dest, ignore_errors=True)  # a local re-run in the same gear folder starts afresh
+        dest.mkdir(parents=True)
+        count = unjudged = 0
+        skipped: list[str] = []
+        for listed in self.session.acquisitions():
+            acquisition = listed.reload()  # the full container: a listing's entries may lack file details
+            for file_entry in acquisition.files:
+                if file_entry.type != "dicom":
+                    continue
+                header = flywheel_header(((file_entry.info or {}).get("header") or {}).get("dicom"))
+                reasons = rejection_reasons(header) if header else []
+                if reasons:
+                    skipped.append(f"series {header.series_number} '{header.description}' ({reasons[0]})")
+                    continue
+                count += 1
+                unjudged += header is None
+                _fetch(acquisition, file_entry.name, dest / f"{count:04d}")
+        if skipped:
+            logger.info("session mode: %d series skipped from their Flywheel headers: %s", len(skipped),
+                        "; ".join(skipped))
+        if not count:
+            if skipped:
+                raise MissingSequenceError(
+                    f"Required sequence(s) missing: {', '.join(ROLE_NAMES.values())}. None of the session's DICOM "
+                    f"series can be one: {'; '.join(skipped)}.",
+                    hint="Upload the session's T1, T1 post-contrast, T2 and FLAIR series.")
+            raise InputError("The session holds no DICOM files.",
+                             hint="Upload the session's DICOM series, or attach a zip of them as the 'dicom' input.")
+        logger.info("session mode: %d DICOM files downloaded (%d without Flywheel header information)",
+                    count, unjudged)
+        return dest
+
+    def earlier_result(self, key: str) -> str | None:
+        """Where the session already holds a pedseg result with this idempotency key, in words; else None."""
+        if _key_in(self.session.info) == key:
+            return f"the session (info.{INFO_KEY})"
+        for analysis in self.session.analyses or []:
+            if analysis.id == self.analysis_id or getattr(analysis.gear_info, "name", None) != GEAR_NAME:
                 continue
-            count += 1
-            _fetch(acquisition, file_entry.name, dest / f"{count:04d}")
-    if not count:
-        raise InputError("The session holds no DICOM files.",
-                         hint="Upload the session's DICOM series, or attach a zip of them as the 'dicom' input.")
-    logger.info("session mode: %d DICOM files downloaded", count)
-    return dest
+            if _key_in(analysis.reload().info) == key:  # listings may omit info: read the analysis itself
+                return f"analysis {analysis.id}"
+        return None
+
+    def write_results(self, summary: dict) -> None:
+        """Results onto the session: update_info sets info.pedseg and leaves every other info key as it was."""
+        self.session.update_info({INFO_KEY: summary})
+        for tag in TAGS:
+            if tag not in (self.session.tags or []):
+                self.session.add_tag(tag)
+        logger.info("session mode: results written to the session's info.%s and tagged %s", INFO_KEY, TAGS)
+
+
+def open_session(job: GearJob, client=None) -> FlywheelSession:
+    client = client or _client(job.api_key)
+    kind, container_id = job.destination.get("type"), job.destination.get("id")
+    if kind == "session":
+        return FlywheelSession(client.get_session(container_id), analysis_id=None)
+    level = kind
+    if kind == "analysis":
+        parent = client.get_analysis(container_id).parent
+        if parent.type == "session":
+            return FlywheelSession(client.get_session(parent.id), analysis_id=container_id)
+        level = f"{parent.type} analysis"
+    raise InputError(f"Session mode reads the DICOM files of one session, but this job runs on a {level}.",
+                     hint="Run the gear as an analysis of a session, or attach a zip of the session as the 'dicom' input.")
+
+
+def _key_in(info: dict | None) -> str | None:
+    return ((info or {}).get(INFO_KEY) or {}).get("idempotency_key")
 
 
 def _fetch(acquisition, name: str, folder: Path) -> None:
@@ -47,20 +115,6 @@ def _fetch(acquisition, name: str, folder: Path) -> None:
         download.unlink()
     else:
         download.rename(folder / "image.dcm")
-
-
-def _session(client, destination: dict):
-    kind, container_id = destination.get("type"), destination.get("id")
-    if kind == "session":
-        return client.get_session(container_id)
-    level = kind
-    if kind == "analysis":
-        parent = client.get_analysis(container_id).parent
-        if parent.type == "session":
-            return client.get_session(parent.id)
-        level = f"{parent.type} analysis"
-    raise InputError(f"Session mode reads the DICOM files of one session, but this job runs on a {level}.",
-                     hint="Run the gear as an analysis of a session, or attach a zip of the session as the 'dicom' input.")
 
 
 def _client(api_key: str | None):

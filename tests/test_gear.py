@@ -5,15 +5,19 @@ RunResult, so these tests need no model and take seconds.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import re
 import shlex
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pydicom
@@ -24,10 +28,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from gear import context as gear_context
+from gear.candidates import flywheel_header, rejection_reasons
+from gear.idempotency import idempotency_key, series_key
 from gear.local_run import make_gear_root
 from gear.main import main
-from gear.metadata import idempotency_key
-from gear.session import download_session_dicom
+from gear.session import FlywheelSession, open_session
+from pipeline.bundle import load_bundle
 from pipeline.config import PipelineConfig
 from pipeline.errors import BundleError, InputError, MissingSequenceError
 from pipeline.types import Identification, Measurements, RegionMeasure, RunResult, SeriesDecision
@@ -345,7 +351,7 @@ def test_qc_passes_without_flags_and_lands_on_the_table_without_pdf(tmp_path, mo
     monkeypatch.setattr("pipeline.runner.run_pipeline", run_without_flags)
     assert run_gear(write_gear_root(tmp_path)) == 0
     files = json.loads((tmp_path / "output" / ".metadata.json").read_text())["analysis"]["files"]
-    (qc_file,) = [f for f in files if "info" in f]
+    (qc_file,) = [f for f in files if f["info"].get("qc")]
     assert qc_file["name"] == "pedseg_measurements.json"
     assert qc_file["info"]["qc"]["pedseg-brain-tumor"]["segmentation"]["state"] == "PASS"
 
@@ -394,56 +400,341 @@ def test_unsafe_bundle_zip_is_refused(tmp_path, pipeline_calls):
 
 
 # --------------------------------------------------------------------------------------- session mode
+# A fake Flywheel SDK at the SDK boundary: the same method names the gear calls, a session tree in memory.
+
+ANALYSIS_ID = "65f0c0ffee0000000000cccc"  # write_gear_root's destination
+SESSION_ID = "65f0c0ffee0000000000eeee"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+# Scanner values as a Siemens writes them: number, description, TR, TE, TI, flip, sequence, variant, 2D/3D,
+# contrast agent, minutes after the first series.
+SEQUENCES = {
+    "t1n": (2, "t1_mprage_sag_p2_iso", 2300, 2.3, 900, 8, "GR\\IR", "SK\\SP\\MP", "3D", "", 0),
+    "t2w": (3, "t2_tse_tra", 5000, 98, None, 150, "SE", "SK\\SP\\OSP", "2D", "", 5),
+    "t2f": (4, "t2_tirm_tra_dark-fluid", 9000, 85, 2500, 150, "SE\\IR", "SK\\SP\\MP", "2D", "", 10),
+    "t1c": (5, "t1_mprage_sag_p2_iso_post", 2300, 2.3, 900, 8, "GR\\IR", "SK\\SP\\MP", "3D", "Gadovist", 20),
+}
+LOCALIZER = (1, "localizer", 8.6, 4.0, None, 20, "GR", "SP", "2D", "", -2)
+DWI = (6, "ep2d_diff_3scan_trace", 5600, 89, None, 90, "EP", "SK\\SP", "2D", "", 15)
+
+
+def series_zip(uid: str, values: tuple, image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "M", "ND"),
+               slices: int = 12) -> tuple[bytes, dict]:
+    """A zipped series of tiny MR images, and the header dict Flywheel's metadata importer keeps of it."""
+    number, description, tr, te, ti, flip, seq, variant, kind, agent, minutes = values
+    buffer, first = io.BytesIO(), None
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for k in range(slices):
+            ds = Dataset()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = MR_IMAGE, generate_uid()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE, ds.file_meta.MediaStorageSOPInstanceUID
+            ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.InstitutionName = SENTINELS
+            ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", STUDY_UID, uid, number
+            ds.SeriesDescription = ds.ProtocolName = description
+            ds.ImageType, ds.ScanningSequence, ds.SequenceVariant = list(image_type), seq.split("\\"), variant.split("\\")
+            ds.MRAcquisitionType, ds.RepetitionTime, ds.EchoTime, ds.FlipAngle = kind, tr, te, flip
+            if ti is not None:
+                ds.InversionTime = ti
+            if agent:
+                ds.ContrastBolusAgent = agent
+            ds.AcquisitionTime = f"10{20 + minutes:02d}00.000000"
+            ds.InstanceNumber, ds.ImagePositionPatient = k + 1, [0.0, 0.0, 5.0 * k]
+            ds.ImageOrientationPatient, ds.PixelSpacing, ds.SliceThickness = [1, 0, 0, 0, 1, 0], [1.0, 1.0], 5.0
+            ds.Rows = ds.Columns = 4
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.PixelData = bytes(32)
+            file = io.BytesIO()
+            pydicom.dcmwrite(file, ds, enforce_file_format=True)
+            zf.writestr(f"{uid}/{k + 1:03d}.dcm", file.getvalue())
+            first = first or ds
+    return buffer.getvalue(), importer_header(first)
+
+
+def importer_header(ds: Dataset) -> dict:
+    """`file.info.header.dicom` as the metadata importer writes it: keywords, JSON values, lists for multi-values."""
+    header = {}
+    for element in ds:
+        if element.VR in ("OB", "OW", "SQ") or not element.keyword:
+            continue
+        value = element.value
+        if element.VM > 1:
+            header[element.keyword] = [v if isinstance(v, (int, float)) else str(v) for v in value]
+        else:
+            header[element.keyword] = value if isinstance(value, (int, float)) else str(value)
+    return header
+
+
+class FakeFile:
+    def __init__(self, name: str, kind: str, info: dict):
+        self.name, self.type, self.info = name, kind, info
 
 
 class FakeAcquisition:
-    def __init__(self, files: dict[str, tuple[str, bytes]]):
-        self._files = files
-        self.files = [type("FileEntry", (), {"name": name, "type": kind}) for name, (kind, _) in files.items()]
+    def __init__(self, files: dict[str, tuple[str, bytes, dict]], downloads: list[str]):
+        self._data = {name: data for name, (_, data, _) in files.items()}
+        self.files = [FakeFile(name, kind, info) for name, (kind, _, info) in files.items()]
+        self._downloads = downloads
 
     def reload(self):
         return self
 
     def download_file(self, name: str, dest: str) -> None:
-        Path(dest).write_bytes(self._files[name][1])
+        self._downloads.append(name)
+        Path(dest).write_bytes(self._data[name])
+
+
+class FakeAnalysis:
+    def __init__(self, analysis_id: str, gear_name: str, info: dict, parent_type: str = "session"):
+        self.id, self.info = analysis_id, info
+        self.gear_info = SimpleNamespace(name=gear_name)
+        self.parent = SimpleNamespace(type=parent_type, id=SESSION_ID)
+
+    def reload(self):
+        return self
+
+
+class FakeSession:
+    def __init__(self, acquisitions, info: dict | None = None, tags: list[str] | None = None, analyses=()):
+        self.id, self._acquisitions = SESSION_ID, list(acquisitions)
+        self.info, self.tags, self.analyses = dict(info or {}), list(tags or []), list(analyses)
+        self.info_updates = 0
+
+    def acquisitions(self):
+        return self._acquisitions
+
+    def update_info(self, update: dict) -> None:
+        """Flywheel's set_session_info: each given top-level key is set, every other key stays."""
+        self.info_updates += 1
+        self.info.update(copy.deepcopy(update))
+
+    def replace_info(self, info: dict) -> None:
+        raise AssertionError("replace_info would drop every other gear's session info")
+
+    def add_tag(self, tag: str) -> None:
+        assert tag not in self.tags, "Flywheel refuses a tag the container already has"
+        self.tags.append(tag)
 
 
 class FakeClient:
-    def __init__(self, acquisitions, parent_type: str = "session"):
-        self._acquisitions, self._parent_type = acquisitions, parent_type
+    def __init__(self, session: FakeSession, parent_type: str = "session"):
+        self.session, self.api_keys = session, []
+        self.analysis = FakeAnalysis(ANALYSIS_ID, "pedseg-brain-tumor", {}, parent_type)
 
     def get_analysis(self, analysis_id):
-        return type("Analysis", (), {"parent": type("Ref", (), {"type": self._parent_type, "id": "s1"})})
+        assert analysis_id == ANALYSIS_ID
+        return self.analysis
 
     def get_session(self, session_id):
-        return type("Session", (), {"acquisitions": lambda _self: self._acquisitions})()
+        assert session_id == SESSION_ID
+        return self.session
 
 
-def test_session_mode_downloads_and_unpacks_the_session_dicom(tmp_path):
-    series = sentinel_dicom_zip(tmp_path / "t1.dicom.zip").read_bytes()
-    client = FakeClient([FakeAcquisition({"T1 MPRAGE.dicom.zip": ("dicom", series), "t1.nii.gz": ("nifti", b"x")}),
-                         FakeAcquisition({"single.dcm": ("dicom", b"DICM")})])
-    job = gear_context.load_job(write_gear_root(tmp_path / "gear", dicom=False, api_key=True))
-    folder = download_session_dicom(job, tmp_path / "session", client=client)
-    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
-        "0001/series/image.dcm", "0002/image.dcm"]
+def flywheel_session(roles=tuple(SEQUENCES), *, header_info: bool = True, **session_kwargs) -> FakeSession:
+    """The four sequences (or `roles` of them), a localizer and a DWI, each one Flywheel acquisition.
+    The T2-FLAIR's file has no header information, as before the metadata importer has run."""
+    downloads: list[str] = []
+    acquisitions = []
+    series = [(f"{role}.dicom.zip", UIDS[role], SEQUENCES[role], ("ORIGINAL", "PRIMARY", "M", "ND")) for role in roles]
+    series += [("localizer.dicom.zip", "1.2.826.0.1.3680043.8.498.91", LOCALIZER, ("ORIGINAL", "PRIMARY", "M", "ND")),
+               ("dwi.dicom.zip", "1.2.826.0.1.3680043.8.498.92", DWI, ("DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"))]
+    for name, uid, values, image_type in series:
+        data, header = series_zip(uid, values, image_type)
+        info = {"header": {"dicom": header}} if header_info and name != "t2f.dicom.zip" else {}
+        acquisitions.append(FakeAcquisition({name: ("dicom", data, info), name.replace(".dicom.zip", ".nii.gz"):
+                                             ("nifti", b"not DICOM", {})}, downloads))
+    session = FakeSession(acquisitions, **session_kwargs)
+    session.downloads = downloads
+    return session
+
+
+def tiny_bundle(folder: Path, weights: bytes = b"fold 0 weights") -> Path:
+    """The smallest folder `load_bundle` accepts: its sha256 is part of the idempotency key."""
+    model = folder / "models" / "m"
+    (model / "fold_0").mkdir(parents=True)
+    (folder / "bundle.json").write_text(json.dumps({
+        "name": "tiny", "version": "0.0.1", "inputs": {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3},
+        "label_convention": "2024", "labels": {"1": "ET", "2": "NET", "3": "CC", "4": "ED"},
+        "models": [{"path": "models/m", "folds": [0]}]}))
+    (model / "dataset.json").write_text(json.dumps({"channel_names": {str(i): f"c{i}" for i in range(4)}}))
+    (model / "plans.json").write_text("{}")
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(weights)
+    return folder
+
+
+@pytest.fixture
+def fw(tmp_path, monkeypatch, pipeline_calls, caplog):
+    """Session mode: a gear folder with the api-key and no 'dicom' input, the fake SDK behind it, a tiny bundle,
+    and a fake pipeline whose provenance holds the real bundle hash (so keys match as in a real run)."""
+    caplog.set_level(logging.INFO)
+    bundle = tiny_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("PEDSEG_BUNDLE", str(bundle))
+
+    def fake_run_pipeline(input_path, outdir, config):
+        pipeline_calls.append({"input": Path(input_path), "outdir": Path(outdir), "config": config})
+        result = fake_result(Path(outdir), config)
+        result.provenance["bundle"]["sha256"] = load_bundle(config.bundle).sha256()
+        return result
+
+    monkeypatch.setattr("pipeline.runner.run_pipeline", fake_run_pipeline)
+    world = SimpleNamespace(client=None, root=tmp_path / "gear", bundle=bundle, key=series_key(UIDS, load_bundle(bundle).sha256()))
+
+    def client_for(api_key):
+        world.client.api_keys.append(api_key)
+        return world.client
+
+    monkeypatch.setattr("gear.session._client", client_for)
+
+    def run(session: FakeSession, config: dict | None = None) -> int:
+        world.client = FakeClient(session)
+        shutil.rmtree(world.root / "output", ignore_errors=True)  # each job gets a fresh output folder
+        return run_gear(write_gear_root(world.root, config, dicom=False, api_key=True))
+
+    world.run = run
+    return world
+
+
+def test_session_mode_downloads_only_candidate_series(fw, pipeline_calls, caplog):
+    session = flywheel_session()
+    assert fw.run(session) == 0
+    # The localizer and the DWI are ruled out by their Flywheel headers; the FLAIR has none, so it is fetched.
+    assert sorted(session.downloads) == ["t1c.dicom.zip", "t1n.dicom.zip", "t2f.dicom.zip", "t2w.dicom.zip"]
+    assert "series 1 'localizer' (description matches 'LOCALIZER'" in caplog.text
+    assert "series 6 'ep2d_diff_3scan_trace' (ImageType DIFFUSION" in caplog.text
+    assert "4 DICOM files downloaded (1 without Flywheel header information)" in caplog.text
+    (call,) = pipeline_calls
+    assert call["input"] == fw.root / "work" / "session" and call["outdir"] == fw.root / "output"
+    assert fw.client.api_keys == [API_KEY]
+    assert_no_phi(caplog.text)
+
+
+def test_session_results_land_in_session_info_without_touching_other_keys(fw):
+    other = {"clinical": {"site": "A", "visit": 2}, "mriqc": {"snr": 11.5}}
+    session = flywheel_session(info={**other, "pedseg": {"idempotency_key": "0" * 64, "stale": True}},
+                               tags=["reviewed"])
+    assert fw.run(session) == 0
+    assert session.info_updates == 1
+    assert {k: session.info[k] for k in other} == other  # merged, never replaced
+    summary = session.info["pedseg"]
+    assert "stale" not in summary and summary["idempotency_key"] == fw.key
+    assert summary["volumes_ml"]["WT"] == pytest.approx(14.515) and summary["series_numbers"]["t1c"] == 3
+    assert session.tags == ["reviewed", "pedseg"]
+    metadata = json.loads((fw.root / "output" / ".metadata.json").read_text())
+    assert metadata["analysis"]["info"]["pedseg"] == summary
+    assert_no_phi(json.dumps(session.info))
+
+
+def test_rerun_with_the_same_series_and_bundle_is_skipped(fw, pipeline_calls, caplog):
+    session = flywheel_session()
+    assert fw.run(session) == 0
+    caplog.clear()
+    assert fw.run(session) == 0  # e.g. a gear rule firing again when a file is added
+    assert len(pipeline_calls) == 1 and session.info_updates == 1
+    assert not list((fw.root / "output").iterdir())  # nothing for the engine to upload
+    assert "the session (info.pedseg) already holds the pedseg result" in caplog.text
+    assert "force_rerun=true" in caplog.text
+
+
+def test_earlier_pedseg_analysis_with_the_same_key_is_found(fw, pipeline_calls, caplog):
+    others = [FakeAnalysis("a-other-gear", "mriqc", {"pedseg": {"idempotency_key": fw.key}}),
+              FakeAnalysis("a-old-bundle", "pedseg-brain-tumor", {"pedseg": {"idempotency_key": "1" * 64}})]
+    assert fw.run(flywheel_session(analyses=others)) == 0 and len(pipeline_calls) == 1  # neither counts
+    earlier = FakeAnalysis("a-earlier", "pedseg-brain-tumor", {"pedseg": {"idempotency_key": fw.key}})
+    assert fw.run(flywheel_session(analyses=[*others, earlier])) == 0
+    assert len(pipeline_calls) == 1 and "analysis a-earlier already holds" in caplog.text
+
+
+def test_other_model_weights_run_again(fw, pipeline_calls):
+    session = flywheel_session()
+    assert fw.run(session) == 0
+    tiny_bundle(fw.root.parent / "retrained", weights=b"retrained weights")
+    shutil.copytree(fw.root.parent / "retrained", fw.bundle, dirs_exist_ok=True)
+    assert fw.run(session) == 0
+    assert len(pipeline_calls) == 2 and session.info["pedseg"]["idempotency_key"] != fw.key
+
+
+def test_force_rerun_runs_again(fw, pipeline_calls, caplog):
+    session = flywheel_session(info={"pedseg": {"idempotency_key": fw.key}})
+    assert fw.run(session, {"force_rerun": True}) == 0
+    assert len(pipeline_calls) == 1 and session.info_updates == 1
+    assert (fw.root / "output" / ".metadata.json").is_file()
+    assert "force_rerun: running again although the session (info.pedseg) holds a result" in caplog.text
+
+
+def test_two_missing_dicom_acquisitions_fail_naming_the_sequences(fw, pipeline_calls, caplog):
+    session = flywheel_session(roles=("t1n", "t1c"), info={"clinical": {"site": "A"}})
+    assert fw.run(session) == MissingSequenceError.exit_code == 3
+    error = json.loads((fw.root / "output" / "error.json").read_text())
+    assert error["error"] == "missing_sequence"
+    assert "T2 (t2w)" in error["message"] and "T2-FLAIR (t2f)" in error["message"]
+    assert "exit code 3" in caplog.text and "T2-FLAIR (t2f)" in caplog.text
+    assert not pipeline_calls and session.info == {"clinical": {"site": "A"}} and not session.tags
+    assert_no_phi(caplog.text + json.dumps(error))
+
+
+def test_session_of_only_non_candidates_is_a_missing_sequence(fw, pipeline_calls):
+    assert fw.run(flywheel_session(roles=())) == 3
+    message = json.loads((fw.root / "output" / "error.json").read_text())["message"]
+    assert "series 1 'localizer'" in message and "series 6 'ep2d_diff_3scan_trace'" in message
+    assert not pipeline_calls
+
+
+def test_session_without_dicom_files_is_a_bad_input(fw, pipeline_calls):
+    assert fw.run(FakeSession([FakeAcquisition({"t1.nii.gz": ("nifti", b"x", {})}, [])])) == 2
+    assert "no DICOM files" in json.loads((fw.root / "output" / "error.json").read_text())["message"]
 
 
 def test_session_mode_needs_a_session_level_analysis(tmp_path):
     job = gear_context.load_job(write_gear_root(tmp_path, dicom=False, api_key=True))
     with pytest.raises(InputError, match="subject analysis"):
-        download_session_dicom(job, tmp_path / "session", client=FakeClient([], parent_type="subject"))
+        open_session(job, client=FakeClient(FakeSession([]), parent_type="subject"))
 
 
-def test_session_without_dicom_files_is_a_bad_input(tmp_path):
-    job = gear_context.load_job(write_gear_root(tmp_path, dicom=False, api_key=True))
-    with pytest.raises(InputError, match="no DICOM files"):
-        download_session_dicom(job, tmp_path / "session", client=FakeClient([FakeAcquisition({})]))
+def test_single_dicom_files_are_downloaded_as_they_are(tmp_path):
+    data, _ = series_zip(UIDS["t1n"], SEQUENCES["t1n"], slices=1)
+    single = zipfile.ZipFile(io.BytesIO(data)).read(f"{UIDS['t1n']}/001.dcm")
+    session = FakeSession([FakeAcquisition({"image.dcm": ("dicom", single, {})}, [])])
+    folder = FlywheelSession(session, analysis_id=None).download_candidates(tmp_path / "session")
+    assert [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()] == ["0001/image.dcm"]
 
 
 def test_api_key_never_shows_in_the_job_repr(tmp_path):
     job = gear_context.load_job(write_gear_root(tmp_path, api_key=True))
     assert job.api_key == API_KEY and API_KEY not in repr(job)
+
+
+# ------------------------------------------------------------------------- candidates from Flywheel headers
+
+
+@pytest.mark.parametrize("values, image_type, reason", [
+    (LOCALIZER, ("ORIGINAL", "PRIMARY", "M"), "localizer / scout"),
+    (DWI, ("DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"), "diffusion image or map"),
+    (SEQUENCES["t1n"], ("DERIVED", "SECONDARY", "MPR"), "derived / secondary image"),
+    (SEQUENCES["t1n"], ("ORIGINAL", "PRIMARY", "P", "ND"), "phase / real / imaginary image"),
+])
+def test_obvious_non_candidates_are_rejected_by_the_pipeline_rules(values, image_type, reason):
+    _, header = series_zip("1.2.3.4", values, image_type, slices=1)
+    assert any(reason in r for r in rejection_reasons(flywheel_header(header)))
+
+
+def test_the_four_sequences_pass_even_from_a_single_header():
+    for role, values in SEQUENCES.items():
+        _, header = series_zip(UIDS[role], values, slices=1)  # one image: counting rules must not apply
+        assert rejection_reasons(flywheel_header(header)) == [], role
+
+
+def test_importer_header_forms_are_read_alike():
+    listed = {"SeriesInstanceUID": "1.2.3", "Modality": "MR", "ImageType": ["ORIGINAL", "PRIMARY", "M"],
+              "ScanningSequence": ["SE", "IR"], "RepetitionTime": 9000, "InversionTime": "2500", "SeriesNumber": "4"}
+    joined = {**listed, "ImageType": "ORIGINAL\\PRIMARY\\M", "ScanningSequence": "SE\\IR", "RepetitionTime": "9000.0"}
+    assert flywheel_header(listed) == flywheel_header(joined)
+    header = flywheel_header(listed)
+    assert (header.scanning_sequence, header.inversion_time, header.series_number) == (("SE", "IR"), 2500.0, 4)
+    assert flywheel_header({"Modality": "CT"}) is None and flywheel_header(None) is None
+    assert rejection_reasons(flywheel_header({"SeriesInstanceUID": "1.2.3", "Modality": "CT"})) == [
+        "modality CT: not an MR series"]
 
 
 # ------------------------------------------------------------------------------------------ local runs
