@@ -779,6 +779,8 @@ def test_manifest_declares_the_gear_contract():
     assert {k: v["base"] for k, v in m["inputs"].items()} == {"dicom": "file", "model_bundle": "file", "api-key": "api-key"}
     assert m["inputs"]["dicom"]["optional"] and m["inputs"]["model_bundle"]["optional"]
     assert {"nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "OMP_NUM_THREADS"} <= set(m["environment"])
+    assert m["source"].startswith("https://") and m["url"].startswith("https://")  # placeholders until published
+    assert "networking" in m["capabilities"]  # session mode talks to the Flywheel API
 
 
 def test_dockerfile_sets_the_manifest_environment():
