@@ -39,6 +39,30 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--growth", type=float, default=1.0, help="tumour volume factor (longitudinal series)")
     synth.add_argument("--subject-seed", type=int, default=None, help="same child across sessions")
     synth.add_argument("--zip", action="store_true", help="also pack the DICOM folder as a zip")
+
+    listen = sub.add_parser("listen", help="DICOM listener: receive studies, run the pipeline, send SEG, SR and PDF on")
+    listen.add_argument("--aet", default="PEDSEG", help="our AE title")
+    listen.add_argument("--port", type=int, required=True, help="TCP port of our C-STORE SCP")
+    listen.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+    listen.add_argument("--dest", required=True, help="where results go: AET@HOST:PORT, or a DICOMweb URL for STOW-RS")
+    listen.add_argument("--spool", type=Path, required=True, help="folder for received studies, queue and outputs")
+    listen.add_argument("--quiet-seconds", type=float, default=30.0, help="a study is complete after this long without instances")
+    listen.add_argument("--allow-aet", action="append", default=[], help="accept only these calling AE titles (repeatable)")
+    listen.add_argument("--send-attempts", type=int, default=5, help="C-STORE / STOW-RS attempts, with doubling delays")
+    _add_run_options(listen)
+
+    push = sub.add_parser("push", help="send a run's SEG, SR and PDF DICOM to a PACS (C-STORE) or DICOMweb (STOW-RS)")
+    push.add_argument("outdir", type=Path)
+    push.add_argument("--to", required=True, help="AET@HOST:PORT, or a DICOMweb base URL")
+    push.add_argument("--aet", default="PEDSEG", help="our AE title")
+    push.add_argument("--send-attempts", type=int, default=5)
+
+    pull = sub.add_parser("pull", help="fetch a study from a PACS (C-GET, or C-MOVE with --move-port) or DICOMweb (WADO-RS)")
+    pull.add_argument("study_uid")
+    pull.add_argument("--from", dest="source", required=True, help="AET@HOST:PORT, or a DICOMweb base URL")
+    pull.add_argument("--to", dest="dest", type=Path, required=True, help="folder for the instances")
+    pull.add_argument("--aet", default="PEDSEG", help="our AE title")
+    pull.add_argument("--move-port", type=int, default=None, help="use C-MOVE to our AE title, received on this port")
     return parser
 
 
@@ -115,7 +139,42 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "identify": _cmd_identify, "synth": _cmd_synth, "demo": _cmd_demo}
+def _cmd_listen(args) -> int:
+    from pacs.listener import Listener, ListenerConfig
+    from pacs.node import check_aet, parse_destination
+    from pacs.send import SendPolicy
+
+    config = ListenerConfig(
+        aet=check_aet(args.aet), port=args.port, bind=args.bind, spool=args.spool,
+        destination=parse_destination(args.dest), quiet_s=args.quiet_seconds,
+        allowed_calling_aets=tuple(check_aet(a) for a in args.allow_aet), send=SendPolicy(attempts=args.send_attempts),
+    )
+    Listener(config, _config(args)).serve_forever()
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from pacs.node import check_aet, parse_destination
+    from pacs.send import SendPolicy, push_results
+
+    count = push_results(args.outdir, parse_destination(args.to), calling_aet=check_aet(args.aet),
+                         policy=SendPolicy(attempts=args.send_attempts))
+    print(f"sent {count} instances to {args.to}")
+    return 0
+
+
+def _cmd_pull(args) -> int:
+    from pacs.node import check_aet, parse_destination
+    from pacs.retrieve import pull_study
+
+    count = pull_study(args.study_uid, parse_destination(args.source), args.dest, calling_aet=check_aet(args.aet),
+                       move_port=args.move_port)
+    print(f"{count} instances in {args.dest}")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "identify": _cmd_identify, "synth": _cmd_synth, "demo": _cmd_demo,
+            "listen": _cmd_listen, "push": _cmd_push, "pull": _cmd_pull}
 
 
 def main(argv: list[str] | None = None) -> int:
