@@ -19,13 +19,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="DICOM session (folder or zip) -> segmentation, volumes, DICOM SEG/SR, PDF")
-    run.add_argument("input", type=Path)
-    run.add_argument("outdir", type=Path)
+    run = sub.add_parser("run", help="DICOM session (folder or zip) -> segmentation, volumes, DICOM SEG/SR, PDF",
+                         description="Segment one MRI session. Give one or more INPUTs (folders, zips or DICOM files "
+                                     "of the same session, e.g. one zip per series), then OUTDIR last.")
+    run.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=_INPUT_HELP)
+    run.add_argument("outdir", type=Path, metavar="OUTDIR", help="output folder (the last argument)")
     _add_run_options(run)
 
     ident = sub.add_parser("identify", help="classify the series of a session as t1n/t1c/t2w/t2f/other")
-    ident.add_argument("input", type=Path)
+    ident.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=_INPUT_HELP)
     ident.add_argument("--json", action="store_true", help="print the full decision record as JSON")
 
     demo = sub.add_parser("demo", help="generate a synthetic session and run the whole pipeline on it")
@@ -66,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_INPUT_HELP = "a folder, zip or DICOM file of the session; several are merged into one session"
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="model bundle folder (bundle.json)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -89,7 +94,7 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 def _cmd_run(args) -> int:
     from pipeline.runner import run_pipeline
 
-    result = run_pipeline(args.input, args.outdir, _config(args))
+    result = run_pipeline(args.inputs, args.outdir, _config(args))
     wt = result.measurements.regions["WT"].volume_ml
     print(f"done: whole tumour {wt:.2f} mL; outputs in {result.outdir}")
     return 0
@@ -100,13 +105,14 @@ def _cmd_identify(args) -> int:
     from pipeline.ingest import ingest
 
     with tempfile.TemporaryDirectory(prefix="pedseg-identify-") as tmp:
-        identification = classify_session(ingest(args.input, Path(tmp)))
+        identification = classify_session(ingest(args.inputs, Path(tmp)))
     if args.json:
         print(session_to_json(identification))
     else:
         for d in identification.decisions:
             mark = "*" if d.chosen else " "
-            print(f"{mark} {d.series_number!s:>4} {d.description[:40]:<40} {d.role:<5} {d.confidence:.2f}  {d.reasons[0] if d.reasons else ''}")
+            number = f"{d.series_number}/{d.part}" if d.part else str(d.series_number)  # part of a split series
+            print(f"{mark} {number:>8} {d.description[:40]:<40} {d.role:<5} {d.confidence:.2f}  {d.reasons[0] if d.reasons else ''}")
         if identification.missing:
             print("missing: " + ", ".join(identification.missing))
     return 0

@@ -51,8 +51,9 @@ class StageTimer:
         logger.info("stage %s: done in %.1f s", name, self.seconds[name])
 
 
-def run_pipeline(input_path: Path, outdir: Path, config: PipelineConfig) -> RunResult:
-    input_path, outdir = Path(input_path), Path(outdir)
+def run_pipeline(input_path: Path | list[Path], outdir: Path, config: PipelineConfig) -> RunResult:
+    """`input_path`: a folder, zip or DICOM file of one session, or a list of them (see `ingest`)."""
+    outdir = Path(outdir)
     _prepare_outdir(outdir)
     staging = Path(tempfile.mkdtemp(prefix=".pedseg-staging-", dir=outdir))
     work = Path(tempfile.mkdtemp(prefix="pedseg-work-"))
@@ -85,7 +86,7 @@ def _prepare_outdir(outdir: Path) -> None:
                          hint="Choose a writable output folder.") from exc
 
 
-def _run(input_path: Path, outdir: Path, staging: Path, work: Path, config: PipelineConfig) -> RunResult:
+def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path, config: PipelineConfig) -> RunResult:
     stage = StageTimer()
     bundle = load_bundle(config.bundle)  # a broken bundle fails before minutes of preprocessing
     with stage("ingest"):

@@ -120,11 +120,6 @@ class Identification:
     chosen: dict[str, str]  # role -> series key (the SeriesInstanceUID, or 'UID#part' for part of a split series)
     missing: list[str]
 
-    def chosen_series_uids(self) -> dict[str, str]:
-        """role -> the real SeriesInstanceUID of the chosen series (parts of a split series share theirs)."""
-        uids = {d.key: d.series_uid for d in self.decisions}
-        return {role: uids[key] for role, key in self.chosen.items()}
-
     def to_dict(self) -> dict:
         return {
             "series": [vars(d) for d in self.decisions],

@@ -4,17 +4,23 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
+from cli.main import main as pedseg
 from pipeline.config import PipelineConfig
 from pipeline.errors import MissingSequenceError
 from pipeline.identify import classify_session, identify, session_to_json
 from pipeline.identify_rules import RULES
 from pipeline.ingest import ingest
 from pipeline.types import Series, SeriesHeader, Session
+from synth.dicom_writer import StudyInfo, write_series
+from synth.protocols import Protocol
 
 DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -277,6 +283,109 @@ def test_synthetic_headers_use_the_real_dataclass():
     assert replace(mprage(1), num_images=3).num_images == 3
 
 
+# ------------------------------------------------------------- sessions written as real DICOM files
+
+STUDY = StudyInfo("SYNTHETIC^IDENTIFY", "SYN000002", "20180301", "M", "007Y", "1.2.826.0.1.3680043.8.498.21",
+                  "1.2.826.0.1.3680043.8.498.22", "20260105", T0, "ACC2", "SIEMENS", "Skyra")
+# Direction matrix columns (row axis, column axis, slice normal) in LPS, per plane.
+AXIAL, CORONAL, SAGITTAL = ((1, 0, 0), (0, 1, 0), (0, 0, 1)), ((1, 0, 0), (0, 0, -1), (0, 1, 0)), \
+    ((0, 1, 0), (0, 0, -1), (-1, 0, 0))
+
+
+def volume(slices: int, spacing=(0.9, 0.9, 5.0), axes=AXIAL) -> sitk.Image:
+    """A small image: identification reads headers only, but the geometry must be a real one."""
+    image = sitk.GetImageFromArray(np.full((slices, 16, 16), 300, np.float32))
+    image.SetSpacing(spacing)
+    image.SetDirection(tuple(np.array(axes, float).T.flatten()))
+    return image
+
+
+def write(root: Path, number: int, description: str, volumes, *, tr, te, ti=None, flip=90.0, seq="SE",
+          variant="SK\\SP", acquisition="2D", minutes=0.0, agent="", image_type=None, extras=None) -> Path:
+    folder = root / f"{number:02d}"
+    proto = Protocol("test", description, None, tr, te, ti, flip, seq, variant, "", acquisition,
+                     image_type=image_type or ("ORIGINAL", "PRIMARY", "M", "ND"), contrast_agent=agent,
+                     minutes_after_start=minutes)
+    write_series(volumes, proto, STUDY, number, folder, extras)
+    return folder
+
+
+def acquisition_zips(root: Path) -> list[Path]:
+    """One zip per series, as Flywheel stores a session's acquisitions."""
+    zips = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        zips.append(root / f"{folder.name}.dicom.zip")
+        with zipfile.ZipFile(zips[-1], "w") as zf:
+            for f in sorted(folder.iterdir()):
+                zf.write(f, f"{folder.name}/{f.name}")
+    return zips
+
+
+def trap_session(root: Path) -> list[Path]:
+    """Two FLAIRs (2D and 3D), a T1-FLAIR, a dual-echo PD/T2 under one UID, a 3-plane localizer under one UID,
+    and two series named only 'MPRAGE', the later one with ContrastBolusAgent set."""
+    mprage = dict(tr=2300.0, te=2.3, ti=900.0, flip=8.0, seq="GR\\IR", variant="SK\\SP\\MP", acquisition="3D")
+    iso = (1.0, 1.0, 1.0)
+    write(root, 1, "localizer", [volume(3, (1.0, 1.0, 6.0), axes) for axes in (AXIAL, CORONAL, SAGITTAL)], tr=8.6, te=4.0,
+          flip=20.0, seq="GR", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    write(root, 2, "MPRAGE", [volume(20, iso)], minutes=2, **mprage)
+    write(root, 3, "Ax T1 FLAIR", [volume(12)], tr=2000.0, te=9.0, ti=800.0, seq="SE\\IR", minutes=7)
+    write(root, 4, "pd+t2_tse_tra", [volume(12), volume(12)], tr=3500.0, te=12.0, minutes=10,
+          extras=[{"EchoTime": 12.0, "EchoNumbers": 1}, {"EchoTime": 95.0, "EchoNumbers": 2}])
+    write(root, 5, "Ax T2 FLAIR", [volume(12)], tr=9000.0, te=85.0, ti=2500.0, seq="SE\\IR", minutes=13)
+    write(root, 6, "Sag 3D FLAIR", [volume(20, iso)], tr=6000.0, te=120.0, ti=1800.0, seq="SE\\IR",
+          acquisition="3D", minutes=16)
+    write(root, 7, "MPRAGE", [volume(20, iso)], minutes=25, agent="Gadovist", **mprage)
+    return acquisition_zips(root)
+
+
+def identify_json(inputs: list[Path], capsys) -> dict:
+    assert pedseg(["identify", *map(str, inputs), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_trap_session_from_acquisition_zips_is_resolved(tmp_path, capsys):
+    zips = trap_session(tmp_path)
+    payload = identify_json(zips, capsys)
+    rows = {(s["SeriesNumber"], s["part"]): s for s in payload["series"]}
+    assert {key: (s["role"], s["chosen"]) for key, s in rows.items()} == {
+        (1, "ax"): ("other", False), (1, "cor"): ("other", False), (1, "sag"): ("other", False),
+        (2, None): ("t1n", True), (3, None): ("t1n", False), (4, "e1"): ("other", False), (4, "e2"): ("t2w", True),
+        (5, None): ("t2f", False), (6, None): ("t2f", True), (7, None): ("t1c", True)}
+    assert payload["missing"] == []
+    # The 3D FLAIR wins, and the 2D one says why.
+    assert rows[5, None]["reasons"][-1].startswith(
+        "not chosen: series 6 'Sag 3D FLAIR' is preferred for T2-FLAIR (t2f): 3D (this one is 2D); finer voxels")
+    # The T1-FLAIR is a T1 (pre-contrast), never the FLAIR; it loses t1n to the 3D MPRAGE.
+    assert "T1-FLAIR / T1 inversion recovery (short TE) — T1-weighted, not a T2-FLAIR" in " ".join(
+        rows[3, None]["reasons"])
+    assert rows[3, None]["reasons"][-1].startswith("not chosen: series 2 'MPRAGE' is preferred for pre-contrast T1")
+    # Two series named only 'MPRAGE': the agent makes the later one post-contrast, the earlier one pre.
+    assert any("ContrastBolusAgent 'Gadovist' set: post-contrast" in r for r in rows[7, None]["reasons"])
+    assert any("acquired before series 7 'MPRAGE'" in r for r in rows[2, None]["reasons"])
+    # Dual echo: the long-TE part is the T2, the short-TE part proton density; both keep the real UID.
+    assert rows[4, "e1"]["SeriesInstanceUID"] == rows[4, "e2"]["SeriesInstanceUID"]
+    assert payload["chosen"]["t2w"] == rows[4, "e2"]["SeriesInstanceUID"] + "#e2"
+    assert any("proton-density" in r for r in rows[4, "e1"]["reasons"])
+    assert all(any("localizer" in r for r in rows[1, part]["reasons"]) for part in ("ax", "cor", "sag"))
+    # Deterministic: the same JSON whatever the order of the inputs, and from the unzipped folders alike.
+    first = json.dumps(payload, sort_keys=True)
+    assert json.dumps(identify_json(zips[::-1], capsys), sort_keys=True) == first
+    assert json.dumps(identify_json([tmp_path], capsys), sort_keys=True) == first
+
+
+def test_split_parts_are_identified_on_their_own_and_the_chosen_part_is_converted(tmp_path):
+    # An acquired axial T2 and its coronal reformat under one SeriesInstanceUID.
+    write(tmp_path / "in", 4, "t2_tse_tra", [volume(12), volume(16, (0.9, 0.9, 3.0), CORONAL)], tr=5000.0, te=98.0,
+          extras=[{}, {"ImageType": ["DERIVED", "SECONDARY", "MPR"]}])
+    session = ingest(tmp_path / "in", tmp_path / "work")
+    ident = classify_session(session)
+    assert [(d.part, d.role, d.chosen) for d in ident.decisions] == [("ax", "t2w", True), ("cor", "other", False)]
+    assert any("derived" in r for r in ident.decisions[1].reasons)
+    chosen = session.by_uid(ident.chosen["t2w"])  # how preprocessing finds the series to convert
+    assert (chosen.header.part, chosen.header.num_images, chosen.header.series_uid) == ("ax", 12, ident.decisions[0].series_uid)
+
+
 # ------------------------------------------------------------------------------------ real series
 
 needs_data = pytest.mark.skipif(not DICOM.is_dir(), reason="shared DICOM data not available")
@@ -293,7 +402,7 @@ needs_data = pytest.mark.skipif(not DICOM.is_dir(), reason="shared DICOM data no
 def test_real_t1_series_are_pre_contrast_t1(folder, number, tmp_path):
     ident = classify_session(ingest(DICOM / folder, tmp_path))
     d = decision(ident, number)
-    assert (d.role, d.chosen) == ("t1n", True), d.reasons
+    assert (d.role, d.chosen, d.part) == ("t1n", True, ""), d.reasons  # one stack, one echo: never split
     assert d.confidence > 0.75
     assert ident.missing == ["t1c", "t2w", "t2f"]
 
@@ -312,13 +421,11 @@ def test_real_philips_ffe_enhanced_and_classic_pair_both_pre_contrast(tmp_path):
 
 @needs_data
 def test_real_philips_session_mprage_is_t1_and_perfusion_and_field_map_are_not(tmp_path):
-    # The ADNI MPRAGE (classic) and the enhanced multi-frame series come from one study.
-    src = tmp_path / "in"
-    shutil.copytree(DICOM / "philips_ingenia_adni_mprage", src / "classic")
-    shutil.copytree(DICOM / "philips_enhanced_multiframe", src / "enhanced")
-    ident = classify_session(ingest(src, tmp_path / "work"))
-    roles = {d.series_number: d.role for d in ident.decisions}
-    assert roles == {1301: "t1n", 1901: "other", 1903: "other", 2001: "other"}
+    # The ADNI MPRAGE (classic) and the enhanced multi-frame series come from one study: two inputs, one session.
+    ident = classify_session(ingest([DICOM / "philips_ingenia_adni_mprage", DICOM / "philips_enhanced_multiframe"],
+                                    tmp_path))
+    assert [(d.series_number, d.part, d.role) for d in ident.decisions] == [
+        (1301, "", "t1n"), (1901, "", "other"), (1903, "", "other"), (2001, "", "other")]  # 2001's echoes: one object
     assert any("perfusion" in r for r in decision(ident, 1901).reasons)
     assert any("field map" in r for r in decision(ident, 2001).reasons)
 
