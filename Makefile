@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines: pin torch to the CPU wheel so nnunetv2/deepbet do not pull a multi-GB CUDA build.
 CONSTRAINTS ?= constraints-cpu.txt
-APT_PACKAGES := dicom3tools poppler-utils
+# orthanc + orthanc-dicomweb: the research PACS the PACS-adapter tests run against (tests/test_pacs_orthanc.py).
+APT_PACKAGES := dicom3tools poppler-utils orthanc orthanc-dicomweb
 
 .PHONY: install system-deps demo test test-fast bench-preprocess clean
 
@@ -16,11 +17,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
-# dciodvfy (DICOM validator) and pdftoppm/pdftotext are used by tests; install them when missing and root.
+# dciodvfy (DICOM validator), pdftoppm/pdftotext and Orthanc are used by tests; install them when missing and root.
 system-deps:
-	@if ! command -v dciodvfy >/dev/null || ! command -v pdftoppm >/dev/null; then \
+	@if ! command -v dciodvfy >/dev/null || ! command -v pdftoppm >/dev/null || ! test -x /usr/sbin/Orthanc \
+		|| ! test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
-		else echo "note: install $(APT_PACKAGES) for the DICOM validation and PDF render tests"; fi; \
+		else echo "note: install $(APT_PACKAGES) for the DICOM validation, PDF render and Orthanc tests"; fi; \
 	fi
 
 demo: install
