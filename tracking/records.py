@@ -1,0 +1,52 @@
+"""Time points from the measurements document (measurements.json), and their JSON form for Flywheel `info`.
+
+A run's time point is built from the same rounded document it writes as measurements.json, so a volume in the
+store, in the history table and in the run's outputs reads identically, and an earlier analysis' downloaded
+measurements.json yields exactly the time point that run would have recorded.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from pipeline.longitudinal import BundleId, TimePoint
+from pipeline.measure import REGIONS
+from pipeline.types import Measurements
+from reporting.tables import SCHEMA_NAME, measurements_document
+
+REGIONS_2023 = ("NCR", "ED", "ET")
+
+
+def time_point(measurements: Measurements, *, subject_key: str, study_uid: str, study_date: str,
+               bundle: dict) -> TimePoint:
+    """`bundle`: the provenance block (name, version, sha256, label_convention)."""
+    context = {"study_instance_uid": study_uid, "study_date": study_date, "bundle": bundle}
+    return time_point_from_document(measurements_document(measurements, context=context), subject_key)
+
+
+def time_point_from_document(document: dict, subject_key: str) -> TimePoint:
+    if document.get("schema") != SCHEMA_NAME:
+        raise ValueError(f"not a {SCHEMA_NAME} document")
+    context = document["context"]
+    bundle = context.get("bundle") or {}
+    return TimePoint(
+        subject_key=subject_key,
+        study_uid=str(context["study_instance_uid"]),
+        study_date=str(context.get("study_date") or ""),
+        bundle=BundleId(str(bundle["name"]), str(bundle["version"]), str(bundle["sha256"]),
+                        bundle.get("label_convention")),
+        volumes_ml={r: float(document["regions"][r]["volume_ml"]) for r in REGIONS},
+        volumes_2023_ml={r: float(document["conventions"]["brats_peds_2023"][r]["volume_ml"]) for r in REGIONS_2023},
+        rapno_region=str(document["rapno"].get("region", "TC")),
+        rapno_product_mm2=document["rapno"].get("sum_product_mm2"),
+        qc_flags=tuple(document.get("qc_flags", ())),
+    )
+
+
+def to_dict(tp: TimePoint) -> dict:
+    data = asdict(tp)
+    data["qc_flags"] = list(tp.qc_flags)
+    return data
+
+
+def from_dict(data: dict) -> TimePoint:
+    return TimePoint(**{**data, "bundle": BundleId(**data["bundle"]), "qc_flags": tuple(data.get("qc_flags", ()))})
