@@ -7,6 +7,7 @@ on-disk voxel order (RAS NIfTI, oblique, permuted) cannot change what is display
 """
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 from dataclasses import dataclass
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from matplotlib import dates as mdates
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from scipy import ndimage
 
+from pipeline.longitudinal import Longitudinal
 from pipeline.measure import lps_reference
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ _CROP_MARGIN = 4  # display voxels around the brain
 # Edge letters per view (left, right, top, bottom) in radiological display.
 _EDGE_LETTERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("A", "P", "S", "I")}
 VIEWS = ("axial", "coronal", "sagittal")
+TREND_COLUMNS = 3
+RESPONSE_COLOURS = {"PD": "#c0392b", "PR": "#1f5fbf", "CR": "#1f5fbf", "SD": "#555555", "NE": "#999999"}
 
 
 def display_grid(reference: sitk.Image) -> sitk.Image:
@@ -211,3 +216,37 @@ def report_figures(images: dict[str, Path], labels: Path) -> dict[str, bytes]:
                                          f"Axial slices through the tumour extent ({role.upper()})")
     log.info("rendered %d report figure(s)", len(figures))
     return figures
+
+
+def trend_png(longitudinal: Longitudinal) -> bytes:
+    """Volume over study date, one panel per compared region: baseline (open square) and that region's nadir
+    (triangle) marked, this study coloured by its response category."""
+    points = [*longitudinal.priors, longitudinal.current]
+    dates = [dt.datetime.strptime(tp.study_date, "%Y%m%d") for tp in points]
+    regions = list(longitudinal.changes)
+    rows = -(-len(regions) // TREND_COLUMNS)
+    fig = Figure(figsize=(7.2, 1.9 * rows + 0.5))
+    axes = fig.subplots(rows, TREND_COLUMNS, squeeze=False).ravel()
+    for ax in axes[len(regions):]:
+        ax.set_axis_off()
+    for ax, region in zip(axes, regions):
+        change = longitudinal.changes[region]
+        volumes = [tp.volumes_ml[region] for tp in points]
+        nadir = next(i for i, tp in enumerate(points) if tp.study_uid == change.nadir_study_uid)
+        ax.plot(dates, volumes, color="#333333", marker="o", markersize=3, linewidth=1)
+        ax.plot(dates[0], volumes[0], "s", ms=8, mfc="none", mec="#1f5fbf", mew=1.5, label="baseline")
+        ax.plot(dates[nadir], volumes[nadir], "v", ms=7, color="#2e8b57", label="nadir")
+        ax.plot(dates[-1], volumes[-1], "o", ms=6, color=RESPONSE_COLOURS[change.response], label="this study")
+        ax.set_title(f"{region}: {change.response}", fontsize=8)
+        ax.set_ylim(bottom=0, top=max(volumes) * 1.15 or 1.0)
+        ax.set_ylabel("mL", fontsize=7)
+        locator = mdates.AutoDateLocator(maxticks=4)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+        ax.tick_params(labelsize=6.5)
+        ax.grid(alpha=0.3, linewidth=0.5)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.3 / fig.get_figheight(), bottom=0.45 / fig.get_figheight(),
+                        wspace=0.35, hspace=0.6)
+    return _png(fig)

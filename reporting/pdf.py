@@ -16,12 +16,14 @@ from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.lib.utils import ImageReader
-from reportlab.platypus import (Image, KeepTogether, Paragraph, SimpleDocTemplate, Spacer, Table,
+from reportlab.platypus import (Image, KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table,
                                 TableStyle)
 
 from pipeline.atomic import atomic_path
+from pipeline.longitudinal import RESPONSES, Longitudinal
 from pipeline.types import Identification, Measurements
-from reporting.figures import LABEL_STYLE, report_figures
+from reporting.figures import LABEL_STYLE, report_figures, trend_png
+from reporting.longitudinal import format_change
 from reporting.tables import VOLUME_DECIMALS, measurement_rows, rapno_block
 
 log = logging.getLogger(__name__)
@@ -51,11 +53,12 @@ _ALERT = ParagraphStyle("alert", parent=_BODY, fontName="Helvetica-Bold", fontSi
 
 def write_report_pdf(out_path: Path, *, images: dict[str, Path], labels: Path, measurements: Measurements,
                      identification: Identification, qc: dict, provenance: dict, subject: dict,
-                     fast_mode: bool) -> Path:
+                     fast_mode: bool, longitudinal: Longitudinal | None = None) -> Path:
     """Render the report. `images`: role -> atlas-space NIfTI; `labels`: atlas-space 2024-convention labels.
 
     `subject` keys used: "display_id", "study_date" (YYYYMMDD or already formatted). `qc` and `provenance`
     are shown as flattened key/value tables; `qc["flags"]` joins `measurements.qc_flags` in the flag list.
+    `longitudinal` (a tracked run): a page with the trend and change table when earlier time points were compared.
     """
     figures = report_figures(images, labels)
     story = [
@@ -63,6 +66,7 @@ def write_report_pdf(out_path: Path, *, images: dict[str, Path], labels: Path, m
         *_volumes(measurements),
         *_rapno(measurements),
         *_figures(figures, measurements),
+        *_longitudinal(longitudinal),
         *_qc(qc, measurements.qc_flags),
         *_identification(identification),
         *_provenance(provenance),
@@ -205,6 +209,34 @@ def _figures(figures: dict[str, bytes], measurements: Measurements) -> list:
     # The heading travels with the first figure so it is never left alone at the foot of a page.
     flow = [KeepTogether([Paragraph("Segmentation overlays", _H2), intro, *images[:1]])]
     return flow + [KeepTogether([Spacer(1, 3 * mm), image]) for image in images[1:]]
+
+
+def _longitudinal(longitudinal: Longitudinal | None) -> list:
+    if longitudinal is None:
+        return []
+    notes = [Paragraph(_text(note), _SMALL) for note in longitudinal.notes]
+    if not longitudinal.priors:
+        first = "No earlier time point of this subject to compare with; this study is the baseline for later runs."
+        return [Paragraph("Longitudinal change", _H2), *notes, Paragraph(_text(first), _BODY)]
+    t = longitudinal.thresholds
+    rows = [["Region", "Volume (mL)", "vs baseline (mL, %)", "Nadir (mL)", "vs nadir (mL, %)", "vs previous (mL, %)",
+             "Response"]]
+    for change in longitudinal.changes.values():
+        rows.append([change.region, f"{change.volume_ml:.{VOLUME_DECIMALS}f}",
+                     format_change(change.vs_baseline.ml, change.vs_baseline.pct),
+                     f"{change.nadir_ml:.{VOLUME_DECIMALS}f}", format_change(change.vs_nadir.ml, change.vs_nadir.pct),
+                     format_change(change.vs_previous.ml, change.vs_previous.pct), change.response])
+    dates = ", ".join(_date(tp.study_date) for tp in longitudinal.priors)
+    intro = (f"Compared with {len(longitudinal.priors)} earlier time point(s) of this subject ({dates}); baseline "
+             f"{_date(longitudinal.priors[0].study_date)}, measured with the same model bundle unless noted below.")
+    legend = (f"Response per region (RAPNO volumetric thresholds): PD progressive disease, volume ≥ "
+              f"{t.progression_pct:+g} % vs nadir (the smallest earlier volume) or tumour back after none; PR partial "
+              f"response, ≤ {t.partial_response_pct:+g} % vs baseline; CR complete response, at most {t.absent_ml:g} mL "
+              f"left; SD stable disease otherwise; NE: {RESPONSES['NE']}. Atlas-space volumes.")
+    return [PageBreak(), Paragraph("Longitudinal change", _H2), Paragraph(_text(intro), _BODY), Spacer(1, 2 * mm),
+            _image(trend_png(longitudinal), 178 * mm, 110 * mm), Spacer(1, 2 * mm),
+            _table(rows, [16, 22, 32, 20, 32, 32, 24], numeric_from=1), Spacer(1, 1.5 * mm),
+            Paragraph(_text(legend), _SMALL), *notes]
 
 
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
