@@ -26,10 +26,13 @@ from pipeline.errors import InputError, MissingSequenceError, PipelineError, Res
 from pipeline.identify import identify, session_to_json
 from pipeline.infer import infer
 from pipeline.ingest import ingest
+from pipeline.longitudinal import Longitudinal, ResponseThresholds, compare, subject_key, tracking_uids
 from pipeline.measure import convert_labels, measure
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import labels_to_native, preprocess
 from pipeline.types import RunResult, Session
+from tracking.records import time_point
+from tracking.store import MeasurementStore
 
 logger = logging.getLogger(__name__)
 PEDSEG_VERSION = "0.1.0"
@@ -51,14 +54,16 @@ class StageTimer:
         logger.info("stage %s: done in %.1f s", name, self.seconds[name])
 
 
-def run_pipeline(input_path: Path | list[Path], outdir: Path, config: PipelineConfig) -> RunResult:
-    """`input_path`: a folder, zip or DICOM file of one session, or a list of them (see `ingest`)."""
+def run_pipeline(input_path: Path | list[Path], outdir: Path, config: PipelineConfig,
+                 store: MeasurementStore | None = None) -> RunResult:
+    """`input_path`: a folder, zip or DICOM file of one session, or a list of them (see `ingest`).
+    `store`: record this run under the subject and compare it with the subject's earlier time points."""
     outdir = Path(outdir)
     _prepare_outdir(outdir)
     staging = Path(tempfile.mkdtemp(prefix=".pedseg-staging-", dir=outdir))
     work = Path(tempfile.mkdtemp(prefix="pedseg-work-"))
     try:
-        result = _run(input_path, outdir, staging, work, config)
+        result = _run(input_path, outdir, staging, work, config, store)
         (outdir / "error.json").unlink(missing_ok=True)
         return result
     except PipelineError as error:
@@ -86,7 +91,8 @@ def _prepare_outdir(outdir: Path) -> None:
                          hint="Choose a writable output folder.") from exc
 
 
-def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path, config: PipelineConfig) -> RunResult:
+def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path, config: PipelineConfig,
+         store: MeasurementStore | None) -> RunResult:
     stage = StageTimer()
     bundle = load_bundle(config.bundle)  # a broken bundle fails before minutes of preprocessing
     with stage("ingest"):
@@ -99,7 +105,7 @@ def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path,
         raise MissingSequenceError(f"Model bundle '{bundle.name}' requires {absent}, which this session lacks.",
                                    hint="Add the missing series or use a bundle that accepts fewer inputs.")
     reference_role = config.reference_role if config.reference_role in identification.chosen else "t1c"
-    context = _study_context(session, identification.chosen[reference_role], config.pseudonymize)
+    context = _study_context(session, identification.chosen[reference_role], config.pseudonymize, config.subject_salt)
     if config.patient_age_years is None and context["age_years"] is not None:
         config = PipelineConfig(**{**vars(config), "patient_age_years": context["age_years"]})
 
@@ -117,7 +123,8 @@ def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path,
     provenance = {
         "pedseg_version": PEDSEG_VERSION,
         "packages": {name: _version(name) for name in PACKAGES},
-        "bundle": {"name": bundle.name, "version": bundle.version, "licence": bundle.licence, "sha256": bundle.sha256()},
+        "bundle": {"name": bundle.name, "version": bundle.version, "licence": bundle.licence, "sha256": bundle.sha256(),
+                   "label_convention": bundle.label_convention},
         "inputs": {
             "study_instance_uid": session.study_uid,
             "series_instance_uids": dict(identification.chosen),
@@ -131,14 +138,17 @@ def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path,
         "qc": pre.qc,
         "reference_role": reference_role,
     }
+    timeline = _timeline(store, session, context, measurements, provenance, config) if store is not None else None
     with stage("report"):
         outputs.update(_write_reports(staging, session, identification, pre, atlas_labels, native_labels, measurements,
-                                      provenance, context, reference_role, bundle, config))
+                                      provenance, context, reference_role, bundle, config, timeline))
     provenance["stage_seconds"] = stage.seconds
     outputs["provenance"] = write_text(staging / "provenance.json", json.dumps(provenance, indent=2, default=str) + "\n")
     outputs["identify"] = staging / "identify.json"
     final = {name: _publish(path, staging, outdir) for name, path in outputs.items()}
     logger.info("all outputs written to %s", outdir)
+    if timeline is not None:  # only a run whose outputs are all in place becomes a time point
+        store.record(timeline.current)
     return RunResult(outdir=outdir, outputs=final, identification=identification, measurements=measurements,
                      provenance=provenance)
 
@@ -167,11 +177,29 @@ def _in_convention(labels: sitk.Image, convention: str) -> sitk.Image:
     return out
 
 
+def _timeline(store: MeasurementStore, session: Session, context: dict, measurements, provenance: dict,
+              config: PipelineConfig) -> Longitudinal | None:
+    """This run as a time point, compared with the subject's earlier ones in the store."""
+    key = config.subject_key or context["subject_key"]
+    if not key:
+        logger.warning("no PatientID and no subject key: this run is not tracked")
+        return None
+    current = time_point(measurements, subject_key=key, study_uid=session.study_uid, study_date=session.study_date,
+                         bundle=provenance["bundle"])
+    timeline = compare(current, store.history(key), config.response_thresholds or ResponseThresholds(),
+                       across_bundles=config.compare_across_bundles)
+    for note in timeline.notes:
+        logger.warning("%s", note)
+    logger.info("longitudinal: %d earlier time point(s) compared", len(timeline.priors))
+    return timeline
+
+
 def _write_reports(staging, session, identification, pre, atlas_labels, native_labels, measurements, provenance,
-                   context, reference_role, bundle, config) -> dict[str, Path]:
+                   context, reference_role, bundle, config, timeline) -> dict[str, Path]:
     from reporting.dicom_pdf import write_encapsulated_pdf
     from reporting.dicom_seg import write_seg
     from reporting.dicom_sr import write_sr
+    from reporting.longitudinal import change_rows, write_history_csv
     from reporting.pdf import write_report_pdf
     from reporting.tables import write_measurements_csv, write_measurements_json
 
@@ -186,18 +214,22 @@ def _write_reports(staging, session, identification, pre, atlas_labels, native_l
     }
     outputs["measurements_json"] = write_measurements_json(measurements, staging / "measurements.json", context=table_context)
     outputs["measurements_csv"] = write_measurements_csv(measurements, staging / "measurements.csv", context=table_context)
+    if timeline is not None:
+        outputs["longitudinal"] = write_history_csv(change_rows(timeline), staging / "longitudinal.csv")
     has_tumour = measurements.regions["WT"].voxels > 0
     if config.write_seg and has_tumour:
         outputs["seg"] = write_seg(native_labels, source_files, staging / "seg" / "segmentation.dcm",
                                    algorithm_name=bundle.name, algorithm_version=bundle.version)
         if config.write_sr:
             outputs["sr"] = _first_path(write_sr(measurements, outputs["seg"], source_files, staging / "sr" / "measurements.dcm",
-                                                 algorithm_name=bundle.name, algorithm_version=bundle.version))
+                                                 algorithm_name=bundle.name, algorithm_version=bundle.version,
+                                                 # one Tracking UID per region for the subject at every time point
+                                                 tracking_uids=tracking_uids(timeline.current.subject_key) if timeline else None))
     if config.write_pdf:
         outputs["pdf"] = write_report_pdf(
             staging / "report.pdf", images=pre.images, labels=_atlas_labels_file(staging, atlas_labels),
             measurements=measurements, identification=identification, qc=pre.qc, provenance=provenance,
-            subject=context["display"], fast_mode=config.fast,
+            subject=context["display"], fast_mode=config.fast, longitudinal=timeline,
         )
         outputs["pdf_dicom"] = write_encapsulated_pdf(outputs["pdf"], source_files, staging / "report" / "report_pdf.dcm",
                                                       title="pedseg tumour volumetry report (research use only)")
@@ -215,8 +247,9 @@ def _atlas_labels_file(staging: Path, atlas_labels: sitk.Image) -> Path:
     return path
 
 
-def _study_context(session: Session, reference_uid: str, pseudonymize: bool) -> dict:
-    """Display identity for the report (pseudonymised unless configured otherwise) and the patient's age."""
+def _study_context(session: Session, reference_uid: str, pseudonymize: bool, subject_salt: str = "") -> dict:
+    """Display identity for the report (pseudonymised unless configured otherwise), the patient's age and the
+    subject key for longitudinal tracking (a hash of the PatientID; "" without one)."""
     ds = pydicom.dcmread(session.by_uid(reference_uid).files[0], stop_before_pixels=True)
     patient_id = str(ds.get("PatientID", ""))
     pseudonym = "subject-" + hashlib.sha256(patient_id.encode()).hexdigest()[:10]
@@ -229,6 +262,7 @@ def _study_context(session: Session, reference_uid: str, pseudonymize: bool) -> 
         "display": {"display_id": display_id, "study_date": session.study_date},
         "pseudonym": pseudonym,
         "age_years": age_years,
+        "subject_key": subject_key(patient_id, subject_salt) if patient_id else "",
     }
 
 
