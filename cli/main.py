@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
-from pipeline.errors import PipelineError
+from pipeline.config import DEFAULT_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
+from pipeline.errors import InputError, PipelineError
 
 logger = logging.getLogger("pedseg")
 
@@ -25,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=_INPUT_HELP)
     run.add_argument("outdir", type=Path, metavar="OUTDIR", help="output folder (the last argument)")
     _add_run_options(run)
+    run.add_argument("--db", type=Path, default=os.environ.get("PEDSEG_DB"),
+                     help="SQLite measurement store: record this run and compare it with the subject's earlier ones "
+                          "(default $PEDSEG_DB; no tracking without either)")
+    run.add_argument("--subject-key", default=None,
+                     help=f"key the run is recorded under (default: SHA-256 of ${SUBJECT_SALT_ENV} + PatientID)")
+    _add_compare_option(run)
 
     ident = sub.add_parser("identify", help="classify the series of a session as t1n/t1c/t2w/t2f/other")
     ident.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=_INPUT_HELP)
@@ -41,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--growth", type=float, default=1.0, help="tumour volume factor (longitudinal series)")
     synth.add_argument("--subject-seed", type=int, default=None, help="same child across sessions")
     synth.add_argument("--zip", action="store_true", help="also pack the DICOM folder as a zip")
+
+    history = sub.add_parser("history", help="a subject's recorded time points with change vs baseline, nadir, previous")
+    history.add_argument("subject", help="the key given to `run --subject-key`, or the PatientID (hashed as run hashes it)")
+    history.add_argument("--db", type=Path, default=os.environ.get("PEDSEG_DB"), help="SQLite measurement store (default $PEDSEG_DB)")
+    history.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH",
+                         help="CSV instead of the table: to PATH, or to standard output without one")
+    _add_compare_option(history)
 
     listen = sub.add_parser("listen", help="DICOM listener: receive studies, run the pipeline, send SEG, SR and PDF on")
     listen.add_argument("--aet", default="PEDSEG", help="our AE title")
@@ -83,6 +98,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-workdir", action="store_true")
 
 
+def _add_compare_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compare-across-bundles", action="store_true",
+                   help="also compare time points measured with other model bundles or label conventions")
+
+
 def _config(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(
         bundle=args.bundle, device=args.device, fast=args.fast, reference_role=args.reference,
@@ -93,8 +113,12 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 def _cmd_run(args) -> int:
     from pipeline.runner import run_pipeline
+    from tracking.sqlite import SQLiteStore
 
-    result = run_pipeline(args.inputs, args.outdir, _config(args))
+    config = dataclasses.replace(_config(args), subject_key=args.subject_key,
+                                 compare_across_bundles=args.compare_across_bundles)
+    store = SQLiteStore(args.db) if args.db else None
+    result = run_pipeline(args.inputs, args.outdir, config, store=store)
     wt = result.measurements.regions["WT"].volume_ml
     print(f"done: whole tumour {wt:.2f} mL; outputs in {result.outdir}")
     return 0
@@ -127,6 +151,33 @@ def _cmd_synth(args) -> int:
     if args.zip:
         shutil.make_archive(str(args.outdir / "dicom"), "zip", args.outdir / "dicom")
     print(f"synthetic session (seed {args.seed}, {summary['vendor']}) in {args.outdir}")
+    return 0
+
+
+def _cmd_history(args) -> int:
+    from pipeline.longitudinal import subject_key, trajectory
+    from reporting.longitudinal import history_csv, history_rows, history_table, write_history_csv
+    from tracking.sqlite import SQLiteStore
+
+    if args.db is None or not args.db.is_file():
+        raise InputError(f"No measurement store at '{args.db}'." if args.db else "No measurement store given.",
+                         hint="Pass --db PATH (the file `pedseg run --db` records into) or set PEDSEG_DB.")
+    store = SQLiteStore(args.db)
+    points = store.history(args.subject) or store.history(subject_key(args.subject, os.environ.get(SUBJECT_SALT_ENV, "")))
+    if not points:
+        raise InputError("No time points are recorded for this subject.",
+                         hint=f"SUBJECT is the key given to `pedseg run --subject-key`, or the PatientID (with the same "
+                              f"${SUBJECT_SALT_ENV} as the runs).")
+    timeline = trajectory(points, across_bundles=args.compare_across_bundles)
+    rows = history_rows(timeline)
+    if args.csv == "-":
+        sys.stdout.write(history_csv(rows))
+    elif args.csv:
+        print(f"{len(timeline)} time point(s) written to {write_history_csv(rows, args.csv)}")
+    else:
+        print(history_table(rows))
+        for note in dict.fromkeys(note for longitudinal in timeline for note in longitudinal.notes):
+            print(f"note: {note}")
     return 0
 
 
@@ -180,7 +231,7 @@ def _cmd_pull(args) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "identify": _cmd_identify, "synth": _cmd_synth, "demo": _cmd_demo,
-            "listen": _cmd_listen, "push": _cmd_push, "pull": _cmd_pull}
+            "listen": _cmd_listen, "push": _cmd_push, "pull": _cmd_pull, "history": _cmd_history}
 
 
 def main(argv: list[str] | None = None) -> int:
