@@ -374,7 +374,9 @@ class _Stats:
 
     def _orientation(self, iop) -> None:
         rounded = _rounded(iop, 6)
-        if rounded is not None and not any(_same_orientation(rounded, o) for o in self.orientations):
+        if rounded is None or len(rounded) != 6:  # absent or malformed: no orientation to count or split by
+            return
+        if not any(_same_orientation(rounded, o) for o in self.orientations):
             self.orientations.append(rounded)
 
     def temporal_positions(self) -> int:

@@ -83,7 +83,7 @@ class Session:
 
     series: list[Series]
     study_uid: str
-    root: Path
+    root: Path  # the input folder; the work folder when archives were unpacked or several inputs merged
     study_date: str = ""  # YYYYMMDD, not PHI on its own and needed for longitudinal ordering
 
     def by_uid(self, key: str) -> Series:
