@@ -20,6 +20,7 @@ import pytest
 from cli.main import main
 from pacs.errors import NetworkError
 from pacs.instances import list_instances
+from pacs.journal import Journal, StudyRecord
 from pacs.listener import Listener, ListenerConfig
 from pacs.node import DicomNode, parse_destination, parse_node
 from pacs.send import SendPolicy, send_files
@@ -154,10 +155,29 @@ def test_pipeline_error_fails_the_study_and_the_listener_goes_on(listen, destina
     store(files, listener.config.port)
     wait_for(lambda: state(listener.config.spool, uid) == "failed", what="study failed")
     assert "missing_sequence" in status(listener.config.spool)["studies"][uid]["message"]
+    # An unexpected error is reported by type and place only: its text may quote header values.
+    fake.error = RuntimeError(f"bad header for {PATIENT_NAME}")
+    second = make_study(tmp_path / "second", 2)
+    store(second, listener.config.port)
+    wait_for(lambda: state(listener.config.spool, study_uid_of(second[0])) == "failed", what="second study failed")
+    message = status(listener.config.spool)["studies"][study_uid_of(second[0])]["message"]
+    assert message.startswith("unexpected RuntimeError in pacs_support.py:") and PATIENT_NAME not in message
     fake.error = None
     other = make_study(tmp_path / "other", 2)
     store(other, listener.config.port)
     wait_for(lambda: state(listener.config.spool, study_uid_of(other[0])) == "sent", what="next study sent")
+
+
+def test_a_study_that_keeps_killing_the_listener_is_given_up(listen, destination, tmp_path):
+    spool = tmp_path / "spool"
+    journal = Journal(spool)
+    record = StudyRecord("1.2.3.4", state="running", queued_at=1.0, attempts=3)
+    journal.save(record)
+    make_study(journal.dicom_dir(record), 1, study_uid="1.2.3.4")
+    fake = FakePipeline()
+    listen(fake, destination, spool=spool)
+    wait_for(lambda: state(spool, "1.2.3.4") == "failed", what="study given up")
+    assert fake.calls == [] and "after 3 interrupted runs" in status(spool)["studies"]["1.2.3.4"]["message"]
 
 
 _HANGING_LISTENER = textwrap.dedent("""
