@@ -788,3 +788,22 @@ def test_dockerfile_sets_the_manifest_environment():
     instructions = (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
     env = dict(token.split("=", 1) for line in instructions if line.startswith("ENV ") for token in shlex.split(line)[1:])
     assert env == MANIFEST["environment"]
+
+
+def test_dockerfile_contract():
+    """CUDA base for NVIDIA hosts and a CPU variant, torch pinned as in constraints-cpu.txt, the demo bundle baked
+    in (and kept in the build context), /flywheel/v0 layout, a non-root user. Built where Docker runs; linted here."""
+    text = (REPO / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.M))
+    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:") and args["VARIANT"] == "gpu"
+    assert "FROM ${CUDA_IMAGE} AS base-gpu" in text and "FROM ${PYTHON_IMAGE} AS base-cpu" in text
+    assert "download.pytorch.org/whl/cpu" in text  # the CPU variant's torch has no CUDA libraries
+    constraints = (REPO / "constraints-cpu.txt").read_text()
+    assert f"torch=={args['TORCH_VERSION']}" in constraints.split()
+    assert "COPY bundles/pedseg-demo /opt/pedseg/bundles/pedseg-demo" in text
+    assert MANIFEST["environment"]["PEDSEG_BUNDLE"] == "/opt/pedseg/bundles/pedseg-demo"
+    assert "!bundles/pedseg-demo" in (REPO / ".dockerignore").read_text().split()
+    assert "WORKDIR /flywheel/v0" in text and "manifest.json run.py ./" in text
+    user = re.findall(r"^USER (\S+)$", text, flags=re.M)
+    assert user and not user[-1].startswith(("0", "root"))
+
