@@ -78,11 +78,15 @@ class FlywheelSession:
         return None
 
     def write_results(self, summary: dict) -> None:
-        """Results onto the session: update_info sets info.pedseg and leaves every other info key as it was."""
-        self.session.update_info({INFO_KEY: summary})
+        """The summary into session.info.pedseg, keeping every other info key and the namespace's other entries
+        (the measurement store's `timepoints`). update_info replaces the one top-level key it is given, so the
+        namespace is re-read just before and written back whole."""
+        session = self.session.reload()
+        namespace = {**((session.info or {}).get(INFO_KEY) or {}), **summary}
+        session.update_info({INFO_KEY: namespace})
         for tag in TAGS:
-            if tag not in (self.session.tags or []):
-                self.session.add_tag(tag)
+            if tag not in (session.tags or []):
+                session.add_tag(tag)
         logger.info("session mode: results written to the session's info.%s and tagged %s", INFO_KEY, TAGS)
 
 

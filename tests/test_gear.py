@@ -505,6 +505,9 @@ class FakeSession:
     def acquisitions(self):
         return self._acquisitions
 
+    def reload(self):
+        return self
+
     def update_info(self, update: dict) -> None:
         """Flywheel's set_session_info: each given top-level key is set, every other key stays."""
         self.info_updates += 1
@@ -612,13 +615,14 @@ def test_session_mode_downloads_only_candidate_series(fw, pipeline_calls, caplog
 
 def test_session_results_land_in_session_info_without_touching_other_keys(fw):
     other = {"clinical": {"site": "A", "visit": 2}, "mriqc": {"snr": 11.5}}
-    session = flywheel_session(info={**other, "pedseg": {"idempotency_key": "0" * 64, "stale": True}},
+    timepoints = [{"study_uid": "1.2.3", "bundle": {"sha256": "cd" * 32}}]  # the measurement store's entries
+    session = flywheel_session(info={**other, "pedseg": {"idempotency_key": "0" * 64, "timepoints": timepoints}},
                                tags=["reviewed"])
     assert fw.run(session) == 0
     assert session.info_updates == 1
     assert {k: session.info[k] for k in other} == other  # merged, never replaced
     summary = session.info["pedseg"]
-    assert "stale" not in summary and summary["idempotency_key"] == fw.key
+    assert summary.pop("timepoints") == timepoints and summary["idempotency_key"] == fw.key
     assert summary["volumes_ml"]["WT"] == pytest.approx(14.515) and summary["series_numbers"]["t1c"] == 3
     assert session.tags == ["reviewed", "pedseg"]
     metadata = json.loads((fw.root / "output" / ".metadata.json").read_text())
