@@ -582,7 +582,8 @@ def fw(tmp_path, monkeypatch, pipeline_calls, caplog):
         return result
 
     monkeypatch.setattr("pipeline.runner.run_pipeline", fake_run_pipeline)
-    world = SimpleNamespace(client=None, root=tmp_path / "gear", bundle=bundle, key=series_key(UIDS, load_bundle(bundle).sha256()))
+    world = SimpleNamespace(client=None, root=tmp_path / "gear", bundle=bundle,
+                            key=series_key(UIDS, load_bundle(bundle).sha256()))
 
     def client_for(api_key):
         world.client.api_keys.append(api_key)
@@ -798,7 +799,7 @@ def test_dockerfile_contract():
     """CUDA base for NVIDIA hosts and a CPU variant, torch pinned as in constraints-cpu.txt, the demo bundle baked
     in (and kept in the build context), /flywheel/v0 layout, a non-root user. Built where Docker runs; linted here."""
     text = (REPO / "Dockerfile").read_text()
-    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.M))
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.MULTILINE))
     assert args["CUDA_IMAGE"].startswith("nvidia/cuda:") and args["VARIANT"] == "gpu"
     assert "FROM ${CUDA_IMAGE} AS base-gpu" in text and "FROM ${PYTHON_IMAGE} AS base-cpu" in text
     assert "download.pytorch.org/whl/cpu" in text  # the CPU variant's torch has no CUDA libraries
@@ -808,6 +809,6 @@ def test_dockerfile_contract():
     assert MANIFEST["environment"]["PEDSEG_BUNDLE"] == "/opt/pedseg/bundles/pedseg-demo"
     assert "!bundles/pedseg-demo" in (REPO / ".dockerignore").read_text().split()
     assert "WORKDIR /flywheel/v0" in text and "manifest.json run.py ./" in text
-    user = re.findall(r"^USER (\S+)$", text, flags=re.M)
+    user = re.findall(r"^USER (\S+)$", text, flags=re.MULTILINE)
     assert user and not user[-1].startswith(("0", "root"))
 
