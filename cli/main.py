@@ -176,8 +176,9 @@ def _cmd_history(args) -> int:
         print(f"{len(timeline)} time point(s) written to {write_history_csv(rows, args.csv)}")
     else:
         print(history_table(rows))
-        for note in dict.fromkeys(note for longitudinal in timeline for note in longitudinal.notes):
-            print(f"note: {note}")
+        for longitudinal in timeline:
+            for note in longitudinal.notes:
+                print(f"note ({longitudinal.current.study_date or 'undated'}): {note}")
     return 0
 
 
