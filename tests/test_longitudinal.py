@@ -384,11 +384,15 @@ def test_flywheel_store_with_a_fake_client(flywheel_subject, phantoms, tmp_path)
     assert history_table(history_rows(trajectory(history))) == history_table(history_rows(trajectory(sqlite.history(subject))))
 
 
-def test_flywheel_store_reads_an_analysis_only_once(flywheel_subject, phantoms):
+def test_flywheel_store_reads_an_analysis_only_once_and_skips_malformed_info(flywheel_subject, caplog):
     client, subject = flywheel_subject
     from_file = FlywheelStore(client).history(subject)
     FlywheelStore(client, "s1").record(from_file[0])  # now recorded in info as well
+    client.get_session("s3").info[NAMESPACE] = {"timepoints": [{"study_uid": "1.2.3"}]}
     assert len(FlywheelStore(client).history(subject)) == 1
+    assert "malformed time point" in caplog.text
+    FlywheelStore(client, "s3").record(dataclasses.replace(from_file[0], study_uid=UIDS[2]))  # still records
+    assert len(FlywheelStore(client).history(subject)) == 2
 
 
 # ----------------------------------------------------------------------------------------------- runner hook

@@ -33,7 +33,12 @@ class FlywheelStore:
         points: list[TimePoint] = []
         for listed in self.client.get_subject(subject_key).sessions():
             session = listed.reload()  # a listing may omit info and analyses
-            recorded = [from_dict(entry) for entry in _entries(session)]
+            recorded = []
+            for entry in _entries(session):
+                try:
+                    recorded.append(from_dict(entry))
+                except (KeyError, TypeError, AttributeError) as exc:  # hand-edited info must not stop a run
+                    log.warning("skipped a malformed time point in session info (%s)", type(exc).__name__)
             seen = {(tp.study_uid, tp.bundle.sha256) for tp in recorded}
             for tp in self._from_analyses(session, subject_key):
                 if (tp.study_uid, tp.bundle.sha256) not in seen:
@@ -46,8 +51,8 @@ class FlywheelStore:
         if self.session_id is None:
             raise ValueError("this FlywheelStore was opened without a session to record into")
         session = self.client.get_session(self.session_id).reload()
-        entries = [e for e in _entries(session)
-                   if (e["study_uid"], e["bundle"]["sha256"]) != (time_point.study_uid, time_point.bundle.sha256)]
+        entries = [e for e in _entries(session) if (e.get("study_uid"), (e.get("bundle") or {}).get("sha256"))
+                   != (time_point.study_uid, time_point.bundle.sha256)]
         namespace = dict(session.info.get(NAMESPACE) or {})
         namespace["timepoints"] = [*entries, to_dict(time_point)]
         # update_info replaces the top-level key it is given, so the whole namespace is written back.
