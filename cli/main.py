@@ -201,13 +201,16 @@ def _cmd_listen(args) -> int:
     from pacs.listener import Listener, ListenerConfig
     from pacs.node import check_aet, parse_destination
     from pacs.send import SendPolicy
+    from pipeline.bundle import load_bundle
 
+    pipeline_config = _config(args)
+    load_bundle(pipeline_config.bundle)  # a broken bundle stops the listener now, not every study later
     config = ListenerConfig(
         aet=check_aet(args.aet), port=args.port, bind=args.bind, spool=args.spool,
         destination=parse_destination(args.dest), quiet_s=args.quiet_seconds,
         allowed_calling_aets=tuple(check_aet(a) for a in args.allow_aet), send=SendPolicy(attempts=args.send_attempts),
     )
-    Listener(config, _config(args)).serve_forever()
+    Listener(config, pipeline_config).serve_forever()
     return 0
 
 

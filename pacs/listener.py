@@ -89,6 +89,8 @@ class Listener:
             thread = threading.Thread(target=target, name=f"pedseg-{target.__name__.strip('_')}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        with self._lock:
+            self._write_status()  # its presence tells scripts and tests that associations are accepted
         logger.info("listening as %s on %s:%d; results go to %s; spool %s; a study is complete after %.0f s of quiet",
                     self.config.aet, self.config.bind, self.config.port, self.config.destination, self.config.spool,
                     self.config.quiet_s)
@@ -108,6 +110,9 @@ class Listener:
             self._lock_file = None
 
     def serve_forever(self) -> None:
+        if not logger.isEnabledFor(logging.DEBUG):
+            # pynetdicom logs two lines per instance: the study-level lines above say what matters.
+            logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         self.start()
@@ -155,7 +160,6 @@ class Listener:
             waiting = sum(r.state in (QUEUED, SENDING, RECEIVING) for r in self._records.values())
             if waiting:
                 logger.info("resuming %d unfinished studies from the spool", waiting)
-            self._write_status()
 
     # ------------------------------------------------------------------------------------------ receiving
 
