@@ -84,7 +84,12 @@ class Listener:
         self._recover()
         ae = storage_ae(self.config.aet, list(self.config.allowed_calling_aets))
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_CLOSE, self._on_close)]
-        self._server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers)
+        try:
+            self._server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            self.stop()
+            raise NetworkError(f"Cannot listen on {self.config.bind}:{self.config.port} ({exc.strerror}).",
+                               hint="Choose a free --port, or stop the program that uses it.") from exc
         for target in (self._schedule_loop, self._work_loop):
             thread = threading.Thread(target=target, name=f"pedseg-{target.__name__.strip('_')}", daemon=True)
             thread.start()

@@ -45,8 +45,8 @@ def listen(tmp_path):
     """Start listeners on `tmp_path/spool`; all are stopped at the end."""
     started = []
 
-    def start(runner, dest, *, quiet_s=0.3, spool=None, send=FAST_SEND) -> Listener:
-        config = ListenerConfig(aet="PEDSEG", port=free_port(), bind="127.0.0.1", spool=spool or tmp_path / "spool",
+    def start(runner, dest, *, quiet_s=0.3, spool=None, send=FAST_SEND, port=None) -> Listener:
+        config = ListenerConfig(aet="PEDSEG", port=port or free_port(), bind="127.0.0.1", spool=spool or tmp_path / "spool",
                                 destination=parse_node(str(dest)), quiet_s=quiet_s, send=send, poll_s=0.05)
         listener = Listener(config, PipelineConfig(), runner=runner)
         listener.start()
@@ -254,10 +254,14 @@ def test_send_backs_off_exponentially_and_fails_with_the_network_exit_code(tmp_p
     assert main(["push", str(tmp_path / "out"), "--to", f"NOBODY@127.0.0.1:{free_port()}", "--send-attempts", "1"]) == 7
 
 
-def test_one_listener_per_spool(listen, destination, tmp_path):
-    listen(FakePipeline(), destination)
+def test_listener_start_errors_have_exit_codes(listen, destination, tmp_path):
+    running = listen(FakePipeline(), destination)
     with pytest.raises(InputError, match="Another listener"):
-        listen(FakePipeline(), destination)
+        listen(FakePipeline(), destination)  # same spool
+    with pytest.raises(NetworkError, match="Cannot listen"):
+        listen(FakePipeline(), destination, spool=tmp_path / "other", port=running.config.port)
+    common = ["listen", "--dest", str(destination), "--spool", str(tmp_path / "cli"), "--bind", "127.0.0.1"]
+    assert main([*common, "--port", str(free_port()), "--bundle", str(tmp_path / "no-bundle")]) == 6
 
 
 def test_node_and_destination_parsing():
