@@ -92,7 +92,7 @@ def orthanc(tmp_path_factory) -> Orthanc:
             "pedseg": {"AET": "PEDSEG", "Host": "127.0.0.1", "Port": server.listener_port},
             "pedseg-pull": {"AET": "PEDSEGPULL", "Host": "127.0.0.1", "Port": server.pull_port},
         },
-        "DicomAssociationCloseDelay": 0,  # close right after a send: the listener waits for the close
+        "DicomScuTimeout": 60,  # a busy CI machine may answer slowly; Orthanc's default is 10 s
         "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (root / "orthanc.json").write_text(json.dumps(config, indent=2))
