@@ -14,7 +14,7 @@ from pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atl
 from pipeline.config import PipelineConfig
 from pipeline.errors import UnsupportedDataError
 from pipeline.ingest import convert_series
-from pipeline.registration import compose, inverse, masked_correlation, register_rigid, resample
+from pipeline.registration import compose, inverse, masked_correlation, register_rigid, resample, resample_labels
 from pipeline.types import Identification, Preprocessed, Session
 
 logger = logging.getLogger(__name__)
@@ -127,14 +127,21 @@ def _quality_checks(atlas_space: dict, anchor: str, atlas_t1: sitk.Image, mask: 
             qc["flags"].append(f"brain volume {brain_ml:.0f} mL outside {lo}-{hi} mL expected at age {age:g}")
 
 
-def labels_to_native(atlas_labels: sitk.Image, atlas_to_native_tfm: Path, native_image: Path) -> sitk.Image:
-    """Map an atlas-space label map onto a source series' native grid (nearest neighbour)."""
+def labels_to_native(atlas_labels: sitk.Image, atlas_to_native_tfm: Path, native_image: Path, *,
+                     method: str = "nearest") -> sitk.Image:
+    """Map an atlas-space label map onto a source series' native grid (method: see resample_labels)."""
     reference = sitk.ReadImage(str(native_image))
     if reference.GetDimension() == 4:
         size = list(reference.GetSize())
         reference = sitk.Extract(reference, size[:3] + [0], [0, 0, 0, 0])
     native_to_atlas = inverse(sitk.ReadTransform(str(atlas_to_native_tfm)))
-    return resample(atlas_labels, reference, native_to_atlas, labels=True)
+    return resample_labels(atlas_labels, reference, native_to_atlas, method=method)
+
+
+def labels_to_atlas(native_labels: sitk.Image, atlas_to_native_tfm: Path, *, method: str = "distance") -> sitk.Image:
+    """Map a label map drawn on a source series' native grid into BraTS space. "distance" by default: from thick
+    slices it puts boundaries where the shape crosses between slices rather than at the nearest slice."""
+    return resample_labels(native_labels, brats_reference_grid(), sitk.ReadTransform(str(atlas_to_native_tfm)), method=method)
 
 
 def native_point_to_atlas(point_lps_mm, atlas_to_native_tfm: Path) -> tuple[float, float, float]:
