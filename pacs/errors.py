@@ -9,3 +9,7 @@ class NetworkError(PipelineError):
 
     exit_code = 7
     kind = "network_error"
+    causes = ("a PACS or DICOMweb peer that is down, unreachable, refuses our AE title or rejects instances; "
+              "a listener port already in use")
+    advice = ("Check host, port and AE titles on both sides (README, PACS companion); results the listener could "
+              "not deliver stay in its spool and `pedseg push OUTDIR --to ...` resends them.")
