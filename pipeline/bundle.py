@@ -9,10 +9,12 @@ bundle.json (format_version 1):
   models:            [{"path": "models/<trainer>__<plans>__<config>", "folds": [0, 1], "weight": 1.0,
                        "checkpoint": "checkpoint_final.pth"}]
   tta:               mirroring test-time augmentation by default
-  fast_folds:        folds used in --fast mode
+  fast_folds:        folds used in --fast mode (a model with none of them runs its first fold)
   postprocessing:    {"min_component_voxels": {"ET": 8, ...}, "min_wt_component_voxels": 50,
                       "redefine": [{"region": "ET", "below_fraction_of_wt": 0.0, "to": "NET"}],
                       "keep_largest_wt": false}
+                     region names are the internal ones (ET, NET, CC, ED) whatever the label convention.
+Models are weighted by "weight" when their class probabilities are averaged; they must share one label set.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import BundleError
+from pipeline.postprocess import REGION_LABEL, SETTINGS
 from pipeline.types import ROLES
 
 CONVENTIONS = {"2024": {"ET", "NET", "CC", "ED"}, "2023": {"NCR", "ED", "ET"}}
@@ -49,6 +52,13 @@ class ModelBundle:
     tta: bool
     fast_folds: tuple[str, ...]
     postprocessing: dict = field(default_factory=dict)
+
+    def folds_to_run(self, fast: bool) -> list[tuple[BundleModel, tuple[str, ...]]]:
+        """Each model with the folds a run uses: all of them, or in fast mode those in fast_folds."""
+        if not fast:
+            return [(model, model.folds) for model in self.models]
+        return [(model, tuple(f for f in model.folds if f in self.fast_folds) or model.folds[:1])
+                for model in self.models]
 
     def sha256(self) -> str:
         """Hash of bundle.json and every checkpoint: identifies exactly which weights produced a result."""
@@ -104,11 +114,18 @@ def _validate(bundle: ModelBundle) -> None:
             f"Bundle '{bundle.name}' labels {bundle.labels} do not match label convention '{bundle.label_convention}'.",
             hint="Use 2024 (ET, NET, CC, ED) or 2023 (NCR, ED, ET).",
         )
+    _validate_postprocessing(bundle)
+    model_labels = {}
     for model in bundle.models:
+        if model.weight <= 0:
+            raise BundleError(f"Bundle '{bundle.name}': model '{model.path.name}' has weight {model.weight}; weights "
+                              "must be positive.")
         for name in ("dataset.json", "plans.json"):
             if not (model.path / name).is_file():
                 raise BundleError(f"Bundle '{bundle.name}': model folder '{model.path.name}' has no {name}.")
-        channels = json.loads((model.path / "dataset.json").read_text()).get("channel_names", {})
+        dataset = json.loads((model.path / "dataset.json").read_text())
+        model_labels[model.path.name] = dataset.get("labels")
+        channels = dataset.get("channel_names", {})
         if len(channels) != len(bundle.inputs):
             raise BundleError(
                 f"Bundle '{bundle.name}': model '{model.path.name}' takes {len(channels)} input channels but bundle.json "
@@ -121,3 +138,22 @@ def _validate(bundle: ModelBundle) -> None:
                     f"Bundle '{bundle.name}': model '{model.path.name}' lacks fold {fold} ({model.checkpoint}).",
                     hint="Restore the fold folder or remove the fold from bundle.json.",
                 )
+    if len({json.dumps(labels, sort_keys=True) for labels in model_labels.values()}) > 1:
+        raise BundleError(f"Bundle '{bundle.name}': its models predict different label sets {model_labels}; "
+                          "their probabilities cannot be averaged.", hint="Ensemble models trained on one label set.")
+
+
+def _validate_postprocessing(bundle: ModelBundle) -> None:
+    settings = bundle.postprocessing
+    regions = set(settings.get("min_component_voxels", {}))
+    for rule in settings.get("redefine", []):
+        if not {"region", "below_fraction_of_wt", "to"} <= set(rule):
+            raise BundleError(f"Bundle '{bundle.name}': redefine rule {rule} needs region, below_fraction_of_wt and to.")
+        regions |= {rule["region"], rule["to"]}
+    unknown_keys = set(settings) - set(SETTINGS)
+    unknown_regions = regions - set(REGION_LABEL)
+    if unknown_keys or unknown_regions:
+        raise BundleError(
+            f"Bundle '{bundle.name}': unknown post-processing settings {sorted(unknown_keys)} or regions "
+            f"{sorted(unknown_regions)}.",
+            hint=f"Settings are {list(SETTINGS)}; regions are {list(REGION_LABEL)}.")

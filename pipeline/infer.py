@@ -1,8 +1,9 @@
-"""Ensemble inference through nnU-Net v2's own network construction, checkpoint loading and sliding window.
+"""Inference stage: the bundle's nnU-Net ensemble (pipeline.ensemble) on the atlas-space images.
 
-Each bundle model (an nnU-Net trained-model folder) runs its folds with nnUNetPredictor; the models'
-class probabilities are averaged with the bundle's weights, then nnU-Net's label manager turns the average
-into labels, so label-based and region-based (BraTS-style) models are both handled by nnU-Net itself.
+Writes the label map (internal BraTS-PEDs 2024 values), one probability map per region and an uncertainty
+map (normalised entropy of the ensemble's mean probabilities) as NIfTI on the atlas grid. `--fast` runs the
+bundle's fast folds without mirroring TTA. With `--device auto`, a GPU that runs out of memory hands the
+run to the CPU.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import SimpleITK as sitk
 
 from pipeline.bundle import ModelBundle
 from pipeline.config import PipelineConfig
-from pipeline.errors import BundleError, MissingSequenceError
+from pipeline.errors import BundleError, MissingSequenceError, ResourceError
 from pipeline.types import Prediction, Preprocessed
 
 logger = logging.getLogger(__name__)
 
 # Region name -> internal (BraTS-PEDs 2024) label value. 2023's NCR has no cyst/non-enhancing split: it becomes NET.
 INTERNAL_LABELS = {"ET": 1, "NET": 2, "CC": 3, "ED": 4, "NCR": 2}
+UNCERTAIN_ENTROPY = 0.5  # voxels at or above this normalised entropy count as uncertain in the summary
 
 
 def pick_device(requested: str):
@@ -50,49 +52,80 @@ def _stack_inputs(pre: Preprocessed, bundle: ModelBundle) -> tuple[np.ndarray, s
 
 def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: PipelineConfig) -> Prediction:
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from pipeline.ensemble import Member, run_ensemble
 
     device = pick_device(config.device)
-    if device.type == "cpu":
-        torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    tta = bundle.tta and not config.fast
+    members = [Member(model, folds) for model, folds in bundle.folds_to_run(config.fast)]
     data, reference = _stack_inputs(pre, bundle)
     spacing_zyx = list(reversed(reference.GetSpacing()))
-    use_tta = bundle.tta and not config.fast
-    averaged, total_weight, label_manager, folds_used = None, 0.0, None, []
-    for model in bundle.models:
-        folds = tuple(f for f in model.folds if not config.fast or f in bundle.fast_folds) or model.folds[:1]
-        t0 = time.perf_counter()
-        predictor = nnUNetPredictor(
-            tile_step_size=0.5, use_gaussian=True, use_mirroring=use_tta,
-            perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
-        )
-        predictor.initialize_from_trained_model_folder(
-            str(model.path), use_folds=tuple(int(f) if f != "all" else f for f in folds), checkpoint_name=model.checkpoint
-        )
-        _, probabilities = predictor.predict_single_npy_array(data, {"spacing": spacing_zyx}, None, None, True)
-        weighted = model.weight * probabilities.astype(np.float32)
-        averaged = weighted if averaged is None else averaged + weighted
-        total_weight += model.weight
-        label_manager = predictor.label_manager
-        folds_used += [f"{model.path.name}/fold_{f}" for f in folds]
-        logger.info("model %s, folds %s, TTA %s on %s: %.1f s", model.path.name, ",".join(folds), use_tta, device.type,
-                    time.perf_counter() - t0)
-    averaged /= total_weight
-    model_labels = np.asarray(label_manager.convert_probabilities_to_segmentation(averaged))
-    labels = _to_internal_labels(model_labels, bundle)
+    t0 = time.perf_counter()
+    try:
+        if device.type == "cpu":
+            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        result = run_ensemble(data, spacing_zyx, members, device, tta)
+    except torch.OutOfMemoryError as exc:
+        if config.device != "auto":
+            raise ResourceError("The GPU ran out of memory during inference.",
+                                hint="Use --device auto (falls back to the CPU) or --device cpu, or --fast.") from exc
+        logger.warning("out of GPU memory (%s): running the ensemble on the CPU instead", str(exc).splitlines()[0])
+        device = torch.device("cpu")
+        torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        result = run_ensemble(data, spacing_zyx, members, device, tta)
 
     out = workdir / "prediction"
     out.mkdir(parents=True, exist_ok=True)
-    labels_path = _write_like(labels.astype(np.uint8), reference, out / "labels_atlas.nii.gz")
-    entropy = -(averaged * np.log(np.clip(averaged, 1e-8, 1))).sum(0) / np.log(averaged.shape[0])
-    uncertainty_path = _write_like(entropy.astype(np.float32), reference, out / "uncertainty_atlas.nii.gz")
-    probabilities_path = out / "probabilities_atlas.npz"
-    np.savez_compressed(probabilities_path, probabilities=averaged.astype(np.float16))
+    labels = _to_internal_labels(result.labels, bundle)
+    labels_path = _write_like(labels, reference, out / "labels_atlas.nii.gz")
+    probabilities = {}
+    for channel, values in enumerate(result.channel_labels):
+        if values != (0,):
+            name = "+".join(bundle.labels[v] for v in values)
+            probabilities[name] = _write_like(_rounded(result.probabilities[channel]), reference,
+                                              out / f"probability_{name}_atlas.nii.gz")
+    entropy = normalised_entropy(result.probabilities, result.has_regions)
+    uncertainty_path = _write_like(_rounded(entropy), reference, out / "uncertainty_atlas.nii.gz")
     return Prediction(
-        labels=labels_path, probabilities=probabilities_path, uncertainty=uncertainty_path,
+        labels=labels_path, probabilities=probabilities, uncertainty=uncertainty_path,
         label_names={v: k for k, v in INTERNAL_LABELS.items() if k != "NCR"},
-        models_used=[m.path.name for m in bundle.models], folds_used=folds_used, tta=use_tta, device=device.type,
+        models_used=[m.model.path.name for m in members],
+        folds_used=[f"{m.model.path.name}/fold_{f}" for m in members for f in m.folds], tta=tta, device=device.type,
+        ensemble={"weights": {m.model.path.name: m.model.weight for m in members},
+                  "preprocessing_runs": result.preprocessing_runs, "seconds_per_model": result.model_seconds,
+                  "seconds": round(time.perf_counter() - t0, 2)},
     )
+
+
+def normalised_entropy(probabilities: np.ndarray, has_regions: bool) -> np.ndarray:
+    """Entropy of the ensemble's mean probabilities scaled to [0, 1] (1: every class equally likely). For
+    region-based (sigmoid) models, the mean over regions of each region's binary entropy."""
+    p = np.clip(probabilities, 1e-8, 1)
+    if has_regions:
+        q = np.clip(1 - probabilities, 1e-8, 1)
+        return (-(p * np.log(p) + q * np.log(q)) / np.log(2)).mean(0)
+    return -(p * np.log(p)).sum(0) / np.log(len(p))
+
+
+def uncertainty_summary(uncertainty: Path | None, labels: sitk.Image) -> dict:
+    """Mean normalised entropy inside the final whole tumour and tumour core, and the volume of uncertain voxels
+    anywhere (a tumour the labels missed shows up there)."""
+    if uncertainty is None:
+        return {}
+    entropy = sitk.GetArrayFromImage(sitk.ReadImage(str(uncertainty)))
+    arr = sitk.GetArrayFromImage(labels)
+    regions = {"WT": arr > 0, "TC": np.isin(arr, (1, 2, 3))}
+    summary = {f"mean_entropy_{name}": round(float(entropy[mask].mean()), 4) if mask.any() else None
+               for name, mask in regions.items()}
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000
+    summary["uncertain_volume_ml"] = round(float((entropy >= UNCERTAIN_ENTROPY).sum()) * voxel_ml, 2)
+    summary["measure"] = f"normalised entropy of the ensemble's mean class probabilities; uncertain: >= {UNCERTAIN_ENTROPY}"
+    return summary
+
+
+def _rounded(array: np.ndarray) -> np.ndarray:
+    # Three decimals are plenty for display and thresholds, and let the mostly-zero maps compress.
+    return np.round(array, 3).astype(np.float32)
 
 
 def _to_internal_labels(model_labels: np.ndarray, bundle: ModelBundle) -> np.ndarray:

@@ -10,6 +10,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 REGION_LABEL = {"ET": 1, "NET": 2, "CC": 3, "ED": 4}
+# bundle.json "postprocessing" keys, applied in this order.
+SETTINGS = ("min_wt_component_voxels", "min_component_voxels", "redefine", "keep_largest_wt")
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 
 

@@ -143,14 +143,15 @@ class Preprocessed:
 
 @dataclass
 class Prediction:
-    labels: Path  # atlas-space label map in the bundle's label convention
-    probabilities: Path  # atlas-space 4D (C, z, y, x) float32 .npz of class probabilities
-    uncertainty: Path | None
+    labels: Path  # atlas-space label map in the internal (2024) label convention
+    probabilities: dict[str, Path]  # bundle region name -> atlas-space float32 NIfTI of its ensemble probability
+    uncertainty: Path | None  # atlas-space normalised entropy of the ensemble probabilities (0 certain, 1 uniform)
     label_names: dict[int, str]  # label value -> region name ("ET", "NET", "CC", "ED")
     models_used: list[str]
     folds_used: list[str]
     tta: bool
     device: str
+    ensemble: dict = field(default_factory=dict)  # model weights, preprocessing runs, seconds per model
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Measurements:
     regions: dict[str, RegionMeasure]
     rapno: dict  # longest diameter, perpendicular, product, slice index, per lesion
     qc_flags: list[str]
+    uncertainty: dict = field(default_factory=dict)  # model uncertainty summary (pipeline.infer.uncertainty_summary)
 
 
 @dataclass

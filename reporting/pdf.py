@@ -164,6 +164,11 @@ def _volumes(measurements: Measurements) -> list:
                       f"{n} {volume.format(old[n]['volume_ml'])} mL" for n in ("NCR", "ED", "ET"))
                   + " (NCR = NET + CC).", _SMALL),
     ]
+    if measurements.uncertainty.get("mean_entropy_WT") is not None:
+        u = measurements.uncertainty
+        flow.append(Paragraph(f"Model uncertainty (normalised entropy, 0 certain to 1 undecided): mean "
+                              f"{u['mean_entropy_WT']:.2f} inside WT; {u['uncertain_volume_ml']:.1f} mL of voxels "
+                              f"at 0.5 or above.", _SMALL))
     return flow
 
 

@@ -106,6 +106,7 @@ def measurements_document(measurements: Measurements, *, context: dict) -> dict:
         "conventions": {"brats_peds_2024": by_convention["2024"], "brats_peds_2023": by_convention["2023"]},
         "rapno": rapno_block(measurements.rapno),
         "qc_flags": list(measurements.qc_flags),
+        "uncertainty": dict(measurements.uncertainty),
     }
 
 

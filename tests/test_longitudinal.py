@@ -453,7 +453,7 @@ def test_runner_records_each_run_and_reports_the_change(tmp_path, monkeypatch):
         images={"t1c": study["image"]}, brain_mask=study["image"], native={"t1c": study["image"]},
         atlas_to_native={"t1c": study["image"]}, qc={"flags": []}))
     monkeypatch.setattr(runner, "infer", lambda pre, b, work, config: Prediction(
-        study["labels"], study["labels"], None, {1: "ET", 2: "NET", 3: "CC", 4: "ED"}, ["m"], ["0"], False, "cpu"))
+        study["labels"], {}, None, {1: "ET", 2: "NET", 3: "CC", 4: "ED"}, ["m"], ["0"], False, "cpu"))
     monkeypatch.setattr(runner, "labels_to_native", lambda labels, tfm, native: labels)
     monkeypatch.setattr("reporting.dicom_seg.write_seg", lambda labels, files, out, **kw: output(out))
     monkeypatch.setattr("reporting.dicom_sr.write_sr",
