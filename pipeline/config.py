@@ -29,6 +29,7 @@ class PipelineConfig:
     threads: int | None = None  # CPU threads for torch and SimpleITK; None = all cores
     keep_workdir: bool = False
     patient_age_years: float | None = None  # for the brain-volume plausibility check when headers lack it
+    n4_for_registration: bool = False  # N4 bias correction of the copies that drive registration (CaPTk style)
     # Longitudinal tracking (when the run is given a measurement store):
     subject_key: str | None = None  # None: SHA-256 of subject_salt + PatientID
     subject_salt: str = field(default_factory=lambda: os.environ.get(SUBJECT_SALT_ENV, ""), repr=False)

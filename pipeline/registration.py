@@ -84,6 +84,20 @@ def _search_start(fixed: sitk.Image, moving: sitk.Image, seed: int) -> sitk.Eule
     return _flatten(reg.Execute(fixed_c, moving_c))  # SimpleITK returns the best grid point, not the last
 
 
+def bias_corrected(image: sitk.Image, mm: float = 8.0) -> sitk.Image:
+    """N4 bias field, fitted on a ~`mm` copy inside an Otsu head mask, divided out at full resolution.
+    Only to drive registration, as CaPTk's BraTS pipeline does, so optional (PipelineConfig.n4_for_registration);
+    the images written keep their intensities. 8 mm and three fitting levels: on the atlas with a known field
+    this removed the most bias (finer copies or a fourth level start fitting anatomy) in about a second."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    small = sitk.Shrink(image, [max(1, int(round(mm / s))) for s in image.GetSpacing()])
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([50, 50, 50])
+    n4.Execute(small, sitk.OtsuThreshold(small, 0, 1))
+    log_field = sitk.Resample(n4.GetLogBiasFieldAsImage(small), image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return image / sitk.Exp(log_field)
+
+
 def working_copy(image: sitk.Image, mm: float = WORKING_MM) -> sitk.Image:
     """Gaussian anti-aliasing, then resampling to `mm` isotropic on the image's own orientation and extent."""
     image = sitk.Cast(image, sitk.sitkFloat32)
@@ -170,13 +184,36 @@ def _label_box(labels: sitk.Image, margin: int) -> tuple[list[int], list[int]] |
     return [h - l for l, h in zip(lo, hi)], lo
 
 
-def masked_correlation(a: sitk.Image, b: sitk.Image, mask: sitk.Image) -> float:
-    """Pearson correlation of two images on one grid inside a mask: the QC figure for an alignment."""
-    m = sitk.GetArrayViewFromImage(mask) > 0
-    if not m.any():
-        return 0.0
-    x = sitk.GetArrayViewFromImage(a)[m].astype(np.float64)
-    y = sitk.GetArrayViewFromImage(b)[m].astype(np.float64)
-    if x.std() == 0 or y.std() == 0:
-        return 0.0
-    return float(np.corrcoef(x, y)[0, 1])
+def similarity_peak(moving: sitk.Image, fixed: sitk.Image, mask: sitk.Image, shift_mm: float = 4.0,
+                    stride: int = 3) -> tuple[float, float]:
+    """QC of an alignment of two images on one grid: normalised mutual information inside `mask`, and how
+    sharply it peaks there, (NMI - 1) over the mean (NMI - 1) with `moving` shifted +-shift_mm along each axis.
+    Both work across contrasts (Pearson correlation does not: T2 is anti-correlated with T1 in the brain).
+    Measured on the real BraTS case: aligned pairs 1.7-2.1, 2 mm / 2 degrees off 1.2-1.3, 5 mm off < 1.0."""
+    m, f = sitk.GetArrayViewFromImage(moving), sitk.GetArrayViewFromImage(fixed)
+    zyx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[::stride]  # every few brain voxels suffice
+    if len(zyx) < 1000:
+        return 1.0, 0.0
+    fixed_values = f[tuple(zyx.T)]
+    at_alignment = _nmi(m[tuple(zyx.T)], fixed_values)
+    shifted = []
+    for axis, spacing in zip((2, 1, 0), moving.GetSpacing()):  # array axes are z, y, x
+        step = max(1, int(round(shift_mm / spacing)))
+        for sign in (-1, 1):
+            moved = zyx.copy()
+            moved[:, axis] = np.clip(moved[:, axis] + sign * step, 0, m.shape[axis] - 1)
+            shifted.append(_nmi(m[tuple(moved.T)], fixed_values))
+    return at_alignment, (at_alignment - 1.0) / max(float(np.mean(shifted)) - 1.0, 1e-6)
+
+
+def _nmi(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
+    """Studholme's normalised mutual information (H(A) + H(B)) / H(A, B), intensities clipped to 0.5-99.5 %."""
+    clipped = [np.clip(v, *np.percentile(v, [0.5, 99.5])) for v in (a, b)]
+    joint, _, _ = np.histogram2d(clipped[0], clipped[1], bins)
+    p = joint / joint.sum()
+
+    def entropy(q: np.ndarray) -> float:
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+
+    return (entropy(p.sum(1)) + entropy(p.sum(0))) / max(entropy(p), 1e-12)

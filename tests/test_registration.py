@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.atlas import brats_reference_grid
-from pipeline.preprocess import labels_to_atlas, labels_to_native
-from pipeline.registration import register_rigid, resample_labels
+from pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
+from pipeline.config import PipelineConfig
+from pipeline.preprocess import (
+    HEAD_FRACTION_BOUNDS, MIN_SIMILARITY_PEAK, _brain_mask, _quality_checks, brain_volume_flag, labels_to_atlas,
+    labels_to_native,
+)
+from pipeline.registration import bias_corrected, register_rigid, resample_labels, similarity_peak
 from synth.acquire import SeriesGeometry, acquire, native_grid
 
 BRATS_CASE = Path("nifti") / "brats_space_BraTS-GLI-00001-000"
@@ -180,3 +184,66 @@ def test_distance_resampling_beats_nearest_between_thick_slices():
     scores = {method: _dice(before, sitk.GetArrayFromImage(resample_labels(thick, labels, to_native, method=method)) > 0)
               for method in ("nearest", "distance")}
     assert scores["distance"] > scores["nearest"] + 0.005, scores
+
+
+# ------------------------------------------------------------------------------------ QC, N4, fallback
+
+
+def test_similarity_peak_separates_aligned_from_shifted_series(brats_case):
+    """Cross-contrast QC figure: the real case's FLAIR on its t1c peaks clearly; 6 mm off it does not."""
+    brain = brats_case["t1c"] > 0
+    _, aligned = similarity_peak(brats_case["t2f"], brats_case["t1c"], brain)
+    shifted = sitk.Resample(brats_case["t2f"], brats_case["t1c"], sitk.TranslationTransform(3, (6.0, 0.0, 0.0)))
+    _, off = similarity_peak(shifted, brats_case["t1c"], brain)
+    assert aligned > MIN_SIMILARITY_PEAK > off
+
+
+def test_bias_correction_removes_most_of_a_smooth_field_and_keeps_geometry():
+    """The atlas (an average, free of bias) times a known field: the corrected image is closer to the atlas."""
+    atlas = load_atlas_t1()
+    xyz = sitk.GetArrayFromImage(sitk.PhysicalPointSource(sitk.sitkVectorFloat32, atlas.GetSize(), atlas.GetOrigin(),
+                                                          atlas.GetSpacing(), atlas.GetDirection()))
+    x, z = ((xyz[..., i] - xyz[..., i].mean()) / np.ptp(xyz[..., i]) for i in (0, 2))
+    field = np.exp(0.4 * x + 0.3 * z**2).astype(np.float32)  # left-right ramp, stronger at top and bottom
+    biased = sitk.GetImageFromArray(sitk.GetArrayFromImage(atlas) * field)
+    biased.CopyInformation(atlas)
+    corrected = bias_corrected(biased)
+    head = sitk.GetArrayFromImage(sitk.OtsuThreshold(atlas, 0, 1)) > 0
+
+    def residual(image: sitk.Image) -> float:
+        log_ratio = np.log(sitk.GetArrayViewFromImage(image)[head] / sitk.GetArrayViewFromImage(atlas)[head])
+        return float(np.std(log_ratio))
+
+    assert residual(corrected) < 0.8 * residual(biased)
+    assert corrected.GetSize() == atlas.GetSize() and corrected.GetDirection() == atlas.GetDirection()
+
+
+def test_deepbet_failure_falls_back_to_the_atlas_mask_with_a_flag(tmp_path, monkeypatch):
+    import deepbet
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no weights")
+
+    monkeypatch.setattr(deepbet, "run_bet", broken)
+    qc = {"flags": []}
+    mask = _brain_mask(sitk.Cast(brats_reference_grid(), sitk.sitkFloat32), tmp_path, qc)
+    assert qc["brain_extraction"] == "atlas-mask-fallback"
+    assert any("no weights" in flag and "atlas brain mask" in flag for flag in qc["flags"])
+    assert sitk.GetArrayViewFromImage(mask).sum() == (sitk.GetArrayFromImage(load_atlas_brain_mask()) > 0).sum()
+
+
+@pytest.mark.parametrize("ml,age,flagged", [(1450, 0.3, True), (450, 0.3, False), (1450, 1.5, False), (450, 4, True),
+                                             (1450, 10.0, False), (2100, 16, True), (2100, None, False)])
+def test_brain_volume_is_checked_against_age(ml, age, flagged):
+    assert (brain_volume_flag(ml, age) is not None) == flagged
+
+
+def test_quality_checks_on_the_atlas_report_volume_head_fraction_and_atlas_overlap():
+    """The atlas head and brain, as a perfectly registered and skull-stripped adult would give them."""
+    t1 = sitk.Resample(load_atlas_t1(), brats_reference_grid(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    qc = {"flags": [], "brain_extraction": "deepbet"}
+    _quality_checks({"t1c": t1}, "t1c", load_atlas_brain_mask() > 0, qc, PipelineConfig(patient_age_years=0.3))
+    assert 1300 < qc["brain_volume_ml"] < 1600 and qc["brain_inside_atlas_brain"] > 0.99
+    lo, hi = HEAD_FRACTION_BOUNDS
+    assert lo < qc["mask_fraction_of_head"] < hi
+    assert [flag for flag in qc["flags"] if "brain volume" in flag] == [brain_volume_flag(qc["brain_volume_ml"], 0.3)]
