@@ -27,7 +27,7 @@ CHOICES = {
     "missing_policy": ("fail", "allow"),
     "label_convention": ("2024", "2023"),
 }
-PIPELINE_FLAGS = ("fast", "write_seg", "write_sr", "write_pdf", "pseudonymize")
+PIPELINE_FLAGS = ("fast", "write_seg", "write_sr", "write_pdf", "pseudonymize", "compare_across_bundles")
 GEAR_FLAGS = ("force_rerun", "debug")  # read by the gear, not by the pipeline
 
 

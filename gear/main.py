@@ -22,6 +22,7 @@ from gear.session import FlywheelSession, open_session
 from pipeline.atomic import write_text
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError, PipelineError
+from tracking.flywheel import FlywheelStore
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
@@ -64,13 +65,18 @@ def run_job(job: GearJob) -> None:
     from pipeline.runner import run_pipeline  # torch and friends: not needed to report a bad config
 
     session = None if job.dicom else _open_session(job)
+    store = None
+    if session is None:
+        logger.info("longitudinal tracking off: runs on a 'dicom' input are not tracked (session mode, the api-key "
+                    "and no 'dicom' input, records and compares each Flywheel subject's time points)")
     with _temporary_files_in(job.work_dir):
         input_path = job.dicom
         if session is not None:
             input_path = session.download_candidates(job.work_dir / "session")
             if _already_done(session, job, input_path, config):
                 return
-        result = run_pipeline(input_path, job.output_dir, config)
+            store, config = _tracking(session, config)
+        result = run_pipeline(input_path, job.output_dir, config, store=store)
     summary = run_summary(result)
     files = publish_outputs(result, job.output_dir)
     write_metadata(build_metadata(summary, files, job.destination.get("type") or "analysis", job.job_id),
@@ -87,6 +93,18 @@ def _open_session(job: GearJob) -> FlywheelSession:
                          hint="Attach a zip of the session's DICOM files as the 'dicom' input, or run the gear "
                               "as an analysis of a session so that it can download the session's DICOM files.")
     return open_session(job)
+
+
+def _tracking(session: FlywheelSession, config: PipelineConfig) -> tuple[FlywheelStore | None, PipelineConfig]:
+    """The Flywheel measurement store, and the config keyed by the session's Flywheel subject id (not a PatientID
+    hash: Flywheel's subject is the curated identity of the child across sessions)."""
+    store, subject_id = session.measurement_store()
+    if not subject_id:
+        logger.warning("longitudinal tracking off: the session belongs to no Flywheel subject")
+        return None, config
+    logger.info("longitudinal tracking: this run is compared with the time points of the session's Flywheel subject "
+                "and recorded in the session's info.pedseg.timepoints")
+    return store, dataclasses.replace(config, subject_key=str(subject_id))
 
 
 def _already_done(session: FlywheelSession, job: GearJob, dicom: Path, config: PipelineConfig) -> bool:

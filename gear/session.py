@@ -2,7 +2,8 @@
 
 It downloads the session's candidate DICOM series (Flywheel's header copy rules out the rest, see
 `gear.candidates`), finds an earlier pedseg result with the same idempotency key, and writes the summary
-back under session.info["pedseg"] (other keys untouched) with a tag. Each Flywheel acquisition holds a
+back under session.info["pedseg"] (other keys untouched) with a tag. Its measurement store records the run as a
+time point of the session's Flywheel subject (`tracking.flywheel`). Each Flywheel acquisition holds a
 series as a DICOM zip; they are unpacked side by side into one folder, which `run_pipeline` takes as a
 session. Series are named by number and description only; labels and file names are not logged.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from gear.metadata import GEAR_NAME, TAGS
 from pipeline.errors import InputError, MissingSequenceError
 from pipeline.identify_rules import ROLE_NAMES
 from pipeline.ingest import _extract_zip
+from tracking.flywheel import FlywheelStore, store_for_session
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,14 @@ INFO_KEY = "pedseg"  # the namespace of this gear's results in session.info and 
 class FlywheelSession:
     session: Any  # flywheel.Session (or a test fake with the same methods)
     analysis_id: str | None  # this job's own analysis: never an "earlier" result
+    client: Any = field(default=None, repr=False)  # the flywheel.Client the session was read with
+
+    def measurement_store(self) -> tuple[FlywheelStore, str]:
+        """The measurement store recording into this session, and the subject key: the session's Flywheel subject
+        id, under which the subject's other sessions hold their time points."""
+        if self.client is None:
+            raise ValueError("this FlywheelSession was made without the client it was read with")
+        return store_for_session(self.client, self.session.id)
 
     def download_candidates(self, dest: Path) -> Path:
         """Download every DICOM file that may hold one of the four sequences into `dest`."""
@@ -94,12 +104,12 @@ def open_session(job: GearJob, client=None) -> FlywheelSession:
     client = client or _client(job.api_key)
     kind, container_id = job.destination.get("type"), job.destination.get("id")
     if kind == "session":
-        return FlywheelSession(client.get_session(container_id), analysis_id=None)
+        return FlywheelSession(client.get_session(container_id), analysis_id=None, client=client)
     level = kind
     if kind == "analysis":
         parent = client.get_analysis(container_id).parent
         if parent.type == "session":
-            return FlywheelSession(client.get_session(parent.id), analysis_id=container_id)
+            return FlywheelSession(client.get_session(parent.id), analysis_id=container_id, client=client)
         level = f"{parent.type} analysis"
     raise InputError(f"Session mode reads the DICOM files of one session, but this job runs on a {level}.",
                      hint="Run the gear as an analysis of a session, or attach a zip of the session as the 'dicom' input.")

@@ -31,7 +31,7 @@ RESPONSES = {
     "PD": "progressive disease",
     "NE": "not evaluable (no tumour in this region at any time point)",
 }
-ACROSS_OPTION = "--compare-across-bundles"
+ACROSS_OPTION = "--compare-across-bundles (Flywheel gear: compare_across_bundles)"
 
 
 @dataclass(frozen=True)

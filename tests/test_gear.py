@@ -36,7 +36,11 @@ from gear.session import FlywheelSession, open_session
 from pipeline.bundle import load_bundle
 from pipeline.config import PipelineConfig
 from pipeline.errors import BundleError, InputError, MissingSequenceError
+from pipeline.longitudinal import compare
 from pipeline.types import Identification, Measurements, RegionMeasure, RunResult, SeriesDecision
+from reporting.tables import write_measurements_json
+from tracking.flywheel import MEASUREMENTS_FILE, FlywheelStore
+from tracking.records import time_point, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((REPO / "manifest.json").read_text())
@@ -47,7 +51,7 @@ UIDS = {"t1n": "1.2.826.0.1.3680043.8.498.11", "t1c": "1.2.826.0.1.3680043.8.498
 BUNDLE_SHA = "ab" * 32
 NON_DEFAULT = {"device": "cpu", "fast": True, "reference_role": "t2f", "missing_policy": "allow",
                "label_convention": "2023", "write_seg": False, "write_sr": False, "write_pdf": False,
-               "pseudonymize": False, "force_rerun": True, "debug": True}
+               "pseudonymize": False, "compare_across_bundles": True, "force_rerun": True, "debug": True}
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -152,8 +156,8 @@ def pipeline_calls(monkeypatch):
     """Replace run_pipeline; each call is recorded with the temp folder the pipeline would have used."""
     calls = []
 
-    def fake_run_pipeline(input_path, outdir, config):
-        calls.append({"input": Path(input_path), "outdir": Path(outdir), "config": config,
+    def fake_run_pipeline(input_path, outdir, config, store=None):
+        calls.append({"input": Path(input_path), "outdir": Path(outdir), "config": config, "store": store,
                       "tempdir": tempfile.gettempdir()})
         return fake_result(Path(outdir), config)
 
@@ -163,7 +167,7 @@ def pipeline_calls(monkeypatch):
 
 
 def raise_from_pipeline(monkeypatch, error: Exception) -> None:
-    def failing_run_pipeline(input_path, outdir, config):
+    def failing_run_pipeline(input_path, outdir, config, store=None):
         raise error
 
     monkeypatch.setattr("pipeline.runner.run_pipeline", failing_run_pipeline)
@@ -186,6 +190,7 @@ def test_every_gear_config_key_reaches_the_pipeline_config(tmp_path):
     c = job.config
     assert (c.device, c.fast, c.reference_role, c.missing_policy, c.label_convention) == ("cpu", True, "t2f", "allow", "2023")
     assert (c.write_seg, c.write_sr, c.write_pdf, c.pseudonymize) == (False, False, False, False)
+    assert c.compare_across_bundles
     assert (job.force_rerun, job.debug) == (True, True)
     # The engine resolves the input under /flywheel/v0; a local gear folder holds it under ROOT/input/dicom.
     assert job.dicom == tmp_path / "input" / "dicom" / "SENTINEL^PHI_session.dicom.zip"
@@ -296,6 +301,13 @@ def test_run_calls_the_pipeline_once_with_the_translated_job(finished, pipeline_
     assert tempfile.gettempdir() != str(root / "work")  # and restored afterwards
 
 
+def test_a_dicom_input_run_is_not_tracked_and_says_so_once(finished, pipeline_calls):
+    _, _, log_text = finished
+    (call,) = pipeline_calls
+    assert call["store"] is None and call["config"].subject_key is None
+    assert log_text.count("longitudinal tracking off: runs on a 'dicom' input are not tracked") == 1
+
+
 def test_outputs_are_flat_for_the_engine_upload(finished):
     root, metadata, _ = finished
     output = root / "output"
@@ -342,7 +354,7 @@ def test_metadata_and_log_hold_no_phi_nor_api_key(finished):
 
 
 def test_qc_passes_without_flags_and_lands_on_the_table_without_pdf(tmp_path, monkeypatch):
-    def run_without_flags(input_path, outdir, config):
+    def run_without_flags(input_path, outdir, config, store=None):
         result = fake_result(Path(outdir), config)
         for key in ("pdf", "pdf_dicom"):
             result.outputs.pop(key).unlink()
@@ -404,6 +416,7 @@ def test_unsafe_bundle_zip_is_refused(tmp_path, pipeline_calls):
 
 ANALYSIS_ID = "65f0c0ffee0000000000cccc"  # write_gear_root's destination
 SESSION_ID = "65f0c0ffee0000000000eeee"
+SUBJECT_ID = "65f0c0ffee0000000000ffff"  # the session's Flywheel subject: the subject key in session mode
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 # Scanner values as a Siemens writes them: number, description, TR, TE, TI, flip, sequence, variant, 2D/3D,
@@ -487,19 +500,27 @@ class FakeAcquisition:
 
 
 class FakeAnalysis:
-    def __init__(self, analysis_id: str, gear_name: str, info: dict, parent_type: str = "session"):
+    def __init__(self, analysis_id: str, gear_name: str, info: dict, parent_type: str = "session",
+                 files: dict[str, bytes] | None = None):
         self.id, self.info = analysis_id, info
         self.gear_info = SimpleNamespace(name=gear_name)
         self.parent = SimpleNamespace(type=parent_type, id=SESSION_ID)
+        self._data = dict(files or {})
+        self.files = [FakeFile(name, "source code", {}) for name in self._data]
 
     def reload(self):
         return self
 
+    def download_file(self, name: str, dest: str) -> None:
+        Path(dest).write_bytes(self._data[name])
+
 
 class FakeSession:
-    def __init__(self, acquisitions, info: dict | None = None, tags: list[str] | None = None, analyses=()):
-        self.id, self._acquisitions = SESSION_ID, list(acquisitions)
+    def __init__(self, acquisitions, info: dict | None = None, tags: list[str] | None = None, analyses=(),
+                 session_id: str = SESSION_ID):
+        self.id, self._acquisitions = session_id, list(acquisitions)
         self.info, self.tags, self.analyses = dict(info or {}), list(tags or []), list(analyses)
+        self.parents = SimpleNamespace(group="group", project="65f0c0ffee0000000000abcd", subject=SUBJECT_ID)
         self.info_updates = 0
 
     def acquisitions(self):
@@ -522,8 +543,10 @@ class FakeSession:
 
 
 class FakeClient:
-    def __init__(self, session: FakeSession, parent_type: str = "session"):
-        self.session, self.api_keys = session, []
+    """`others`: the subject's other sessions, which the measurement store reads earlier time points from."""
+
+    def __init__(self, session: FakeSession, parent_type: str = "session", others: tuple[FakeSession, ...] = ()):
+        self.session, self.others, self.api_keys = session, list(others), []
         self.analysis = FakeAnalysis(ANALYSIS_ID, "pedseg-brain-tumor", {}, parent_type)
 
     def get_analysis(self, analysis_id):
@@ -531,8 +554,12 @@ class FakeClient:
         return self.analysis
 
     def get_session(self, session_id):
-        assert session_id == SESSION_ID
+        assert session_id == SESSION_ID, "only the analysed session is read by id"
         return self.session
+
+    def get_subject(self, subject_id):
+        assert subject_id == SUBJECT_ID
+        return SimpleNamespace(id=subject_id, sessions=lambda: [*self.others, self.session])
 
 
 def flywheel_session(roles=tuple(SEQUENCES), *, header_info: bool = True, **session_kwargs) -> FakeSession:
@@ -575,8 +602,8 @@ def fw(tmp_path, monkeypatch, pipeline_calls, caplog):
     bundle = tiny_bundle(tmp_path / "bundle")
     monkeypatch.setenv("PEDSEG_BUNDLE", str(bundle))
 
-    def fake_run_pipeline(input_path, outdir, config):
-        pipeline_calls.append({"input": Path(input_path), "outdir": Path(outdir), "config": config})
+    def fake_run_pipeline(input_path, outdir, config, store=None):
+        pipeline_calls.append({"input": Path(input_path), "outdir": Path(outdir), "config": config, "store": store})
         result = fake_result(Path(outdir), config)
         result.provenance["bundle"]["sha256"] = load_bundle(config.bundle).sha256()
         return result
@@ -591,8 +618,8 @@ def fw(tmp_path, monkeypatch, pipeline_calls, caplog):
 
     monkeypatch.setattr("gear.session._client", client_for)
 
-    def run(session: FakeSession, config: dict | None = None) -> int:
-        world.client = FakeClient(session)
+    def run(session: FakeSession, config: dict | None = None, others: tuple[FakeSession, ...] = ()) -> int:
+        world.client = FakeClient(session, others=others)
         shutil.rmtree(world.root / "output", ignore_errors=True)  # each job gets a fresh output folder
         return run_gear(write_gear_root(world.root, config, dicom=False, api_key=True))
 
@@ -629,6 +656,61 @@ def test_session_results_land_in_session_info_without_touching_other_keys(fw):
     metadata = json.loads((fw.root / "output" / ".metadata.json").read_text())
     assert metadata["analysis"]["info"]["pedseg"] == summary
     assert_no_phi(json.dumps(session.info))
+
+
+def test_session_mode_tracks_the_run_under_the_flywheel_subject(fw, pipeline_calls, monkeypatch, tmp_path):
+    """The gear hands run_pipeline a FlywheelStore recording into the session, keyed by the session's subject id.
+    Used here as the runner uses it (history, then record) against the fake SDK: earlier time points come from
+    the subject's other sessions (info.pedseg.timepoints, and an older analysis' measurements file), and the
+    time point recorded survives the summary written after the run."""
+    bundle = {**fake_result(tmp_path / "x", PipelineConfig()).provenance["bundle"],
+              "sha256": load_bundle(fw.bundle).sha256()}
+    measurements = fake_result(tmp_path / "y", PipelineConfig()).measurements
+    document = write_measurements_json(measurements, tmp_path / "old.json", context={
+        "study_instance_uid": "1.2.3.1", "study_date": "20250105", "bundle": bundle}).read_bytes()
+    older = FakeSession([], session_id="s-older", analyses=[
+        FakeAnalysis("a-older", "pedseg-brain-tumor", {}, files={MEASUREMENTS_FILE: document, "pedseg_report.pdf": b""})])
+    earlier_tp = time_point(measurements, subject_key=SUBJECT_ID, study_uid="1.2.3.2", study_date="20250706",
+                            bundle=bundle)
+    earlier = FakeSession([], session_id="s-earlier", info={"pedseg": {"timepoints": [to_dict(earlier_tp)]}})
+    seen = {}
+
+    def tracking_pipeline(input_path, outdir, config, store=None):
+        result = fake_result(Path(outdir), config)
+        result.provenance["bundle"]["sha256"] = bundle["sha256"]
+        current = time_point(result.measurements, subject_key=config.subject_key, study_uid=STUDY_UID,
+                             study_date="20260105", bundle=result.provenance["bundle"])
+        seen.update(store=store, config=config, timeline=compare(current, store.history(config.subject_key)))
+        store.record(current)
+        return result
+
+    monkeypatch.setattr("pipeline.runner.run_pipeline", tracking_pipeline)
+    session = flywheel_session(info={"clinical": {"site": "A"}})
+    assert fw.run(session, others=(older, earlier)) == 0
+    assert isinstance(seen["store"], FlywheelStore) and seen["store"].session_id == SESSION_ID
+    assert seen["config"].subject_key == SUBJECT_ID
+    assert [tp.study_uid for tp in seen["timeline"].priors] == ["1.2.3.1", "1.2.3.2"]
+    namespace = session.info["pedseg"]
+    (recorded,) = namespace.pop("timepoints")
+    assert (recorded["subject_key"], recorded["study_uid"], recorded["study_date"]) == (SUBJECT_ID, STUDY_UID, "20260105")
+    assert namespace["idempotency_key"] == fw.key and session.info["clinical"] == {"site": "A"}
+    assert session.info_updates == 2  # the store's time point, then the summary merged beside it
+    assert older.info == {} and earlier.info["pedseg"]["timepoints"] == [to_dict(earlier_tp)]  # only read
+
+
+def test_session_without_a_subject_runs_untracked(fw, pipeline_calls, caplog):
+    session = flywheel_session()
+    session.parents.subject = None
+    assert fw.run(session) == 0
+    assert pipeline_calls[-1]["store"] is None and pipeline_calls[-1]["config"].subject_key is None
+    assert "longitudinal tracking off: the session belongs to no Flywheel subject" in caplog.text
+
+
+def test_a_session_destination_opens_the_store_of_that_session(tmp_path):
+    job = gear_context.load_job(write_gear_root(tmp_path, dicom=False, api_key=True))
+    job = dataclasses.replace(job, destination={"type": "session", "id": SESSION_ID})
+    store, subject_id = open_session(job, client=FakeClient(FakeSession([]))).measurement_store()
+    assert (store.session_id, subject_id) == (SESSION_ID, SUBJECT_ID)
 
 
 def test_rerun_with_the_same_series_and_bundle_is_skipped(fw, pipeline_calls, caplog):

@@ -53,7 +53,7 @@ class FlywheelStore:
         session = self.client.get_session(self.session_id).reload()
         entries = [e for e in _entries(session) if (e.get("study_uid"), (e.get("bundle") or {}).get("sha256"))
                    != (time_point.study_uid, time_point.bundle.sha256)]
-        namespace = dict(session.info.get(NAMESPACE) or {})
+        namespace = dict((session.info or {}).get(NAMESPACE) or {})
         namespace["timepoints"] = [*entries, to_dict(time_point)]
         # update_info replaces the top-level key it is given, so the whole namespace is written back.
         session.update_info({NAMESPACE: namespace})
