@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--allow-aet", action="append", default=[], help="accept only these calling AE titles (repeatable)")
     listen.add_argument("--send-attempts", type=int, default=5, help="C-STORE / STOW-RS attempts, with doubling delays")
     _add_run_options(listen)
+    listen.add_argument("--db", type=Path, default=os.environ.get("PEDSEG_DB"),
+                        help="SQLite measurement store: record each study under its subject (SHA-256 of "
+                             f"${SUBJECT_SALT_ENV} + PatientID) and compare it with the subject's earlier studies "
+                             "(default $PEDSEG_DB; no tracking without either)")
+    _add_compare_option(listen)
 
     push = sub.add_parser("push", help="send a run's SEG, SR and PDF DICOM to a PACS (C-STORE) or DICOMweb (STOW-RS)")
     push.add_argument("outdir", type=Path)
@@ -202,15 +207,24 @@ def _cmd_listen(args) -> int:
     from pacs.node import check_aet, parse_destination
     from pacs.send import SendPolicy
     from pipeline.bundle import load_bundle
+    from tracking.sqlite import SQLiteStore
 
-    pipeline_config = _config(args)
+    pipeline_config = dataclasses.replace(_config(args), compare_across_bundles=args.compare_across_bundles)
     load_bundle(pipeline_config.bundle)  # a broken bundle stops the listener now, not every study later
+    store = SQLiteStore(args.db) if args.db else None  # likewise an unreadable store
+    if store is None:
+        logger.info("longitudinal tracking off: no --db or PEDSEG_DB")
+    else:
+        logger.info("longitudinal tracking: each study is recorded in %s under a hash of its PatientID", args.db)
+        if not pipeline_config.subject_salt:
+            logger.warning("%s is not set: an unsalted PatientID hash can be reversed by hashing candidate IDs; "
+                           "set a site secret (the same for every run and `pedseg history`)", SUBJECT_SALT_ENV)
     config = ListenerConfig(
         aet=check_aet(args.aet), port=args.port, bind=args.bind, spool=args.spool,
         destination=parse_destination(args.dest), quiet_s=args.quiet_seconds,
         allowed_calling_aets=tuple(check_aet(a) for a in args.allow_aet), send=SendPolicy(attempts=args.send_attempts),
     )
-    Listener(config, pipeline_config).serve_forever()
+    Listener(config, pipeline_config, store=store).serve_forever()
     return 0
 
 

@@ -1,5 +1,6 @@
 """`pedseg listen`: a C-STORE SCP that files instances per study, runs the pipeline on each complete study in
-one worker, and sends the results to a destination.
+one worker, and sends the results to a destination. With a measurement store (`pedseg listen --db`), each run is
+recorded under its subject (a salted PatientID hash) and compared with that subject's earlier studies.
 
 Threads: pynetdicom's association threads store instances; a scheduler marks a study complete once no
 instance has arrived for the quiet period and no open association has sent to it; one worker runs the
@@ -31,16 +32,18 @@ from pacs.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, read_store_re
 from pacs.send import SendPolicy, result_files, send_files
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError, PipelineError
+from tracking.store import MeasurementStore
 
 logger = logging.getLogger(__name__)
 
-Runner = Callable[[Path, Path, PipelineConfig], object]
+Runner = Callable[..., object]  # (input_path, outdir, config, store=None), as `pipeline.runner.run_pipeline`
 
 
-def run_pipeline_lazily(input_path: Path, outdir: Path, config: PipelineConfig) -> object:
+def run_pipeline_lazily(input_path: Path, outdir: Path, config: PipelineConfig,
+                        store: MeasurementStore | None = None) -> object:
     from pipeline.runner import run_pipeline  # torch and nnU-Net load only when a study is processed
 
-    return run_pipeline(input_path, outdir, config)
+    return run_pipeline(input_path, outdir, config, store=store)
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,14 @@ class _Stopping(Exception):
 
 
 class Listener:
-    def __init__(self, config: ListenerConfig, pipeline_config: PipelineConfig, runner: Runner = run_pipeline_lazily):
+    def __init__(self, config: ListenerConfig, pipeline_config: PipelineConfig, runner: Runner = run_pipeline_lazily,
+                 store: MeasurementStore | None = None):
+        """`store`: shared by every study's run (the SQLite store opens a connection per call, so the worker
+        thread may use it); None: no longitudinal tracking."""
         self.config = config
         self.pipeline_config = pipeline_config
         self.runner = runner
+        self.store = store
         self.journal = Journal(config.spool)
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
@@ -268,7 +275,7 @@ class Listener:
         logger.info("study %s: running the pipeline on %d instances (attempt %d)",
                     record.study_uid, len(list_instances(dicom)), record.attempts)
         try:
-            self.runner(dicom, outdir, self.pipeline_config)
+            self.runner(dicom, outdir, self.pipeline_config, store=self.store)
         except PipelineError as error:
             self._finish(record, FAILED, f"{error.kind}: {error}")
             return

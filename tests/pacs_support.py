@@ -114,13 +114,15 @@ class FakePipeline:
 
     def __init__(self, error: Exception | None = None, block: threading.Event | None = None) -> None:
         self.calls: list[tuple[str, int]] = []
+        self.stores: list = []  # the measurement store each call was given
         self.error, self.block = error, block
         self.running = 0
         self.max_running = 0
 
-    def __call__(self, input_path: Path, outdir: Path, config) -> None:
+    def __call__(self, input_path: Path, outdir: Path, config, store=None) -> None:
         files = list_instances(Path(input_path))
         self.calls.append((study_uid_of(files[0]), len(files)))
+        self.stores.append(store)
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         try:

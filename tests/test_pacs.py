@@ -26,6 +26,7 @@ from pacs.node import DicomNode, parse_destination, parse_node
 from pacs.send import SendPolicy, send_files
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError, MissingSequenceError
+from tracking.sqlite import SQLiteStore
 from tests.pacs_support import (PATIENT_ID, PATIENT_NAME, Destination, FakePipeline, associate, free_port, make_study,
                                 state, status, store, study_uid_of, wait_for)
 
@@ -45,10 +46,10 @@ def listen(tmp_path):
     """Start listeners on `tmp_path/spool`; all are stopped at the end."""
     started = []
 
-    def start(runner, dest, *, quiet_s=0.3, spool=None, send=FAST_SEND, port=None) -> Listener:
+    def start(runner, dest, *, quiet_s=0.3, spool=None, send=FAST_SEND, port=None, store=None) -> Listener:
         config = ListenerConfig(aet="PEDSEG", port=port or free_port(), bind="127.0.0.1", spool=spool or tmp_path / "spool",
                                 destination=parse_node(str(dest)), quiet_s=quiet_s, send=send, poll_s=0.05)
-        listener = Listener(config, PipelineConfig(), runner=runner)
+        listener = Listener(config, PipelineConfig(), runner=runner, store=store)
         listener.start()
         started.append(listener)
         return listener
@@ -84,6 +85,46 @@ def test_duplicates_are_filed_once_and_the_study_runs_once(listen, destination, 
     # Never PHI in the log or the status file.
     text = caplog.text + (listener.config.spool / "status.json").read_text()
     assert PATIENT_NAME not in text and PATIENT_ID not in text
+
+
+def test_each_study_run_gets_the_measurement_store(listen, destination, tmp_path):
+    db = SQLiteStore(tmp_path / "measurements.db")
+    fake = FakePipeline()
+    listener = listen(fake, destination, store=db)
+    first, second = make_study(tmp_path / "a", 2), make_study(tmp_path / "b", 2)
+    store(first, listener.config.port)
+    store(second, listener.config.port)
+    wait_for(lambda: {state(listener.config.spool, study_uid_of(f[0])) for f in (first, second)} == {"sent"},
+             what="both studies sent")
+    assert fake.stores == [db, db]
+    assert listen(FakePipeline(), destination, spool=tmp_path / "untracked").store is None
+
+
+def test_listen_db_option_and_pedseg_db_default_open_the_store(tmp_path, monkeypatch, destination):
+    """`pedseg listen --db PATH` (default $PEDSEG_DB) opens an SQLite store and hands it to the listener; the
+    subject key is left to the runner (a salted PatientID hash, as `pedseg run` without --subject-key)."""
+    started = []
+
+    class Recorder:
+        def __init__(self, config, pipeline_config, runner=None, store=None):
+            started.append((pipeline_config, store))
+
+        def serve_forever(self):
+            pass
+
+    monkeypatch.setattr("pacs.listener.Listener", Recorder)
+    monkeypatch.setattr("pipeline.bundle.load_bundle", lambda path: None)
+    common = ["listen", "--port", "11112", "--dest", str(destination), "--spool", str(tmp_path / "spool")]
+    monkeypatch.setenv("PEDSEG_DB", str(tmp_path / "env.db"))
+    assert main(common) == 0
+    assert main([*common, "--db", str(tmp_path / "flag.db"), "--compare-across-bundles"]) == 0
+    monkeypatch.delenv("PEDSEG_DB")
+    assert main(common) == 0
+    [(config, env_store), (across, flag_store), (_, no_store)] = started
+    assert isinstance(env_store, SQLiteStore) and env_store.path == tmp_path / "env.db"
+    assert isinstance(flag_store, SQLiteStore) and flag_store.path == tmp_path / "flag.db"
+    assert no_store is None
+    assert config.subject_key is None and not config.compare_across_bundles and across.compare_across_bundles
 
 
 def test_aborted_association_keeps_what_was_acknowledged(listen, destination, tmp_path):
@@ -187,7 +228,7 @@ _HANGING_LISTENER = textwrap.dedent("""
     from pacs.node import parse_node
     from pipeline.config import PipelineConfig
 
-    def hang(input_path, outdir, config):
+    def hang(input_path, outdir, config, store=None):
         time.sleep(3600)  # killed mid-run
 
     config = ListenerConfig(aet="PEDSEG", port=int(sys.argv[1]), bind="127.0.0.1", spool=Path(sys.argv[2]),
