@@ -1,14 +1,27 @@
 """The error model: every failure a user can meet is one of these, with a defined exit code.
 
 Messages name the problem, the series concerned (number and description, never patient identifiers)
-and what to do. Adapters print `str(error)` and exit with `error.exit_code`.
+and what to do. Adapters print `str(error)`, write `to_dict()` to error.json and exit with `error.exit_code`.
+Each class's `causes` and `advice` make the README's troubleshooting table (scripts/error_table.py).
 """
 from __future__ import annotations
 
+import errno
+import traceback
+from pathlib import Path
+
+# A full disk or an exhausted quota: out of resources, whatever the operation was.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class PipelineError(Exception):
+    """Something failed that no other class describes: a bug, or a situation nobody foresaw."""
+
     exit_code = 1
     kind = "internal_error"
+    causes = "an unexpected failure inside pedseg (the message names the exception and where it happened)"
+    advice = ("Re-run with `-v` (command line) or `debug=true` (gear) for the full traceback, and report it "
+              "with the log; the log never holds patient identifiers.")
 
     def __init__(self, message: str, *, hint: str = ""):
         super().__init__(message)
@@ -27,16 +40,31 @@ class InputError(PipelineError):
 
     exit_code = 2
     kind = "bad_input"
+    causes = ("no input, no DICOM images, an unsafe, corrupt or oversized archive, two studies or two patients in "
+              "one input, a series with missing slices, an output folder that cannot be written")
+    advice = ("Give the DICOM files of one MRI session of one patient (a folder or .zip); re-export series the "
+              "message calls incomplete; choose a writable output folder.")
 
 
 class MissingSequenceError(PipelineError):
+    """A sequence the model needs (pre-/post-contrast T1, T2, FLAIR) was not found or not recognised."""
+
     exit_code = 3
     kind = "missing_sequence"
+    causes = ("a required sequence (T1, T1 post-contrast, T2, FLAIR) is absent, or only localizers, diffusion, "
+              "4D or other unusable series are present")
+    advice = ("Include the missing series; if it is there, compare its description and timing with "
+              "`pedseg identify INPUT` and report it. `--allow-missing` runs with fewer if the bundle allows.")
 
 
 class UnsupportedDataError(PipelineError):
+    """The data is valid DICOM but not something the pipeline can convert or use."""
+
     exit_code = 4
     kind = "unsupported_data"
+    causes = ("dcm2niix cannot convert a series or writes an unreadable image, uneven slice spacing, a chosen "
+              "series that is not a 3D volume")
+    advice = "Export the series named in the message again (uncompressed if it is compressed), or leave it out."
 
 
 class ResourceError(PipelineError):
@@ -44,6 +72,9 @@ class ResourceError(PipelineError):
 
     exit_code = 5
     kind = "resource_exhausted"
+    causes = ("the disk is full, memory ran out (or GPU memory with `--device cuda`; `auto` falls back to the "
+              "CPU), or a step (dcm2niix) took too long")
+    advice = "Free disk space or use a machine with more memory, then run again; `--fast` needs less."
 
 
 class BundleError(PipelineError):
@@ -51,3 +82,23 @@ class BundleError(PipelineError):
 
     exit_code = 6
     kind = "bad_bundle"
+    causes = ("no bundle.json, a malformed one, a model folder lacking a fold or its plans, channel or label "
+              "mappings that do not match the model, `--device cuda` without a GPU")
+    advice = "Point `--bundle` at a complete bundle (see Model bundles) or restore the file the message names."
+
+
+def disk_full(exc: OSError, what: str) -> ResourceError:
+    return ResourceError(f"The disk is full: {what} failed ({exc.strerror}).",
+                         hint="Free disk space (or point the work and output folders at a larger disk) and run again.")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def unexpected(exc: BaseException) -> PipelineError:
+    """An internal error naming the exception's type and place, never its text: a library's message may quote
+    header values (patient names included)."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" in {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    return PipelineError(f"Unexpected {type(exc).__name__}{where}.", hint=PipelineError.advice)
