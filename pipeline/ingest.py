@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -16,17 +18,21 @@ import stat
 import subprocess
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import dcm2niix
+import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pipeline.errors import InputError, ResourceError, UnsupportedDataError
+from pipeline.atomic import write_text
+from pipeline.errors import InputError, ResourceError, UnsupportedDataError, disk_full, is_disk_full
 from pipeline.types import Series, SeriesHeader, Session, series_label
 
 logger = logging.getLogger(__name__)
@@ -87,6 +93,7 @@ def ingest(inputs: Path | Sequence[Path], workdir: Path) -> Session:
                          hint=_INPUT_HINT)
     series = _build_series(images)
     study_uid = _single_study(series)
+    _single_patient(images)
     study_date = str(images[0].ds.get("StudyDate", "") or "")
     logger.info("ingested %d series (%d DICOM files) from one study", len(series), len(images))
     root = paths[0] if len(paths) == 1 and paths[0].is_dir() else workdir
@@ -122,7 +129,8 @@ def _extract_zip(archive: Path, dest: Path) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise InputError(f"The archive '{archive.name}' cannot be read as a zip file ({exc}).") from exc
+        raise InputError(f"The archive '{archive.name}' cannot be read as a zip file ({exc}).",
+                         hint=_ARCHIVE_HINT) from exc
     with zf:
         infos = zf.infolist()
         _check_zip_entries(infos, archive.stat().st_size)
@@ -136,7 +144,8 @@ def _extract_zip(archive: Path, dest: Path) -> None:
         for info in infos:
             target = (dest / _entry_name(info)).resolve()
             if not target.is_relative_to(dest_root):
-                raise InputError(f"The archive entry '{info.filename}' points outside the archive folder.")
+                raise InputError(f"The archive entry '{info.filename}' points outside the archive folder.",
+                                 hint=_ARCHIVE_HINT)
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
@@ -145,8 +154,16 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                 with zf.open(info) as src, open(target, "wb") as dst:
                     _copy_limited(src, dst, info.file_size, what=f"archive entry '{info.filename}'")
             except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError) as exc:
-                raise InputError(f"The archive entry '{info.filename}' cannot be extracted ({exc}).") from exc
+                if is_disk_full(exc):
+                    raise disk_full(exc, f"unpacking '{archive.name}'") from exc
+                raise InputError(f"The archive entry '{info.filename}' cannot be extracted ({exc}).",
+                                 hint=_ARCHIVE_HINT) from exc
     logger.debug("unpacked %d archive entries", len(infos))
+
+
+_ARCHIVE_HINT = "Re-create the archive from the session's DICOM folder, or give the folder itself."
+_LIMITS_HINT = ("Give only the DICOM files of one MRI session; if this is one, unpack it yourself and give the folder "
+                "(the limits guard against archives made to fill the disk).")
 
 
 def _entry_name(info: zipfile.ZipInfo) -> str:
@@ -155,7 +172,8 @@ def _entry_name(info: zipfile.ZipInfo) -> str:
 
 def _check_zip_entries(infos: list[zipfile.ZipInfo], archive_bytes: int) -> None:
     if len(infos) > MAX_ARCHIVE_ENTRIES:
-        raise InputError(f"The archive holds {len(infos)} entries, more than the {MAX_ARCHIVE_ENTRIES} allowed.")
+        raise InputError(f"The archive holds {len(infos)} entries, more than the {MAX_ARCHIVE_ENTRIES} allowed.",
+                         hint=_LIMITS_HINT)
     for info in infos:
         name = _entry_name(info)
         if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
@@ -173,14 +191,14 @@ def _check_zip_entries(infos: list[zipfile.ZipInfo], archive_bytes: int) -> None
         ratio = info.file_size // max(info.compress_size, 1)
         if info.file_size > RATIO_CHECK_MIN_BYTES and ratio > MAX_COMPRESSION_RATIO:
             raise InputError(f"The archive entry '{info.filename}' expands {ratio}-fold: this looks like a zip bomb, "
-                             "refusing to unpack it.")
+                             "refusing to unpack it.", hint=_LIMITS_HINT)
     total = sum(i.file_size for i in infos)
     if total > MAX_UNPACKED_BYTES:
         raise InputError(f"The archive would unpack to {total / 1024**3:.1f} GB, more than the "
-                         f"{MAX_UNPACKED_BYTES / 1024**3:.0f} GB allowed for one session.")
+                         f"{MAX_UNPACKED_BYTES / 1024**3:.0f} GB allowed for one session.", hint=_LIMITS_HINT)
     if total > RATIO_CHECK_MIN_BYTES and total > MAX_COMPRESSION_RATIO * max(archive_bytes, 1):
         raise InputError(f"The archive would unpack to {total // max(archive_bytes, 1)} times its own size: "
-                         "this looks like a zip bomb, refusing to unpack it.")
+                         "this looks like a zip bomb, refusing to unpack it.", hint=_LIMITS_HINT)
 
 
 def _copy_limited(src, dst, limit: int, *, what: str) -> int:
@@ -189,7 +207,8 @@ def _copy_limited(src, dst, limit: int, *, what: str) -> int:
     while chunk := src.read(_CHUNK):
         copied += len(chunk)
         if copied > limit:
-            raise InputError(f"The {what} expands beyond its allowed size ({limit} bytes): refusing to unpack it.")
+            raise InputError(f"The {what} expands beyond its allowed size ({limit} bytes): refusing to unpack it.",
+                             hint=_LIMITS_HINT)
         dst.write(chunk)
     return copied
 
@@ -262,6 +281,8 @@ def _gunzip(src: Path, out: Path, budget: int) -> int:
             return _copy_limited(fin, fout, limit, what=f"gzip file '{src.name}'")
     except (OSError, EOFError) as exc:
         out.unlink(missing_ok=True)
+        if is_disk_full(exc):  # not a broken .gz: the session would silently lose files
+            raise disk_full(exc, f"decompressing '{src.name}'") from exc
         logger.debug("could not decompress a .gz file (%s); ignored", type(exc).__name__)
         return 0
 
@@ -281,10 +302,15 @@ def _read_images(files: list[Path]) -> list[_Image]:
     images: list[_Image] = []
     seen: set[str] = set()
     skipped = duplicates = 0
+    incomplete: dict[str, int] = {}
     for path in files:
-        ds = _read_header(path)
+        ds, pixels_at = _read_header_and_pixel_offset(path)
         if ds is None or not _is_image(ds):
             skipped += 1
+            continue
+        if _pixel_data_short(path, ds, pixels_at):
+            label = series_label(_int(ds.get("SeriesNumber")), _text(ds.get("SeriesDescription")))
+            incomplete[label] = incomplete.get(label, 0) + 1
             continue
         # The same instance twice (a folder exported alongside its own copy) would look like a repeated volume.
         sop_uid = str(ds.get("SOPInstanceUID", "")) or str(path)
@@ -295,18 +321,62 @@ def _read_images(files: list[Path]) -> list[_Image]:
         images.append(_Image(path, ds))
     logger.debug("skipped %d DICOM objects that are unreadable or carry no image, and %d duplicate instances",
                  skipped, duplicates)
+    for label, count in incomplete.items():
+        logger.warning("%s: %d file(s) with missing or truncated pixel data left out", label, count)
     return images
 
 
+_RAW_PIXEL_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
+_PIXEL_ELEMENT_HEADER = 8  # tag and length (explicit VR adds 4 more: a few bytes' leniency)
+
+
+def _pixel_data_short(path: Path, ds: Dataset, pixels_at: int) -> bool:
+    """True when fewer bytes follow the header (from `pixels_at`) than an uncompressed image needs: a truncated
+    copy, or no pixel data at all. Compressed pixel data has no predictable size and is left to dcm2niix."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
+    if syntax and syntax not in _RAW_PIXEL_SYNTAXES:
+        return False
+    bits = _int(ds.get("BitsAllocated")) or 16
+    values = (_int(ds.get("Rows")) or 0) * (_int(ds.get("Columns")) or 0) * (_int(ds.get("SamplesPerPixel")) or 1)
+    expected = values * (_int(ds.get("NumberOfFrames")) or 1) * bits // 8
+    return path.stat().st_size - pixels_at - _PIXEL_ELEMENT_HEADER < expected
+
+
 def _read_header(path: Path) -> Dataset | None:
+    return _read_header_and_pixel_offset(path)[0]
+
+
+def _read_header_and_pixel_offset(path: Path) -> tuple[Dataset | None, int]:
+    """The header without pixels, and where the pixel data element starts (the end of the header when there is
+    none): stop_before_pixels leaves the file there."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+            pixels_at = fh.tell()
+        _drop_malformed(ds)
     # force=True parses whatever it is given, and a corrupt file can fail in almost any way; one bad file
     # must not stop the session, so every failure here means "not a usable DICOM file".
     except Exception as exc:  # noqa: BLE001
         logger.debug("unreadable DICOM-like file skipped (%s)", type(exc).__name__)
-        return None
-    return ds if _sop_class(ds) and ds.get("SeriesInstanceUID") else None
+        return None, 0
+    return (ds if _sop_class(ds) and ds.get("SeriesInstanceUID") else None), pixels_at
+
+
+def _drop_malformed(ds: Dataset) -> None:
+    """Parse every standard element now, dropping those pydicom cannot (a US of odd length, an IS of '1e999'):
+    pydicom parses values when first read, so a malformed one would otherwise fail later, anywhere. Private
+    elements are never read, so never parsed."""
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            continue
+        try:
+            element = ds[tag]
+            for item in element.value if element.VR == "SQ" else ():
+                _drop_malformed(item)
+        except Exception:  # noqa: BLE001 - pydicom raises many types for malformed values
+            del ds[tag]
+            logger.debug("malformed DICOM element %s ignored", tag)
 
 
 def _sop_class(ds: Dataset) -> str:
@@ -520,6 +590,25 @@ def _single_study(series: list[Series]) -> str:
     )
 
 
+def _single_patient(images: list[_Image]) -> None:
+    """One study holding two PatientIDs is a mixed export or a broken anonymisation: which images belong to the
+    child cannot be told. The message lists series per patient, never the identifiers."""
+    patients: dict[str, set[str]] = {}
+    for image in images:
+        patient_id = _text(image.ds.get("PatientID"))
+        if patient_id:
+            label = series_label(_int(image.ds.get("SeriesNumber")), _text(image.ds.get("SeriesDescription")))
+            patients.setdefault(patient_id, set()).add(label)
+    if len(patients) > 1:
+        listing = "; ".join(f"patient {i}: " + ", ".join(sorted(labels))
+                            for i, labels in enumerate(patients.values(), start=1))
+        raise InputError(
+            f"The input holds images of {len(patients)} different patients (different PatientIDs): {listing}.",
+            hint="Give the session of one patient at a time; if all series are the same child, correct the "
+                 "PatientID of the odd series (e.g. re-export them) before running.",
+        )
+
+
 # ------------------------------------------------------------------------ enhanced multi-frame helpers
 
 
@@ -623,9 +712,10 @@ def _float(value) -> float | None:
             return None
         value = value[0]
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if math.isfinite(number) else None  # 'nan', '1e999': no usable measurement
 
 
 def _int(value) -> int | None:
@@ -647,9 +737,12 @@ def _rounded(value, digits: int) -> tuple[float, ...] | None:
     if value is None or isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0:
         return None
     try:
-        return tuple(round(float(v), digits) + 0.0 for v in value)  # + 0.0 folds -0.0 into 0.0
+        numbers = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
+    if not all(math.isfinite(v) for v in numbers):
+        return None
+    return tuple(round(v, digits) + 0.0 for v in numbers)  # + 0.0 folds -0.0 into 0.0
 
 
 def _seconds(value) -> float | None:
@@ -679,6 +772,7 @@ def convert_series(series: Series, outdir: Path) -> Path:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     h = series.header
+    _check_slice_spacing(series)
     name = _output_name(h)
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=outdir))
     try:
@@ -687,15 +781,86 @@ def convert_series(series: Series, outdir: Path) -> Path:
         rawdir.mkdir()
         _stage_files(series.files, indir)
         _run_dcm2niix(h, name, indir, rawdir)
-        chosen = _pick_primary(h, name, sorted(rawdir.glob(f"{name}*.nii.gz")))
+        try:
+            chosen = _pick_primary(h, name, sorted(rawdir.glob(f"{name}*.nii.gz")))
+            _check_gzip_complete(chosen)
+        except (RuntimeError, OSError, EOFError, zlib.error) as exc:  # SimpleITK raises only RuntimeError
+            raise UnsupportedDataError(f"dcm2niix wrote an unreadable image for {h.label}.",
+                                       hint="Export the series again from the scanner or PACS; if that does not "
+                                            "help, report it with the dcm2niix version from provenance.json.") from exc
         target = outdir / f"{name}.nii.gz"
         sidecar = chosen.with_name(chosen.name[: -len(".nii.gz")] + ".json")
         if sidecar.exists():
-            os.replace(sidecar, outdir / f"{name}.json")
+            _write_sidecar(sidecar, outdir / f"{name}.json")
         os.replace(chosen, target)  # same filesystem: atomic, never a half-written final file
         return target
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Slice gaps within this fraction of the usual spacing (or of a whole multiple of it) count as regular.
+SLICE_SPACING_TOLERANCE = 0.1
+
+
+def _check_slice_spacing(series: Series) -> None:
+    """Refuse a stack with missing slices or uneven spacing: dcm2niix would interpolate across the gap (its "_Eq"
+    volume), silently changing every volume measured there, where a re-export fixes it."""
+    h = series.header
+    if h.orientation is None or len(h.orientation) != 6 or h.num_orientations > 1:
+        return
+    normal = np.cross(h.orientation[:3], h.orientation[3:])
+    if not 0.9 < np.linalg.norm(normal) < 1.1:  # not two unit direction cosines at right angles
+        return
+    positions = sorted({round(float(np.dot(p, normal)), 2) for p in _slice_positions(series.files)})
+    if len(positions) < 3:
+        return
+    gaps = np.diff(positions)
+    step = float(np.median(gaps))
+    multiples = np.round(gaps / step)
+    if np.any(np.abs(gaps / step - multiples) > SLICE_SPACING_TOLERANCE):
+        raise UnsupportedDataError(
+            f"{h.label} has uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm between neighbouring "
+            f"slices), so it is not one regular 3D stack.",
+            hint="Export the series again from the scanner or PACS; if it was acquired this way, leave it out "
+                 "and include another series of the same kind.")
+    missing = int((multiples - 1).sum())
+    if missing:
+        first = int(np.argmax(multiples > 1))
+        raise InputError(
+            f"{h.label} is incomplete: {missing} slice(s) missing (a gap of {gaps[first]:.1f} mm after slice "
+            f"{first + 1} of {len(positions)}, where slices are {step:.1f} mm apart).",
+            hint="Export the complete series again from the scanner or PACS (a damaged or truncated file is left "
+                 "out, which leaves such a gap).")
+
+
+def _slice_positions(files: list[Path]) -> list[tuple[float, ...]]:
+    """ImagePositionPatient of every image, or of every frame of an enhanced multi-frame object."""
+    positions = []
+    for path in files:
+        ds = _read_header(path)
+        frames = ds.get("PerFrameFunctionalGroupsSequence") if ds is not None else None
+        values = ([_group_value(ds, "PlanePositionSequence", "ImagePositionPatient", frame) for frame in frames]
+                  if frames else [ds.get("ImagePositionPatient")] if ds is not None else [])
+        positions += [v for v in (_rounded(value, 3) for value in values) if v is not None and len(v) == 3]
+    return positions
+
+
+# dcm2niix's BIDS anonymisation (-ba y) drops patient fields but keeps where the scan was made.
+_SIDECAR_IDENTIFYING = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+                        "DeviceSerialNumber")
+
+
+def _write_sidecar(src: Path, target: Path) -> None:
+    sidecar = {k: v for k, v in json.loads(src.read_text(encoding="utf-8")).items() if k not in _SIDECAR_IDENTIFYING}
+    write_text(target, json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
+
+
+def _check_gzip_complete(path: Path) -> None:
+    """Decompress to the end: ITK reads a truncated .nii.gz without complaint (the missing voxels come out as
+    zeros); gzip's length and CRC check catch it."""
+    with gzip.open(path, "rb") as fh:
+        while fh.read(_CHUNK):
+            pass
 
 
 def _output_name(h: SeriesHeader) -> str:
@@ -719,7 +884,9 @@ def _run_dcm2niix(h: SeriesHeader, name: str, indir: Path, rawdir: Path) -> None
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=DCM2NIIX_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise ResourceError(f"dcm2niix took longer than {DCM2NIIX_TIMEOUT_S} s on {h.label}.") from exc
+        raise ResourceError(f"dcm2niix took longer than {DCM2NIIX_TIMEOUT_S} s on {h.label}.",
+                            hint="Run again on a less busy machine; if it happens again, check that the series "
+                                 "is an ordinary image series.") from exc
     logger.debug("dcm2niix on %s (exit %d): %s", h.label, result.returncode, result.stdout[-2000:])
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
