@@ -22,7 +22,15 @@ import SimpleITK as sitk
 from pipeline.atomic import write_text
 from pipeline.bundle import load_bundle
 from pipeline.config import PipelineConfig
-from pipeline.errors import InputError, MissingSequenceError, PipelineError, ResourceError
+from pipeline.errors import (
+    InputError,
+    MissingSequenceError,
+    PipelineError,
+    ResourceError,
+    disk_full,
+    is_disk_full,
+    unexpected,
+)
 from pipeline.identify import identify, session_to_json
 from pipeline.infer import infer
 from pipeline.ingest import ingest
@@ -67,12 +75,22 @@ def run_pipeline(input_path: Path | list[Path], outdir: Path, config: PipelineCo
         (outdir / "error.json").unlink(missing_ok=True)
         return result
     except PipelineError as error:
-        write_text(outdir / "error.json", json.dumps(error.to_dict(), indent=2) + "\n")
+        _write_error(outdir, error)
         raise
     except MemoryError as exc:
         error = ResourceError("The run ran out of memory.", hint="Use a machine with more RAM, or --fast.")
-        write_text(outdir / "error.json", json.dumps(error.to_dict(), indent=2) + "\n")
+        _write_error(outdir, error)
         raise error from exc
+    except OSError as exc:
+        if not is_disk_full(exc):
+            _write_error(outdir, unexpected(exc))
+            raise
+        error = disk_full(exc, "writing the work or output files")
+        _write_error(outdir, error)
+        raise error from exc
+    except Exception as exc:
+        _write_error(outdir, unexpected(exc))  # adapters report the exception itself
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if config.keep_workdir:
@@ -81,12 +99,26 @@ def run_pipeline(input_path: Path | list[Path], outdir: Path, config: PipelineCo
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _write_error(outdir: Path, error: PipelineError) -> None:
+    try:
+        write_text(outdir / "error.json", json.dumps(error.to_dict(), indent=2) + "\n")
+    except OSError as exc:  # a full disk or a vanished folder must not hide the error itself
+        logger.warning("could not write error.json (%s)", exc.strerror)
+
+
 def _prepare_outdir(outdir: Path) -> None:
     try:
         outdir.mkdir(parents=True, exist_ok=True)
+        # A killed run (power cut, SIGKILL) leaves its staging folder, and maybe half an error.json: remove them.
+        for stale in outdir.glob(".pedseg-staging-*"):
+            shutil.rmtree(stale)
+        for stale in outdir.glob(".*.partial*"):
+            stale.unlink()
         probe = tempfile.NamedTemporaryFile(dir=outdir, prefix=".pedseg-write-test-")
         probe.close()
     except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(exc, f"writing to the output folder '{outdir}'") from exc
         raise InputError(f"Cannot write to the output folder '{outdir}' ({exc.strerror}).",
                          hint="Choose a writable output folder.") from exc
 
@@ -217,6 +249,8 @@ def _write_reports(staging, session, identification, pre, atlas_labels, native_l
     if timeline is not None:
         outputs["longitudinal"] = write_history_csv(change_rows(timeline), staging / "longitudinal.csv")
     has_tumour = measurements.regions["WT"].voxels > 0
+    if not has_tumour:
+        logger.info("no tumour found: the report says so, and no DICOM SEG or SR is written")
     if config.write_seg and has_tumour:
         outputs["seg"] = write_seg(native_labels, source_files, staging / "seg" / "segmentation.dcm",
                                    algorithm_name=bundle.name, algorithm_version=bundle.version)
