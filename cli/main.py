@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import DEFAULT_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import InputError, PipelineError, unexpected
 
 logger = logging.getLogger("pedseg")
 
@@ -265,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line and exit code 1, not a traceback that may quote headers
+        error = unexpected(exc)
+        logger.error("%s", error, exc_info=args.verbose)
+        print(f"error ({error.kind}): {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":  # nnU-Net may spawn worker processes: keep the entry point guarded
