@@ -1,0 +1,96 @@
+"""Shared by the hostile-input, PHI and fuzz tests: a tiny four-sequence session whose headers carry sentinel
+patient identifiers, a model bundle that loads without weights, and the checks every failed run must pass."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from synth.dicom_writer import StudyInfo, write_series
+from synth.protocols import Protocol, session_protocols
+
+# Patient identifiers no log line, message or text output may ever show.
+SENTINELS = {
+    "PatientName": "ZZPHINAME^SENTINELA",
+    "PatientID": "ZZPHIID8841",
+    "PatientBirthDate": "19770707",
+    "AccessionNumber": "ZZPHIACC5523",
+    "InstitutionName": "ZZPHI Sentinel Childrens Hospital",
+}
+STUDY = StudyInfo(SENTINELS["PatientName"], SENTINELS["PatientID"], SENTINELS["PatientBirthDate"], "F", "006Y",
+                  "1.2.826.0.1.3680043.8.498.771", "1.2.826.0.1.3680043.8.498.772", "20240611", 9 * 3600.0,
+                  SENTINELS["AccessionNumber"], "SIEMENS", "Skyra")
+PROTOCOLS = {p.role: p for p in session_protocols("SIEMENS")}  # loc, t1n, t2w, t2f, dwi, t1c
+NUMBERS = {"loc": 1, "t1n": 2, "t2w": 3, "t2f": 4, "dwi": 5, "t1c": 6}
+_AXES = {"ax": ((1, 0, 0), (0, 1, 0), (0, 0, 1)), "cor": ((1, 0, 0), (0, 0, -1), (0, 1, 0)),
+         "sag": ((0, 1, 0), (0, 0, -1), (-1, 0, 0))}
+
+
+def tiny_volume(plane: str = "ax", spacing=(1.0, 1.0, 1.0), slices: int = 12, size: int = 16) -> sitk.Image:
+    """A small random stack (headers and geometry are what these tests exercise, not anatomy)."""
+    array = np.random.default_rng(slices).uniform(50, 500, (slices, size, size)).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetDirection(tuple(np.array(_AXES[plane], float).T.flatten()))
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    return image
+
+
+def protocol_volumes(proto: Protocol) -> list[sitk.Image]:
+    if proto.geometry is None:  # three-plane localizer
+        return [tiny_volume(plane, (1.5, 1.5, 8.0), slices=3) for plane in ("ax", "cor", "sag")]
+    g = proto.geometry
+    return [tiny_volume(g.plane, (g.in_plane_mm, g.in_plane_mm, g.slice_spacing_mm))]
+
+
+def write_role(folder: Path, role: str, *, volumes: list[sitk.Image] | None = None, study: StudyInfo = STUDY,
+               number: int | None = None, extra: dict | None = None, **proto_changes) -> Path:
+    """Write one series of the session into folder/<role>/ and return that folder."""
+    proto = replace(PROTOCOLS[role], **proto_changes)
+    volumes = volumes or protocol_volumes(proto)
+    extras = [{"InstitutionName": SENTINELS["InstitutionName"], **(extra or {})} for _ in volumes]
+    write_series(volumes, proto, study, number or NUMBERS[role], folder / role, extras)
+    return folder / role
+
+
+def write_session(folder: Path, roles=tuple(NUMBERS)) -> Path:
+    for role in roles:
+        write_role(folder, role)
+    return folder
+
+
+def copy_session(template: Path, folder: Path, *, without=()) -> Path:
+    shutil.copytree(template, folder, ignore=shutil.ignore_patterns(*without))
+    return folder
+
+
+def write_fake_bundle(root: Path, *, missing_fold: bool = False, channels: int = 4) -> Path:
+    """A bundle that passes load_bundle (files present, mappings consistent) but holds no real weights: enough
+    for every run that must stop before inference."""
+    model = root / "models" / "Dataset999_Test__nnUNetPlans__3d_fullres"
+    model.mkdir(parents=True)
+    (model / "dataset.json").write_text(json.dumps({"channel_names": {str(i): f"c{i}" for i in range(channels)}}))
+    (model / "plans.json").write_text("{}")
+    for fold in (0,) if missing_fold else (0, 1):
+        (model / f"fold_{fold}").mkdir()
+        (model / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
+    spec = {"name": "hostile-test", "version": "0", "inputs": {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3},
+            "label_convention": "2024", "labels": {"1": "ET", "2": "NET", "3": "CC", "4": "ED"},
+            "models": [{"path": str(model.relative_to(root)), "folds": [0, 1]}]}
+    (root / "bundle.json").write_text(json.dumps(spec))
+    return root
+
+
+def phi_found(text: str) -> list[str]:
+    """The sentinel identifiers (or their parts) present in `text`."""
+    parts = {v for value in SENTINELS.values() for v in (value, *value.split("^"))}
+    return sorted(p for p in parts if p.lower() in text.lower())
+
+
+def text_files(folder: Path) -> dict[Path, str]:
+    """Every log, text, JSON and CSV file under folder."""
+    return {p: p.read_text(errors="replace") for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in (".txt", ".log", ".json", ".csv", ".md", ".tsv")}

@@ -1,0 +1,83 @@
+"""PHI hygiene: a session whose headers carry sentinel PatientName, PatientID, birth date, AccessionNumber and
+InstitutionName; no log line (debug included), console output or text/JSON/CSV file may show any of them.
+(Every failing case in test_hostile_inputs.py checks its message, log and error.json the same way.)"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pypdf import PdfReader
+
+from cli.main import main
+from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pipeline.identify import classify_session, session_to_json
+from pipeline.ingest import convert_series, ingest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hostile_support import SENTINELS, phi_found, text_files, write_session  # noqa: E402
+
+
+def test_ingest_identify_and_conversion_never_show_patient_identifiers(tmp_path, capsys, caplog):
+    dicom = write_session(tmp_path / "dicom")
+    assert pydicom.dcmread(next((dicom / "t1c").iterdir())).PatientName == SENTINELS["PatientName"]
+    with caplog.at_level(logging.DEBUG):
+        session = ingest(dicom, tmp_path / "work")
+        identification = classify_session(session)
+        nifti = convert_series(session.by_uid(identification.chosen["t1c"]), tmp_path / "nifti")
+        assert main(["identify", str(dicom), "--json"]) == 0
+        assert main(["identify", str(dicom)]) == 0
+    console = capsys.readouterr()
+    assert identification.missing == [] and "t1c" in console.out
+    produced = {**text_files(tmp_path / "nifti"), tmp_path / "identify.json": session_to_json(identification)}
+    assert any(p.suffix == ".json" for p in produced)  # dcm2niix's sidecar is among them
+    # The NIfTI header's free-text fields (descrip, intent name) come from dcm2niix as well.
+    produced[nifti] = gzip.decompress(nifti.read_bytes())[:1024].decode("latin-1")
+    for where, text in {"log": caplog.text, "console": console.out + console.err, **produced}.items():
+        assert not phi_found(text), where
+
+
+@pytest.mark.slow
+def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_complete_outputs(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """The full pipeline with the demo bundle: a run interrupted mid-way leaves nothing; a leftover of a killed
+    run is cleared; the re-run writes every output and no file, log or report text shows an identifier."""
+    if not (DEFAULT_BUNDLE / "bundle.json").exists():
+        pytest.skip(f"demo bundle not built at {DEFAULT_BUNDLE}")
+    import reporting.pdf
+    from pipeline.runner import run_pipeline
+    from synth.session import generate_session
+
+    generate_session(tmp_path / "session", seed=4)
+    dicom = tmp_path / "session" / "dicom"
+    for path in dicom.rglob("*.dcm"):  # the generator's names are random: make them the sentinels
+        ds = pydicom.dcmread(path)
+        for keyword, value in SENTINELS.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+    out, config = tmp_path / "out", PipelineConfig(device="cpu", fast=True, threads=2)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(reporting.pdf, "write_report_pdf", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(dicom, out, config)
+    assert list(out.iterdir()) == []
+    (out / ".pedseg-staging-killed").mkdir()  # what SIGKILL would leave
+    (out / ".pedseg-staging-killed" / "report.pdf").write_bytes(b"%PDF-1.4 half")
+
+    with caplog.at_level(logging.DEBUG):
+        result = run_pipeline(dicom, out, config)
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(out)) for p in result.outputs.values()) == names
+    assert not any(name.startswith(".") or ".partial" in name or name == "error.json" for name in names)
+    texts = {**text_files(out), "log": caplog.text}
+    texts["report.pdf"] = "".join(page.extract_text() for page in PdfReader(out / "report.pdf").pages)
+    for where, text in texts.items():
+        assert not phi_found(text), where
+    assert json.loads((out / "measurements.json").read_text())["regions"]["WT"]["volume_ml"] > 0
