@@ -48,8 +48,7 @@ def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_comple
     run is cleared; the re-run writes every output and no file, log or report text shows an identifier."""
     if not (DEFAULT_BUNDLE / "bundle.json").exists():
         pytest.skip(f"demo bundle not built at {DEFAULT_BUNDLE}")
-    import reporting.pdf
-    from pipeline.runner import run_pipeline
+    import pipeline.runner as runner
     from synth.session import generate_session
 
     generate_session(tmp_path / "session", seed=4)
@@ -64,15 +63,15 @@ def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_comple
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(reporting.pdf, "write_report_pdf", interrupt)
+        patch.setattr(runner, "infer", interrupt)  # Ctrl-C after minutes of preprocessing
         with pytest.raises(KeyboardInterrupt):
-            run_pipeline(dicom, out, config)
+            runner.run_pipeline(dicom, out, config)
     assert list(out.iterdir()) == []
     (out / ".pedseg-staging-killed").mkdir()  # what SIGKILL would leave
     (out / ".pedseg-staging-killed" / "report.pdf").write_bytes(b"%PDF-1.4 half")
 
     with caplog.at_level(logging.DEBUG):
-        result = run_pipeline(dicom, out, config)
+        result = runner.run_pipeline(dicom, out, config)
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert sorted(str(p.relative_to(out)) for p in result.outputs.values()) == names
     assert not any(name.startswith(".") or ".partial" in name or name == "error.json" for name in names)
