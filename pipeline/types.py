@@ -24,8 +24,20 @@ def series_label(number: int | None, description: str, part: str = "") -> str:
     return f"{label} part {part}" if part else label
 
 
+class _NamedSeries:
+    """`key` and `label` for anything that carries series_uid, part, series_number and description."""
+
+    @property
+    def key(self) -> str:
+        return series_key(self.series_uid, self.part)
+
+    @property
+    def label(self) -> str:
+        return series_label(self.series_number, self.description, self.part)
+
+
 @dataclass(frozen=True)
-class SeriesHeader:
+class SeriesHeader(_NamedSeries):
     """What identification needs from one series' DICOM headers. No patient identifiers."""
 
     series_uid: str
@@ -62,14 +74,6 @@ class SeriesHeader:
     num_orientations: int = 1
     part: str = ""  # "" for a whole series; e.g. "e2", "cor", "ax_e1" for one stack of a split series
 
-    @property
-    def key(self) -> str:
-        return series_key(self.series_uid, self.part)
-
-    @property
-    def label(self) -> str:
-        return series_label(self.series_number, self.description, self.part)
-
 
 @dataclass
 class Series:
@@ -95,7 +99,7 @@ class Session:
 
 
 @dataclass
-class SeriesDecision:
+class SeriesDecision(_NamedSeries):
     series_uid: str
     series_number: int | None
     description: str
@@ -104,14 +108,6 @@ class SeriesDecision:
     reasons: list[str]
     chosen: bool = False
     part: str = ""
-
-    @property
-    def key(self) -> str:
-        return series_key(self.series_uid, self.part)
-
-    @property
-    def label(self) -> str:
-        return series_label(self.series_number, self.description, self.part)
 
 
 @dataclass
