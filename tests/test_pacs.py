@@ -242,7 +242,8 @@ def test_listener_killed_while_processing_loses_no_study(listen, destination, tm
     process = subprocess.Popen([sys.executable, "-c", _HANGING_LISTENER, str(port), str(spool), str(destination)],
                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        wait_for(lambda: (spool / "status.json").exists(), timeout=60, what="first listener up")
+        # A cold interpreter importing pydicom, pynetdicom and the pipeline: slow on a busy 2-core machine.
+        wait_for(lambda: (spool / "status.json").exists(), timeout=180, what="first listener up")
         first, second = make_study(tmp_path / "a", 3), make_study(tmp_path / "b", 2)
         uid_a, uid_b = study_uid_of(first[0]), study_uid_of(second[0])
         store(first, port)
