@@ -1,13 +1,17 @@
-"""Train the demo model bundle: a real nnU-Net v2 3d_fullres model on synthetic pediatric tumour phantoms.
+"""Train the demo model bundle: real nnU-Net v2 models on synthetic pediatric tumour phantoms.
 
 Reproducible: fixed seeds for the synthetic cases, nnU-Net's own planning, preprocessing and trainer.
-The network is deliberately small (coarser spacing, narrow features, small patch, short schedule) so it
-trains on a 2-core CPU in about an hour; a user's real bundle drops in with the same bundle.json format.
+The networks are deliberately small (coarser spacing, narrow features, small patch, short schedule) so they
+train on a 2-core CPU in about an hour; a user's real bundle drops in with the same bundle.json format.
 
     python scripts/train_demo_bundle.py --workdir scratch/train --out bundles/pedseg-demo
+    # two-model ensemble: 3d_fullres folds 0 and 1 (weight 0.7) and 3d_p64 fold 0 (weight 0.3)
+    python scripts/train_demo_bundle.py --steps plan train export --out bundles/pedseg-demo-ensemble \
+        --model 3d_fullres:0,1:0.7 --model 3d_p64:0:0.3
 
-Steps: synthetic cases -> nnUNet_raw dataset -> fingerprint + plans (then narrowed) -> preprocessing ->
-nnUNetTrainer (shortened schedule) per fold -> bundle folder with inference-only checkpoints.
+Steps: synthetic cases -> nnUNet_raw dataset -> fingerprint + plans (then narrowed into the demo
+configurations below) -> preprocessing -> nnUNetTrainer (shortened schedule) per model and fold -> bundle
+folder with inference-only checkpoints and the held-out Dice. Steps already done are skipped.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,21 +31,35 @@ sys.path.insert(0, str(REPO))
 DATASET_ID = 501
 DATASET_NAME = f"Dataset{DATASET_ID}_PedSegDemo"
 PLANS = "nnUNetPlansDemo"
-CONFIGURATION = "3d_fullres"
 # nnU-Net's base trainer: its loader finds it without importing optional architectures (timm/torchvision),
 # so the bundle loads on a CPU-only install. The shorter schedule below is set on the instance.
 TRAINER = "nnUNetTrainer"
-EPOCHS = 50
 CHANNELS = {"0": "t1n", "1": "t1c", "2": "t2w", "3": "t2f"}
 LABELS = {"background": 0, "ET": 1, "NET": 2, "CC": 3, "ED": 4}
 # Held-out seeds never overlap training seeds (training uses 0..N-1).
 HOLDOUT_SEEDS = (9001, 9002, 9003, 9004)
 
-# The narrowed 3d_fullres configuration (nnU-Net plans it for a GPU; this must train on a CPU).
+# Narrowed from nnU-Net's 3d_fullres plan (made for a GPU; these must train on a CPU). All share one spacing,
+# so they share nnU-Net's preprocessed data here and one preprocessing at inference (pipeline.ensemble).
 DEMO_SPACING = [1.5, 1.5, 1.5]
-DEMO_PATCH = [48, 48, 48]
-DEMO_FEATURES = [8, 16, 32, 64, 128]
-DEMO_BATCH = 2
+
+
+@dataclass(frozen=True)
+class DemoConfiguration:
+    patch_size: list[int]
+    features_per_stage: list[int]
+    batch_size: int
+    epochs: int
+
+
+CONFIGURATIONS = {
+    "3d_fullres": DemoConfiguration([48, 48, 48], [8, 16, 32, 64, 128], batch_size=2, epochs=35),
+    # The ensemble's second model: a larger field of view (96 mm) through a shallower, lighter network.
+    "3d_p64": DemoConfiguration([64, 64, 64], [8, 16, 32, 64], batch_size=1, epochs=30),
+}
+DATA_CONFIGURATION = "3d_fullres"  # whose preprocessed data every configuration trains on
+BALANCED_EPOCHS = 5  # second phase, see train_fold
+NNUNET_FOREGROUND_OVERSAMPLING = 0.33  # nnUNetTrainer's own default
 
 
 def _write_case(args: tuple[int, Path, Path, str]) -> int:
@@ -80,66 +99,107 @@ def make_dataset(raw: Path, n_cases: int, workers: int) -> None:
     (ds / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
 
 
-def plan_and_preprocess(workers: int) -> None:
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
-    from nnunetv2.paths import nnUNet_preprocessed
-
-    extract_fingerprints([DATASET_ID], num_processes=workers, check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])  # nnU-Net's default plans, then narrowed below into PLANS
-    pre = Path(nnUNet_preprocessed) / DATASET_NAME
-    plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = PLANS
-    config = plans["configurations"][CONFIGURATION]
+def _demo_configuration(plans: dict, spec: DemoConfiguration) -> dict:
+    config = json.loads(json.dumps(plans["configurations"]["3d_fullres"]))
     config["spacing"] = DEMO_SPACING
-    config["patch_size"] = DEMO_PATCH
-    config["batch_size"] = DEMO_BATCH
-    config["data_identifier"] = f"{PLANS}_{CONFIGURATION}"
+    config["patch_size"] = spec.patch_size
+    config["batch_size"] = spec.batch_size
+    config["data_identifier"] = f"{PLANS}_{DATA_CONFIGURATION}"
     median_mm = [s * sp for s, sp in zip(config["median_image_size_in_voxels"], plans["original_median_spacing_after_transp"])]
     config["median_image_size_in_voxels"] = [round(m / d) for m, d in zip(median_mm, DEMO_SPACING)]
-    n_stages = len(DEMO_FEATURES)
-    arch = config["architecture"]["arch_kwargs"]
-    arch.update(
+    n_stages = len(spec.features_per_stage)
+    config["architecture"]["arch_kwargs"].update(
         n_stages=n_stages,
-        features_per_stage=DEMO_FEATURES,
+        features_per_stage=spec.features_per_stage,
         kernel_sizes=[[3, 3, 3]] * n_stages,
         strides=[[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
         n_conv_per_stage=[2] * n_stages,
         n_conv_per_stage_decoder=[2] * (n_stages - 1),
     )
-    plans["configurations"] = {CONFIGURATION: config}
+    return config
+
+
+def plan_and_preprocess(workers: int) -> None:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    pre = Path(nnUNet_preprocessed) / DATASET_NAME
+    if not (pre / "nnUNetPlans.json").is_file():
+        extract_fingerprints([DATASET_ID], num_processes=workers, check_dataset_integrity=True)
+        plan_experiments([DATASET_ID])  # nnU-Net's default plans, then narrowed below into PLANS
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = PLANS
+    plans["configurations"] = {name: _demo_configuration(plans, spec) for name, spec in CONFIGURATIONS.items()}
     (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
-    preprocess([DATASET_ID], plans_identifier=PLANS, configurations=[CONFIGURATION], num_processes=[workers])
+    n_cases = json.loads((pre / "dataset.json").read_text())["numTraining"]
+    if len(list((pre / f"{PLANS}_{DATA_CONFIGURATION}").glob("*.pkl"))) < n_cases:
+        preprocess([DATASET_ID], plans_identifier=PLANS, configurations=[DATA_CONFIGURATION], num_processes=[workers])
 
 
-def train_fold(fold: int, iterations: int, device: str) -> Path:
+def train_fold(configuration: str, fold: int, epochs: int, iterations: int, device: str) -> Path:
+    """Two phases. First every patch is centred on tumour (nnU-Net's default: one in three): with so few
+    iterations the small sub-regions (ET rim, cyst) are otherwise never learned. Such a model has never seen
+    tumour-free brain and calls ventricles and sulcal CSF tumour, so a second phase with nnU-Net's default
+    sampling follows, continuing the poly learning-rate schedule as if it had been BALANCED_EPOCHS longer."""
+    _train_until(configuration, fold, epochs, 1.0, iterations, device)
+    return _train_until(configuration, fold, epochs + BALANCED_EPOCHS, NNUNET_FOREGROUND_OVERSAMPLING, iterations, device)
+
+
+def _train_until(configuration: str, fold: int, epochs: int, oversample: float, iterations: int, device: str) -> Path:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, fold, TRAINER, PLANS, device=torch.device(device))
-    # A CPU-sized budget: nnU-Net's poly schedule over EPOCHS epochs of `iterations` steps (default 1000 x 250).
-    trainer.num_epochs = EPOCHS
+    trainer = get_trainer_from_args(str(DATASET_ID), configuration, fold, TRAINER, PLANS, device=torch.device(device))
+    # A CPU-sized budget: nnU-Net's poly schedule over `epochs` epochs of `iterations` steps (default 1000 x 250).
+    trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = max(5, iterations // 5)
-    # Every patch centred on tumour (nnU-Net default: one in three). With so few iterations the small
-    # sub-regions (ET rim, cyst) are otherwise never learned; a 72 mm patch still holds plenty of normal brain.
-    trainer.oversample_foreground_percent = 1.0
+    trainer.oversample_foreground_percent = oversample
     trainer.save_every = 5
     out = Path(trainer.output_folder)
-    if (out / "checkpoint_final.pth").is_file():
-        print(f"fold {fold} already trained: {out}", flush=True)
+    done, checkpoint = _epochs_done(out)
+    if done >= epochs:
+        print(f"{configuration} fold {fold}: {done} epochs already trained", flush=True)
         return out
-    if (out / "checkpoint_latest.pth").is_file():
-        # An interrupted run resumes from its last saved epoch instead of starting over.
-        trainer.load_checkpoint(str(out / "checkpoint_latest.pth"))
+    if checkpoint is not None:
+        # The previous phase's final weights, or an interrupted run's last saved epoch: go on from there.
+        trainer.load_checkpoint(str(checkpoint))
     trainer.run_training()
-    return Path(trainer.output_folder)
+    return out
 
 
-def export_bundle(results_dir: Path, out: Path, folds: list[int], iterations: int, holdout: dict) -> None:
+def _epochs_done(out: Path) -> tuple[int, Path | None]:
     import torch
 
-    model_dir_name = f"{TRAINER}__{PLANS}__{CONFIGURATION}"
-    dst = out / "models" / model_dir_name
+    found = [(torch.load(path, map_location="cpu", weights_only=False)["current_epoch"], path)
+             for path in (out / "checkpoint_final.pth", out / "checkpoint_latest.pth") if path.is_file()]
+    return max(found) if found else (0, None)
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """One model of the exported bundle: a demo configuration, its folds and its ensemble weight."""
+
+    configuration: str
+    folds: list[int]
+    weight: float
+
+    @classmethod
+    def parse(cls, text: str) -> BundleEntry:
+        """CONFIGURATION:FOLDS[:WEIGHT], e.g. 3d_fullres:0,1:0.7."""
+        configuration, folds, *weight = text.split(":")
+        if configuration not in CONFIGURATIONS:
+            raise argparse.ArgumentTypeError(f"unknown configuration {configuration!r}; known: {list(CONFIGURATIONS)}")
+        return cls(configuration, [int(f) for f in folds.split(",")], float(weight[0]) if weight else 1.0)
+
+    @property
+    def model_dir_name(self) -> str:
+        return f"{TRAINER}__{PLANS}__{self.configuration}"
+
+
+def export_model(results_dir: Path, dst: Path, folds: list[int]) -> None:
+    import torch
+
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
@@ -151,22 +211,29 @@ def export_bundle(results_dir: Path, out: Path, folds: list[int], iterations: in
         keep = ("network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes", "current_epoch")
         (dst / f"fold_{fold}").mkdir()
         torch.save({k: ckpt[k] for k in keep if k in ckpt}, dst / f"fold_{fold}" / "checkpoint_final.pth")
+
+
+def write_bundle_json(out: Path, entries: list[BundleEntry], epochs: dict[str, int], iterations: int,
+                      holdout: dict) -> None:
+    single = len(entries) == 1
     bundle = {
         "format_version": 1,
-        "name": "pedseg-demo",
-        "version": "1.0.0",
+        "name": out.name,
+        "version": "1.0.0" if single else "1.1.0",
         "licence": "CC0-1.0",
         "description": (
-            "Demo nnU-Net v2 model trained only on synthetic phantoms built from the BraTS-space atlas. "
+            ("Demo nnU-Net v2 model" if single else f"Demo ensemble of {len(entries)} nnU-Net v2 models")
+            + " trained only on synthetic phantoms built from the BraTS-space atlas. "
             "It shows the tool working end to end; it is not a model of real pediatric tumours."
         ),
         "inputs": {role: int(ch) for ch, role in CHANNELS.items()},
         "required_inputs": list(CHANNELS.values()),
         "label_convention": "2024",
         "labels": {"1": "ET", "2": "NET", "3": "CC", "4": "ED"},
-        "models": [{"path": f"models/{model_dir_name}", "folds": folds, "weight": 1.0, "checkpoint": "checkpoint_final.pth"}],
+        "models": [{"path": f"models/{e.model_dir_name}", "folds": e.folds, "weight": e.weight,
+                    "checkpoint": "checkpoint_final.pth"} for e in entries],
         "tta": True,
-        "fast_folds": folds[:1],
+        "fast_folds": entries[0].folds[:1],
         "postprocessing": {
             "min_component_voxels": {"ET": 8, "NET": 8, "CC": 8, "ED": 20},
             "min_wt_component_voxels": 50,
@@ -176,14 +243,16 @@ def export_bundle(results_dir: Path, out: Path, folds: list[int], iterations: in
         "training": {
             "script": "scripts/train_demo_bundle.py",
             "trainer": TRAINER,
-            "epochs": EPOCHS,
             "iterations_per_epoch": iterations,
-            "oversample_foreground_percent": 1.0,
+            "oversample_foreground_percent": {"tumour-centred phase": 1.0, "balanced phase": NNUNET_FOREGROUND_OVERSAMPLING},
             "plans": PLANS,
-            "configuration": CONFIGURATION,
             "spacing_mm": DEMO_SPACING,
-            "patch_size": DEMO_PATCH,
-            "features_per_stage": DEMO_FEATURES,
+            "configurations": {e.configuration: {"epochs": epochs[e.configuration] + BALANCED_EPOCHS,
+                                                 "tumour_centred_epochs": epochs[e.configuration],
+                                                 "patch_size": CONFIGURATIONS[e.configuration].patch_size,
+                                                 "features_per_stage": CONFIGURATIONS[e.configuration].features_per_stage,
+                                                 "batch_size": CONFIGURATIONS[e.configuration].batch_size}
+                               for e in entries},
             "holdout_dice": holdout,
         },
     }
@@ -195,12 +264,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "scratch" / "train")
     parser.add_argument("--out", type=Path, default=REPO / "bundles" / "pedseg-demo")
     parser.add_argument("--cases", type=int, default=36)
-    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--model", dest="models", type=BundleEntry.parse, action="append",
+                        help="CONFIGURATION:FOLDS[:WEIGHT] to train and export (repeatable); "
+                             f"default 3d_fullres:0,1; configurations: {list(CONFIGURATIONS)}")
+    parser.add_argument("--epochs", type=int, help="training epochs per fold for every model (default: per configuration)")
     parser.add_argument("--iterations", type=int, default=50, help="training iterations per epoch")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", nargs="+", default=["data", "plan", "train", "export"])
     args = parser.parse_args()
+    entries = args.models or [BundleEntry("3d_fullres", [0, 1], 1.0)]
+    epochs = {e.configuration: args.epochs or CONFIGURATIONS[e.configuration].epochs for e in entries}
 
     work = args.workdir.resolve()
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
@@ -209,7 +283,7 @@ def main() -> None:
     # One augmentation worker: on a 2-core machine the network itself needs both cores.
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
     raw = work / "raw"
-    results_dir = work / "results" / DATASET_NAME / f"{TRAINER}__{PLANS}__{CONFIGURATION}"
+    results = work / "results" / DATASET_NAME
     t0 = time.time()
     if "data" in args.steps:
         make_dataset(raw, args.cases, args.workers)
@@ -218,15 +292,18 @@ def main() -> None:
         plan_and_preprocess(args.workers)
         print(f"planned and preprocessed after {time.time() - t0:.0f} s", flush=True)
     if "train" in args.steps:
-        for fold in args.folds:
-            train_fold(fold, args.iterations, args.device)
-            print(f"fold {fold} trained after {time.time() - t0:.0f} s", flush=True)
+        for entry in entries:
+            for fold in entry.folds:
+                train_fold(entry.configuration, fold, epochs[entry.configuration], args.iterations, args.device)
+                print(f"{entry.configuration} fold {fold} trained after {time.time() - t0:.0f} s", flush=True)
     if "export" in args.steps:
         from scripts.evaluate_bundle import evaluate_holdout
 
-        export_bundle(results_dir, args.out, args.folds, args.iterations, holdout={})
+        for entry in entries:
+            export_model(results / entry.model_dir_name, args.out / "models" / entry.model_dir_name, entry.folds)
+        write_bundle_json(args.out, entries, epochs, args.iterations, holdout={})
         holdout = evaluate_holdout(args.out, raw / DATASET_NAME)
-        export_bundle(results_dir, args.out, args.folds, args.iterations, holdout=holdout)
+        write_bundle_json(args.out, entries, epochs, args.iterations, holdout=holdout)
         print(json.dumps(holdout, indent=2))
     print(f"total {time.time() - t0:.0f} s")
 
