@@ -26,13 +26,15 @@ logger = logging.getLogger(__name__)
 # Expected brain volume (mL, deepbet's mask: cerebrum, cerebellum, brainstem) by age, wide bounds: newborn
 # ~400, 1 y ~900, 3 y ~1100, adolescents and adults ~1100-1600. (upper age, low, high)
 BRAIN_ML_BOUNDS = ((0.5, 300, 1100), (2, 500, 1500), (6, 800, 1700), (200, 900, 1900))
-# Brain mask over the head (Otsu foreground of t1c in the BraTS box): 0.49 on the atlas;
-# far below means over-stripping, near 1 means skull left in or an input that was already skull-stripped.
+# Brain mask over the head (Otsu foreground of t1c in the BraTS box): 0.49 on the atlas, 0.53-0.56 with deepbet
+# on the shared real MPRAGEs (3-year-old, adult); far below means over-stripping, near 1 means skull left in
+# or an input that was already skull-stripped.
 HEAD_FRACTION_BOUNDS = (0.3, 0.85)
 # Similarity peak (see registration.similarity_peak) below which a series-to-anchor alignment is flagged.
 MIN_SIMILARITY_PEAK = 1.15
-# Share of the brain mask inside the atlas brain mask: 0.85 for the real adult BraTS case aligned, ~0.99 for a
-# child's smaller brain, 0.68 at 20 mm / 15 degrees off.
+# Share of the brain mask inside the atlas brain mask: 0.85-0.92 for the real BraTS case and shared MPRAGEs
+# (3-year-old 0.89), ~1 for small synthetic heads, 0.68 at 20 mm / 15 degrees off; 0.72 for the shared GE
+# "IR-SPGR" series, which is a vial phantom, not a head.
 MIN_INSIDE_ATLAS_BRAIN = 0.75
 
 
