@@ -32,7 +32,7 @@ from pipeline.errors import (
     unexpected,
 )
 from pipeline.identify import identify, session_to_json
-from pipeline.infer import infer
+from pipeline.infer import infer, uncertainty_summary
 from pipeline.ingest import ingest
 from pipeline.longitudinal import Longitudinal, ResponseThresholds, compare, subject_key, tracking_uids
 from pipeline.measure import convert_labels, measure
@@ -150,6 +150,7 @@ def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path,
         native_labels = labels_to_native(atlas_labels, pre.atlas_to_native[reference_role], pre.native[reference_role])
     with stage("measure"):
         measurements = measure(atlas_labels, native_labels, qc_flags=list(pre.qc.get("flags", [])))
+        measurements.uncertainty = uncertainty_summary(prediction.uncertainty, atlas_labels)
 
     outputs = _write_nifti(staging, pre, prediction, atlas_labels, native_labels, reference_role, config)
     provenance = {
@@ -166,6 +167,7 @@ def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path,
         "tta": prediction.tta,
         "models": prediction.models_used,
         "folds": prediction.folds_used,
+        "ensemble": prediction.ensemble,
         "postprocessing": pp_steps,
         "qc": pre.qc,
         "reference_role": reference_role,
@@ -194,6 +196,8 @@ def _write_nifti(staging, pre, prediction, atlas_labels, native_labels, referenc
     outputs["nifti_brain_mask"] = Path(shutil.copy(pre.brain_mask, nifti / "brain_mask.nii.gz"))
     if prediction.uncertainty is not None:
         outputs["nifti_uncertainty"] = Path(shutil.copy(prediction.uncertainty, nifti / "uncertainty_atlas.nii.gz"))
+    for region, path in prediction.probabilities.items():
+        outputs[f"nifti_probability_{region}"] = Path(shutil.copy(path, nifti / path.name))
     for name, image in (("labels_atlas", atlas_labels), (f"labels_{reference_role}_native", native_labels)):
         path = nifti / f"{name}.nii.gz"
         sitk.WriteImage(_in_convention(image, config.label_convention), str(path), useCompression=True)
