@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,13 +52,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 _CONVENTIONS = {"2024": "volumes_ml", "2023": "volumes_2023_ml"}
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 60.0) -> None:
+    """WAL mode (persistent: recorded in the file). Switching needs the file to itself, and SQLite answers
+    'database is locked' at once, without waiting on the busy timeout, while another process opens the same
+    new store: so retry for a while."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SQLiteStore:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
-                conn.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file
+                _enable_wal(conn)
                 if conn.execute("PRAGMA user_version").fetchone()[0] != len(MIGRATIONS):
                     with _transaction(conn):  # re-read inside: another process may have migrated meanwhile
                         _migrate(conn, self.path)
