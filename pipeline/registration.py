@@ -13,12 +13,14 @@ import SimpleITK as sitk
 
 logger = logging.getLogger(__name__)
 
-# Registration runs on 2 mm anti-aliased copies (8, 4, 2 mm levels): measured on synthetic sessions with
-# known poses it is as accurate as full resolution (median error 0.1-0.3 mm) and 3-4x faster. The 8 mm level
-# matters: with only 4 and 2 mm the step-halving optimiser stopped 1-2 mm short on tilted real MPRAGEs.
-WORKING_MM = 2.0
-SHRINK_FACTORS = [4, 2, 1]
-SIGMAS = [2.0, 1.0, 0.0]
+# Registration runs on anti-aliased copies of at most 1 mm, in levels of 8, 4, 2 and 1 mm. The 8 mm level
+# matters: with only 4 and 2 mm the step-halving optimiser stopped 1-2 mm short on tilted real MPRAGEs. Image
+# gradients are taken at the sampled points rather than from whole gradient images, which is faster; measured
+# on a synthetic session with known poses, co-registration median error went 0.33 -> 0.25 mm with that, and
+# to 0.15-0.21 mm with the 1 mm level (which costs about 1.5x the time of stopping at 2 mm).
+WORKING_MM = 1.0
+SHRINK_FACTORS = [8, 4, 2, 1]
+SIGMAS = [4.0, 2.0, 1.0, 0.0]
 SAMPLES_PER_LEVEL = 40_000
 # Cross-frame starts (atlas, other exams) search rotations of +-SEARCH_DEG about the moments alignment on a
 # coarse copy: moments alone leave the optimiser in a wrong basin for heads tilted 15-20 degrees, or when one
@@ -52,6 +54,8 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, *, same_frame: bool, s
     n_voxels = float(np.prod(fixed_f.GetSize()))
     reg.SetMetricSamplingPercentagePerLevel([min(1.0, SAMPLES_PER_LEVEL * s**3 / n_voxels) for s in SHRINK_FACTORS], seed)
     reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetMetricUseFixedImageGradientFilter(False)
+    reg.SetMetricUseMovingImageGradientFilter(False)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-3, numberOfIterations=120, relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6
     )

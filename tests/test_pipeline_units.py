@@ -133,7 +133,7 @@ def test_working_copy_keeps_physical_extent_and_orientation():
     ref = native_grid(SeriesGeometry("sag", 1.0, 1.0, 1.0, (200.0, 220.0, 160.0)), 1.0)
     img = sitk.Image(ref.GetSize(), sitk.sitkFloat32)
     img.CopyInformation(ref)
-    small = working_copy(img)
+    small = working_copy(img, 2.0)
     assert small.GetSpacing() == (2.0, 2.0, 2.0) and small.GetDirection() == img.GetDirection()
     assert np.allclose(small.GetOrigin(), img.GetOrigin())
 

@@ -131,7 +131,7 @@ def test_oblique_slices_register_to_t1c_of_the_real_brats_case(brats_case, role,
     ("ge_signa_ir_spgr", CORONAL_3D_COARSE, 7),
 ], ids=["skyra-3y-axial-4mm", "philips-oblique-5mm", "ge-vial-phantom-axial-4mm", "ge-vial-phantom-coronal-1.2mm"])
 def test_real_mprages_register_back_from_other_grids(shared_data, tmp_path, folder, geometry, seed):
-    """The shared GE "IR-SPGR" is a phantom of vials, not a head: a harder, less symmetric-brain-like object."""
+    """The shared GE "IR-SPGR" series images a phantom of vials, not a head: kept as a non-brain object."""
     mprage = _mprage(shared_data, folder, tmp_path)
     _assert_accurate(_registration_errors(mprage, mprage, _head_mask(mprage), geometry, seed))
 
