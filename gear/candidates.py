@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.identify import _basic_facts  # the Facts identification itself builds; no public equivalent yet
+from pipeline.identify import header_facts
 from pipeline.identify_rules import REJECT, RULES
 from pipeline.types import SeriesHeader
 
@@ -56,7 +56,7 @@ def flywheel_header(dicom: Mapping | None) -> SeriesHeader | None:
 
 def rejection_reasons(header: SeriesHeader) -> list[str]:
     """Why identification would never choose this series, in its own words; empty for a candidate."""
-    facts = _basic_facts(header)
+    facts = header_facts(header)
     return [rule.reason.format(f=facts, hit=hit) for rule in RULES
             if rule.weights is REJECT and rule.name not in COUNT_RULES and (hit := rule.predicate(facts))]
 

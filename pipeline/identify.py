@@ -83,7 +83,8 @@ def session_to_json(identification: Identification) -> str:
 # ------------------------------------------------------------------------------------------- facts
 
 
-def _basic_facts(h: SeriesHeader) -> Facts:
+def header_facts(h: SeriesHeader) -> Facts:
+    """What one series' header says by itself, before the session-wide relations (contrast timeline, repeats)."""
     return Facts(
         h=h,
         description=normalise_text(h.description),
@@ -106,7 +107,7 @@ def _basic_facts(h: SeriesHeader) -> Facts:
 
 def _session_facts(headers: list[SeriesHeader]) -> dict[str, Facts]:
     """Facts per series, with the relations that need the whole session (contrast timeline, repeats)."""
-    basic = {h.key: _basic_facts(h) for h in headers}
+    basic = {h.key: header_facts(h) for h in headers}
     # An agent written on every series (typed in once at registration) does not tell pre from post.
     informative = len(headers) < 2 or not all(f.agent for f in basic.values())
     timed = sorted((h for h in headers if h.acquisition_time is not None), key=lambda h: h.acquisition_time)
