@@ -177,9 +177,12 @@ def _run(input_path: Path | list[Path], outdir: Path, staging: Path, work: Path,
         outputs.update(_write_reports(staging, session, identification, pre, atlas_labels, native_labels, measurements,
                                       provenance, context, reference_role, bundle, config, timeline))
     provenance["stage_seconds"] = stage.seconds
-    outputs["provenance"] = write_text(staging / "provenance.json", json.dumps(provenance, indent=2, default=str) + "\n")
     outputs["identify"] = staging / "identify.json"
+    provenance["outputs"] = sorted(str(p.relative_to(staging)) for p in outputs.values()) + ["provenance.json"]
+    outputs["provenance"] = write_text(staging / "provenance.json", json.dumps(provenance, indent=2, default=str) + "\n")
+    earlier = _earlier_outputs(outdir)
     final = {name: _publish(path, staging, outdir) for name, path in outputs.items()}
+    _remove_outputs(outdir, earlier - set(provenance["outputs"]))
     logger.info("all outputs written to %s", outdir)
     if timeline is not None:  # only a run whose outputs are all in place becomes a time point
         store.record(timeline.current)
@@ -302,6 +305,29 @@ def _study_context(session: Session, reference_uid: str, pseudonymize: bool, sub
         "age_years": age_years,
         "subject_key": subject_key(patient_id, subject_salt) if patient_id else "",
     }
+
+
+def _earlier_outputs(outdir: Path) -> set[str]:
+    """The files an earlier run wrote into OUTDIR, from its provenance (none if there was no earlier run)."""
+    try:
+        listed = json.loads((outdir / "provenance.json").read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in listed if isinstance(name, str)}
+
+
+def _remove_outputs(outdir: Path, names: set[str]) -> None:
+    """Remove an earlier run's outputs that this run did not write (a SEG after a run that found no tumour
+    would otherwise sit beside the new report). Only files the earlier run listed, only inside OUTDIR."""
+    root = outdir.resolve()
+    for name in sorted(names):
+        path = (outdir / name).resolve()
+        if path.is_relative_to(root) and path != root and path.is_file():
+            path.unlink()
+            logger.info("removed %s, an earlier run's output this run does not produce", name)
+            if path.parent != root:
+                with contextlib.suppress(OSError):  # the folder still holds other files
+                    path.parent.rmdir()
 
 
 def _publish(path: Path, staging: Path, outdir: Path) -> Path:

@@ -54,6 +54,9 @@ def test_outputs_complete_and_no_staging_left(demo_run):
     for name in expected:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.glob(".pedseg-staging-*")) and not (out / "error.json").exists()
+    # provenance lists every file the run wrote, so a later run into OUTDIR can remove the ones it no longer writes
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert set(json.loads((out / "provenance.json").read_text())["outputs"]) == written
     atlas = sitk.ReadImage(str(out / "nifti" / "t1c.nii.gz"))
     assert atlas.GetSize() == (240, 240, 155) and atlas.GetSpacing() == (1.0, 1.0, 1.0)
 

@@ -173,3 +173,25 @@ def test_synthetic_dicom_geometry_read_back_by_simpleitk(tmp_path):
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
     read = reader.Execute()
     assert np.linalg.norm(_centroid_mm(read > 500) - _centroid_mm(image > 500)) < 0.5
+
+
+def test_rerun_removes_only_the_earlier_runs_outputs_it_no_longer_writes(tmp_path):
+    """A re-run into OUTDIR that finds no tumour must not leave the earlier run's SEG beside its new report;
+    files the earlier run did not list (the user's own) and paths outside OUTDIR are never touched."""
+    from pipeline.runner import _earlier_outputs, _remove_outputs
+
+    out = tmp_path / "out"
+    for name in ("report.pdf", "seg/segmentation.dcm", "notes.txt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
+    (tmp_path / "outside.txt").write_text("keep")
+    listed = ["report.pdf", "seg/segmentation.dcm", "../outside.txt", "provenance.json"]
+    (out / "provenance.json").write_text(json.dumps({"outputs": listed}))
+
+    earlier = _earlier_outputs(out)
+    assert earlier == set(listed)
+    _remove_outputs(out, earlier - {"report.pdf", "provenance.json"})
+    assert not (out / "seg").exists()  # the file and its emptied folder
+    assert (out / "report.pdf").is_file() and (out / "notes.txt").is_file() and (tmp_path / "outside.txt").is_file()
+    (out / "provenance.json").write_text("{not json")
+    assert _earlier_outputs(out) == set()
