@@ -1,0 +1,284 @@
+"""Inference engine: label parity with stock nnU-Net, the weighted multi-model ensemble, fast mode, the stage's
+NIfTI outputs and uncertainty summary, the GPU out-of-memory fallback, bundle checks and post-processing.
+
+The parity and ensemble tests run the committed demo bundles on one synthetic held-out case on the CPU; the
+variants with all folds and mirroring TTA are marked slow.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import pipeline.ensemble as ensemble
+import pipeline.infer as infer_module
+from pipeline.bundle import load_bundle
+from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pipeline.ensemble import Member, preprocessing_key, run_ensemble, tiles_per_batch
+from pipeline.errors import BundleError, ResourceError
+from pipeline.infer import infer, normalised_entropy, uncertainty_summary
+from pipeline.postprocess import postprocess
+from pipeline.types import Preprocessed
+from scripts.evaluate_bundle import REGIONS, dice
+from scripts.train_demo_bundle import CHANNELS, HOLDOUT_SEEDS
+from synth.session import generate_training_case
+
+ENSEMBLE_BUNDLE = DEFAULT_BUNDLE.parent / "pedseg-demo-ensemble"
+CPU = torch.device("cpu")
+PARITY_DICE = 0.999
+
+
+def _bundle(path: Path):
+    if not (path / "bundle.json").is_file():
+        pytest.fail(f"bundle missing at {path}: run scripts/train_demo_bundle.py")
+    return load_bundle(path)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict:
+    """One held-out synthetic case, written as nnU-Net input files (case_0000.nii.gz, ...) and as roles."""
+    root = tmp_path_factory.mktemp("case")
+    images, truth = generate_training_case(HOLDOUT_SEEDS[0])
+    files, roles = [], {}
+    for channel, role in sorted(CHANNELS.items()):
+        roles[role] = root / f"case_{int(channel):04d}.nii.gz"
+        sitk.WriteImage(images[role], str(roles[role]))
+        files.append(str(roles[role]))
+    data = np.stack([sitk.GetArrayFromImage(sitk.Cast(images[role], sitk.sitkFloat32)) for role in roles.keys()])
+    return {"files": files, "roles": roles, "data": data, "spacing": list(reversed(images["t1n"].GetSpacing())),
+            "truth": sitk.GetArrayFromImage(truth)}
+
+
+def _stock_predictor(model, folds: tuple[str, ...], tta: bool):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+                                perform_everything_on_device=False, device=CPU, verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model.path), tuple(int(f) for f in folds), model.checkpoint)
+    return predictor
+
+
+def _assert_parity(ours: np.ndarray, stock: np.ndarray) -> dict:
+    scores = {region: dice(ours, stock, labels) for region, labels in REGIONS.items()}
+    assert all(s is None or s >= PARITY_DICE for s in scores.values()), scores
+    assert scores["WT"] is not None  # the case has a tumour: parity is not vacuous
+    return scores
+
+
+# ------------------------------------------------------------------------------------ parity with nnU-Net
+
+
+def test_labels_equal_stock_nnunet_one_fold_no_tta(case):
+    bundle = _bundle(DEFAULT_BUNDLE)
+    model = bundle.models[0]
+    ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds[:1])], CPU, tta=False)
+    stock = _stock_predictor(model, model.folds[:1], tta=False).predict_from_files_sequential(
+        [case["files"]], None, save_probabilities=False)[0]
+    _assert_parity(ours.labels, stock)
+    assert ours.preprocessing_runs == 1
+
+
+@pytest.mark.slow
+def test_labels_equal_stock_nnunet_all_folds_with_tta(case):
+    bundle = _bundle(DEFAULT_BUNDLE)
+    model = bundle.models[0]
+    ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds)], CPU, tta=True)
+    stock = _stock_predictor(model, model.folds, tta=True).predict_from_files_sequential(
+        [case["files"]], None, save_probabilities=False)[0]
+    _assert_parity(ours.labels, stock)
+
+
+# ------------------------------------------------------------------------------------- multi-model ensemble
+
+
+def test_two_model_ensemble_matches_weighted_stock_predictions(case, tmp_path):
+    """The multi-model path on the two-model demo bundle in fast mode: one preprocessing for both models, and
+    the written probability maps and labels are stock nnU-Net's per-model probabilities averaged with the
+    bundle's weights."""
+    bundle = _bundle(ENSEMBLE_BUNDLE)
+    assert len(bundle.models) == 2 and len({m.weight for m in bundle.models}) == 2
+    pre = Preprocessed(images=case["roles"], brain_mask=Path(), native={}, atlas_to_native={})
+    prediction = infer(pre, bundle, tmp_path, PipelineConfig(device="cpu", fast=True, threads=2))
+
+    assert prediction.tta is False and prediction.device == "cpu"
+    fast = bundle.folds_to_run(fast=True)
+    assert prediction.folds_used == [f"{m.path.name}/fold_{f}" for m, folds in fast for f in folds]
+    assert prediction.ensemble["preprocessing_runs"] == 1  # both models share the demo plans' preprocessing
+    assert prediction.ensemble["weights"] == {m.path.name: m.weight for m in bundle.models}
+    assert set(prediction.probabilities) == {"ET", "NET", "CC", "ED"}
+    reference = sitk.ReadImage(str(case["roles"]["t1n"]))
+    for path in (prediction.labels, prediction.uncertainty, *prediction.probabilities.values()):
+        image = sitk.ReadImage(str(path))
+        assert image.GetSize() == reference.GetSize() and image.GetOrigin() == reference.GetOrigin()
+
+    expected = 0
+    for model, folds in fast:
+        _, probabilities = _stock_predictor(model, folds, tta=False).predict_single_npy_array(
+            case["data"], {"spacing": case["spacing"]}, None, None, True)
+        expected = expected + model.weight * probabilities / sum(m.weight for m in bundle.models)
+    for channel, region in ((1, "ET"), (2, "NET"), (4, "ED")):
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction.probabilities[region])))
+        # Maps are rounded to 0.001; nnU-Net accumulates tiles in half precision, whose rounding differs
+        # slightly between a batch of tiles and one tile at a time.
+        assert np.abs(written - expected[channel]).max() <= 5e-3, region
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction.labels)))
+    assert dice(labels, expected.argmax(0), REGIONS["WT"]) >= PARITY_DICE
+    assert dice(labels, case["truth"], REGIONS["WT"]) >= 0.8
+
+
+def test_fast_mode_runs_fast_folds_or_the_first():
+    bundle = _bundle(ENSEMBLE_BUNDLE)
+    assert [folds for _, folds in bundle.folds_to_run(fast=False)] == [m.folds for m in bundle.models]
+    assert [folds for _, folds in bundle.folds_to_run(fast=True)] == [
+        tuple(f for f in m.folds if f in bundle.fast_folds) or m.folds[:1] for m in bundle.models]
+
+
+# ------------------------------------------------------------------------------------------ engine parts
+
+
+def _predictor_like(**config) -> SimpleNamespace:
+    plans = {"transpose_forward": [0, 1, 2], "foreground_intensity_properties_per_channel": {"0": {"mean": 1.0}}}
+    base = {"preprocessor_name": "DefaultPreprocessor", "spacing": [1.5, 1.5, 1.5], "patch_size": [48, 48, 48],
+            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [True],
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": {"order": 3}}
+    return SimpleNamespace(plans_manager=SimpleNamespace(plans=plans),
+                           configuration_manager=SimpleNamespace(configuration={**base, **config}))
+
+
+def test_models_share_preprocessing_only_when_it_is_identical():
+    same = preprocessing_key(_predictor_like()) == preprocessing_key(_predictor_like(patch_size=[64, 64, 64]))
+    assert same  # a different network or patch size preprocesses the same way
+    assert preprocessing_key(_predictor_like()) != preprocessing_key(_predictor_like(spacing=[1.0, 1.0, 1.0]))
+    assert preprocessing_key(_predictor_like()) != preprocessing_key(_predictor_like(use_mask_for_norm=[False]))
+
+
+def test_tiles_per_batch_bounds():
+    assert tiles_per_batch([48, 48, 48]) == 8
+    assert tiles_per_batch([128, 160, 112]) == 2  # a full-size 3d_fullres patch: never batch 1 (slow CPU kernel)
+    assert tiles_per_batch([96, 96]) == 8
+
+
+def test_normalised_entropy_bounds():
+    certain = np.zeros((5, 2, 2, 2), np.float32)
+    certain[0] = 1
+    uniform = np.full((5, 2, 2, 2), 0.2, np.float32)
+    assert np.allclose(normalised_entropy(certain, False), 0, atol=1e-6)
+    assert np.allclose(normalised_entropy(uniform, False), 1, atol=1e-6)
+    assert np.allclose(normalised_entropy(np.full((3, 2, 2, 2), 0.5, np.float32), True), 1, atol=1e-6)
+
+
+def test_uncertainty_summary_inside_final_regions(tmp_path):
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2:4] = 4  # ED
+    labels[4:6] = 2  # NET
+    entropy = np.zeros((10, 10, 10), np.float32)
+    entropy[2:4] = 0.6
+    entropy[4:6] = 0.2
+    entropy[8:] = 0.9  # uncertain but not labelled: counts in uncertain_volume_ml only
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((2.0, 1.0, 1.0))
+    path = tmp_path / "u.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(entropy), str(path))
+    summary = uncertainty_summary(path, image)
+    assert summary["mean_entropy_WT"] == pytest.approx(0.4) and summary["mean_entropy_TC"] == pytest.approx(0.2)
+    assert summary["uncertain_volume_ml"] == pytest.approx(400 * 2 / 1000)
+    assert uncertainty_summary(None, image) == {}
+
+
+def test_out_of_gpu_memory_with_device_cuda_is_a_resource_error(case, tmp_path, monkeypatch):
+    """--device cuda never moves to the CPU behind the user's back (auto does: tests/test_hostile_inputs.py)."""
+    def run(data, spacing, members, device, tta):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ensemble, "run_ensemble", run)
+    monkeypatch.setattr(infer_module, "pick_device", lambda requested: torch.device("cuda"))
+    pre = Preprocessed(images=case["roles"], brain_mask=Path(), native={}, atlas_to_native={})
+    with pytest.raises(ResourceError, match="GPU ran out of memory"):
+        infer(pre, _bundle(DEFAULT_BUNDLE), tmp_path, PipelineConfig(device="cuda"))
+
+
+# ----------------------------------------------------------------------------------------- bundle checks
+
+
+@pytest.fixture
+def bundle_copy(tmp_path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(_bundle(DEFAULT_BUNDLE).root, dst)
+    return dst
+
+
+def _edit(bundle_dir: Path, change) -> None:
+    spec = json.loads((bundle_dir / "bundle.json").read_text())
+    change(spec)
+    (bundle_dir / "bundle.json").write_text(json.dumps(spec))
+
+
+def test_bundle_rejects_unknown_postprocessing_region(bundle_copy):
+    _edit(bundle_copy, lambda s: s["postprocessing"]["redefine"].append(
+        {"region": "ET", "below_fraction_of_wt": 0.01, "to": "necrosis"}))
+    with pytest.raises(BundleError, match="necrosis"):
+        load_bundle(bundle_copy)
+
+
+def test_bundle_rejects_non_positive_weight(bundle_copy):
+    _edit(bundle_copy, lambda s: s["models"][0].update(weight=0))
+    with pytest.raises(BundleError, match="weights must be positive"):
+        load_bundle(bundle_copy)
+
+
+def test_bundle_rejects_models_with_different_label_sets(bundle_copy):
+    model_dir = bundle_copy / json.loads((bundle_copy / "bundle.json").read_text())["models"][0]["path"]
+    other = model_dir.parent / "other"
+    shutil.copytree(model_dir, other)
+    dataset = json.loads((other / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "ET": 1, "NET": 2, "ED": 3, "CC": 4}
+    (other / "dataset.json").write_text(json.dumps(dataset))
+    _edit(bundle_copy, lambda s: s["models"].append({**s["models"][0], "path": "models/other"}))
+    with pytest.raises(BundleError, match="different label sets"):
+        load_bundle(bundle_copy)
+
+
+# ------------------------------------------------------------------------------------------ post-processing
+
+
+def _labels(arr: np.ndarray) -> sitk.Image:
+    return sitk.GetImageFromArray(arr.astype(np.uint8))
+
+
+def test_components_are_26_connected():
+    """Two ET voxels touching only at a corner are one 2-voxel component: kept at min 2, absorbed at min 3."""
+    arr = np.zeros((10, 10, 10), np.uint8)
+    arr[2:8, 2:8, 2:8] = 4
+    arr[4, 4, 4] = arr[5, 5, 5] = 1
+    kept, steps = postprocess(_labels(arr), {"min_component_voxels": {"ET": 2}})
+    assert (sitk.GetArrayFromImage(kept) == 1).sum() == 2 and steps[0]["components_removed"] == 0
+    absorbed, steps = postprocess(_labels(arr), {"min_component_voxels": {"ET": 3}})
+    assert (sitk.GetArrayFromImage(absorbed) == 1).sum() == 0 and steps[0]["voxels_changed"] == 2
+    assert (sitk.GetArrayFromImage(absorbed) == 4).sum() == 6 ** 3
+
+
+def test_keep_largest_whole_tumour_and_steps_in_order():
+    arr = np.zeros((30, 30, 30), np.uint8)
+    arr[2:12, 2:12, 2:12] = 4
+    arr[4:8, 4:8, 4:8] = 2
+    arr[20:24, 20:24, 20:24] = 4  # a second, smaller lesion
+    settings = {"keep_largest_wt": True, "redefine": [{"region": "ET", "below_fraction_of_wt": 0.5, "to": "NET"}]}
+    out, steps = postprocess(_labels(arr), settings)
+    result = sitk.GetArrayFromImage(out)
+    assert result[20:24, 20:24, 20:24].max() == 0 and (result > 0).sum() == 1000
+    assert [s["step"] for s in steps] == ["redefine ET as NET below 50% of WT", "keep largest whole-tumour component"]
+    assert steps[0]["applied"] is False and steps[1]["voxels_changed"] == 64
+
+
+def test_redefine_leaves_enough_et_alone():
+    arr = np.zeros((20, 20, 20), np.uint8)
+    arr[5:15, 5:15, 5:15] = 2
+    arr[5:15, 5:15, 5:10] = 1  # half of WT
+    out, steps = postprocess(_labels(arr), {"redefine": [{"region": "ET", "below_fraction_of_wt": 0.2, "to": "NET"}]})
+    assert (sitk.GetArrayFromImage(out) == 1).sum() == 500 and not steps[0]["applied"]
