@@ -5,10 +5,19 @@ A crash or a full disk therefore never leaves half a file under a final name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
+import zlib
 from pathlib import Path
+
+import SimpleITK as sitk
+
+# Below this much free space after an image write that came out short, the cause is a full disk.
+NEARLY_FULL_BYTES = 16 * 2**20
 
 
 @contextlib.contextmanager
@@ -45,3 +54,31 @@ def write_bytes(target: Path | str, data: bytes) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
     return Path(target)
+
+
+def write_image(image: sitk.Image, target: Path | str) -> Path:
+    """Write a .nii.gz image atomically. SimpleITK's NIfTI writer reports a short write (a full disk) on stderr
+    only and returns normally, and its reader fills a truncated file with zeros, so the gzip stream is checked
+    for completeness before the file takes its final name."""
+    target = Path(target)
+    if not target.name.endswith(".nii.gz"):
+        raise ValueError(f"write_image writes .nii.gz files, not {target.name}")
+    with atomic_path(target) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        if not _holds_all_voxels(tmp, image):
+            full = shutil.disk_usage(tmp.parent).free < NEARLY_FULL_BYTES
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          "No space left on device" if full else "the image file was cut short", target.name)
+    return target
+
+
+def _holds_all_voxels(path: Path, image: sitk.Image) -> bool:
+    voxel_bytes = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    length = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                length += len(chunk)
+    except (EOFError, OSError, zlib.error):  # gzip stream ended early or is damaged
+        return False
+    return length >= voxel_bytes

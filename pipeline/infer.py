@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.atomic import write_image
 from pipeline.bundle import ModelBundle
 from pipeline.config import PipelineConfig
 from pipeline.errors import BundleError, MissingSequenceError, ResourceError
@@ -138,5 +139,5 @@ def _to_internal_labels(model_labels: np.ndarray, bundle: ModelBundle) -> np.nda
 def _write_like(array: np.ndarray, reference: sitk.Image, path: Path) -> Path:
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(reference)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    write_image(image, path)
     return path

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.atomic import write_image
 from pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
 from pipeline.config import PipelineConfig
 from pipeline.errors import UnsupportedDataError
@@ -96,9 +97,9 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
         images = {}
         for role, image in atlas_space.items():
             images[role] = atlas_dir / f"{role}.nii.gz"
-            sitk.WriteImage(sitk.Mask(image, mask), str(images[role]), useCompression=True)
+            write_image(sitk.Mask(image, mask), images[role])
         mask_path = atlas_dir / "brain_mask.nii.gz"
-        sitk.WriteImage(mask, str(mask_path), useCompression=True)
+        write_image(mask, mask_path)
     with step("quality checks"):
         _quality_checks(atlas_space, anchor, mask, qc, config)
     return Preprocessed(images=images, brain_mask=mask_path, native=native_paths, atlas_to_native=transform_paths, qc=qc)
@@ -121,7 +122,7 @@ def _read_volume(path: Path) -> sitk.Image:
 def _brain_mask(t1c_atlas: sitk.Image, workdir: Path, qc: dict) -> sitk.Image:
     """deepbet on atlas-space t1c; on failure, the atlas brain mask (flagged: it ignores the child's anatomy)."""
     src, dst = workdir / "t1c_for_bet.nii.gz", workdir / "deepbet_mask.nii.gz"
-    sitk.WriteImage(t1c_atlas, str(src), useCompression=True)
+    write_image(t1c_atlas, src)
     try:
         from deepbet import run_bet
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 import SimpleITK as sitk
 
-from pipeline.atomic import write_text
+from pipeline.atomic import write_image, write_text
 from pipeline.bundle import load_bundle
 from pipeline.config import PipelineConfig
 from pipeline.errors import (
@@ -203,7 +203,7 @@ def _write_nifti(staging, pre, prediction, atlas_labels, native_labels, referenc
         outputs[f"nifti_probability_{region}"] = Path(shutil.copy(path, nifti / path.name))
     for name, image in (("labels_atlas", atlas_labels), (f"labels_{reference_role}_native", native_labels)):
         path = nifti / f"{name}.nii.gz"
-        sitk.WriteImage(_in_convention(image, config.label_convention), str(path), useCompression=True)
+        write_image(_in_convention(image, config.label_convention), path)
         outputs[f"nifti_{name}"] = path
     return outputs
 
@@ -284,7 +284,7 @@ def _first_path(result) -> Path:
 def _atlas_labels_file(staging: Path, atlas_labels: sitk.Image) -> Path:
     path = staging / "nifti" / "labels_atlas.nii.gz"
     if not path.exists():
-        sitk.WriteImage(atlas_labels, str(path), useCompression=True)
+        write_image(atlas_labels, path)
     return path
 
 

@@ -195,3 +195,32 @@ def test_rerun_removes_only_the_earlier_runs_outputs_it_no_longer_writes(tmp_pat
     assert (out / "report.pdf").is_file() and (out / "notes.txt").is_file() and (tmp_path / "outside.txt").is_file()
     (out / "provenance.json").write_text("{not json")
     assert _earlier_outputs(out) == set()
+
+
+def test_image_cut_short_by_a_full_disk_is_a_disk_full_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """SimpleITK's NIfTI writer returns normally after a short write on a full disk (it only prints "NWAD: wrote
+    only 0 of N bytes") and its reader fills a truncated file with zeros; the write must fail with ENOSPC, which
+    the runner reports as exit 5, not publish a truncated image."""
+    import collections
+    import errno
+
+    import pipeline.atomic as atomic
+
+    real_write = sitk.WriteImage
+
+    def short_write(image, path, *args, **kwargs):
+        real_write(image, path, *args, **kwargs)
+        with open(path, "r+b") as f:
+            f.truncate(200)
+
+    image = sitk.GetImageFromArray(np.arange(32 * 32 * 32, dtype=np.float32).reshape(32, 32, 32))
+    monkeypatch.setattr(atomic.sitk, "WriteImage", short_write)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: collections.namedtuple("U", "total used free")(1, 1, 0))
+    with pytest.raises(OSError) as raised:
+        atomic.write_image(image, tmp_path / "labels.nii.gz")
+    assert raised.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the partial file
+
+    monkeypatch.setattr(atomic.sitk, "WriteImage", real_write)
+    written = atomic.write_image(image, tmp_path / "labels.nii.gz")
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))), sitk.GetArrayFromImage(image))
