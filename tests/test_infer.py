@@ -159,8 +159,9 @@ def test_models_share_preprocessing_only_when_it_is_identical():
 
 
 def test_tiles_per_batch_bounds():
-    assert tiles_per_batch([48, 48, 48]) == 8
-    assert tiles_per_batch([128, 160, 112]) == 2  # a full-size 3d_fullres patch: never batch 1 (slow CPU kernel)
+    assert tiles_per_batch([48, 48, 48]) == 8  # small patches: batched, off the slow batch-1 CPU kernel
+    assert tiles_per_batch([56, 56, 56]) == 5
+    assert tiles_per_batch([128, 160, 112]) == 1  # a full-size 3d_fullres patch gains nothing from batching
     assert tiles_per_batch([96, 96]) == 8
 
 
