@@ -34,5 +34,18 @@ test: install system-deps
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
 
+# Our preprocessing against brainles-preprocessing (ANTs) on a synthetic session, in one run (bench/RESULTS.md).
+# brainles pins older rich/click/scipy than ours, so it gets its own venv layered over ours through a .pth file.
+BRAINLES_VENV ?= scratch/bench/brainles-venv
+bench-preprocess: install $(BRAINLES_VENV)/.installed
+	$(PY) bench/preprocess.py --n4
+
+$(BRAINLES_VENV)/.installed: $(CONSTRAINTS)
+	$(PYTHON) -m venv $(BRAINLES_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(BRAINLES_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_project.pth"
+	$(BRAINLES_VENV)/bin/pip install --quiet -c $(CONSTRAINTS) brainles-preprocessing
+	touch $@
+
 clean:
 	rm -rf demo-output .pytest_cache
