@@ -13,6 +13,8 @@ and its export code resamples the logits to the input grid and applies the softm
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -104,9 +106,12 @@ def tiles_per_batch(patch_size: list[int]) -> int:
 
 
 def load_member(member: Member, device: torch.device, tta: bool) -> TileBatchPredictor:
-    predictor = TileBatchPredictor(tile_step_size=TILE_STEP_SIZE, use_gaussian=True, use_mirroring=tta,
-                                   perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                                   allow_tqdm=False)
+    # On CPU nnU-Net prints "perform_everything_on_device=True is only supported for cuda devices!" whatever
+    # the argument says; users would read it as a misconfiguration.
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = TileBatchPredictor(tile_step_size=TILE_STEP_SIZE, use_gaussian=True, use_mirroring=tta,
+                                       perform_everything_on_device=device.type == "cuda", device=device,
+                                       verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(
         str(member.model.path), use_folds=tuple(f if f == "all" else int(f) for f in member.folds),
         checkpoint_name=member.model.checkpoint)
