@@ -10,8 +10,8 @@ import gzip
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -74,11 +74,18 @@ def write_image(image: sitk.Image, target: Path | str) -> Path:
 
 def _holds_all_voxels(path: Path, image: sitk.Image) -> bool:
     voxel_bytes = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
-    length = 0
     try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 22):
-                length += len(chunk)
+        return gzip_length(path) >= voxel_bytes
     except (EOFError, OSError, zlib.error):  # gzip stream ended early or is damaged
         return False
-    return length >= voxel_bytes
+
+
+def gzip_length(path: Path) -> int:
+    """Decompress a .gz file to its end and return the decompressed length. gzip's own length and CRC check
+    raise EOFError, OSError or zlib.error for a cut-short or damaged file, which ITK would read without
+    complaint (the missing voxels come out as zeros)."""
+    length = 0
+    with gzip.open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            length += len(chunk)
+    return length

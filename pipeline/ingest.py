@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pipeline.atomic import write_text
+from pipeline.atomic import gzip_length, write_text
 from pipeline.errors import InputError, ResourceError, UnsupportedDataError, disk_full, is_disk_full
 from pipeline.types import Series, SeriesHeader, Session, series_label
 
@@ -783,7 +783,7 @@ def convert_series(series: Series, outdir: Path) -> Path:
         _run_dcm2niix(h, name, indir, rawdir)
         try:
             chosen = _pick_primary(h, name, sorted(rawdir.glob(f"{name}*.nii.gz")))
-            _check_gzip_complete(chosen)
+            gzip_length(chosen)  # a truncated .nii.gz reads back as zeros, not as an error
         except (RuntimeError, OSError, EOFError, zlib.error) as exc:  # SimpleITK raises only RuntimeError
             raise UnsupportedDataError(f"dcm2niix wrote an unreadable image for {h.label}.",
                                        hint="Export the series again from the scanner or PACS; if that does not "
@@ -853,14 +853,6 @@ _SIDECAR_IDENTIFYING = ("InstitutionName", "InstitutionAddress", "InstitutionalD
 def _write_sidecar(src: Path, target: Path) -> None:
     sidecar = {k: v for k, v in json.loads(src.read_text(encoding="utf-8")).items() if k not in _SIDECAR_IDENTIFYING}
     write_text(target, json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
-
-
-def _check_gzip_complete(path: Path) -> None:
-    """Decompress to the end: ITK reads a truncated .nii.gz without complaint (the missing voxels come out as
-    zeros); gzip's length and CRC check catch it."""
-    with gzip.open(path, "rb") as fh:
-        while fh.read(_CHUNK):
-            pass
 
 
 def _output_name(h: SeriesHeader) -> str:

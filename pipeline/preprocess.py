@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.atomic import write_image
 from pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
+from pipeline.atomic import write_image
 from pipeline.config import PipelineConfig
 from pipeline.errors import UnsupportedDataError
 from pipeline.ingest import convert_series
