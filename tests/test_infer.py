@@ -207,13 +207,6 @@ def test_out_of_gpu_memory_with_device_cuda_is_a_resource_error(case, tmp_path, 
 # ----------------------------------------------------------------------------------------- bundle checks
 
 
-@pytest.fixture
-def bundle_copy(tmp_path) -> Path:
-    dst = tmp_path / "bundle"
-    shutil.copytree(_bundle(DEFAULT_BUNDLE).root, dst)
-    return dst
-
-
 def _edit(bundle_dir: Path, change) -> None:
     spec = json.loads((bundle_dir / "bundle.json").read_text())
     change(spec)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import SimpleITK as sitk
 
 from pipeline.atlas import BRATS_ORIGIN, BRATS_SIZE, brats_reference_grid, load_atlas_brain_mask
 from pipeline.bundle import load_bundle
-from pipeline.config import DEFAULT_BUNDLE
 from pipeline.errors import BundleError
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import labels_to_native
@@ -28,15 +26,6 @@ def _centroid_mm(labels: sitk.Image, value: int = 1) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ bundle
-
-
-@pytest.fixture
-def bundle_copy(tmp_path):
-    if not (DEFAULT_BUNDLE / "bundle.json").exists():
-        pytest.skip("demo bundle not built")
-    dst = tmp_path / "bundle"
-    shutil.copytree(DEFAULT_BUNDLE, dst)
-    return dst
 
 
 def test_demo_bundle_loads_and_hashes(bundle_copy):
