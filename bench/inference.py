@@ -80,15 +80,14 @@ def worker(args) -> None:
 
 def _write_case(seed: int, path: Path) -> tuple[int, ...]:
     import numpy as np
-    import SimpleITK as sitk
 
+    from pipeline.ensemble import nnunet_input
     from scripts.train_demo_bundle import CHANNELS
     from synth.session import generate_training_case
 
     images, _ = generate_training_case(seed)
-    data = np.stack([sitk.GetArrayFromImage(sitk.Cast(images[role], sitk.sitkFloat32))
-                     for _, role in sorted(CHANNELS.items())])
-    np.savez(path, data=data, spacing=np.asarray(list(reversed(images["t1n"].GetSpacing()))))
+    data, spacing = nnunet_input([images[role] for _, role in sorted(CHANNELS.items())])
+    np.savez(path, data=data, spacing=np.asarray(spacing))
     return data.shape
 
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -130,10 +131,16 @@ def preprocessing_key(predictor: nnUNetPredictor) -> str:
                        **{k: config.get(k) for k in PREPROCESSING_KEYS}}, sort_keys=True)
 
 
+def nnunet_input(images: list[sitk.Image]) -> tuple[np.ndarray, list[float]]:
+    """`run_ensemble`'s image and spacing from images given in the model's channel order: (channels, z, y, x)
+    float32 and (z, y, x) spacing, SimpleITK's array order, as nnU-Net's SimpleITKIO reads NIfTI in training."""
+    data = np.stack([sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32)) for image in images])
+    return data, list(reversed(images[0].GetSpacing()))
+
+
 def run_ensemble(image: np.ndarray, spacing_zyx: list[float], members: list[Member], device: torch.device,
                  tta: bool) -> EnsembleResult:
-    """`image`: (channels, z, y, x) float32 in nnU-Net's channel order, SimpleITK axis order as nnU-Net's
-    SimpleITKIO reads it during training; `spacing_zyx` likewise."""
+    """`image`, `spacing_zyx`: see `nnunet_input`."""
     preprocessed: dict[str, tuple[torch.Tensor, dict]] = {}
     mean = label_manager = None
     total_weight = 0.0

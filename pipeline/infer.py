@@ -38,7 +38,8 @@ def pick_device(requested: str):
     return torch.device("cpu")
 
 
-def _stack_inputs(pre: Preprocessed, bundle: ModelBundle) -> tuple[np.ndarray, sitk.Image]:
+def _read_inputs(pre: Preprocessed, bundle: ModelBundle) -> list[sitk.Image]:
+    """The preprocessed images in the bundle's channel order."""
     missing = [role for role in bundle.inputs if role not in pre.images]
     if missing:
         raise MissingSequenceError(
@@ -46,21 +47,20 @@ def _stack_inputs(pre: Preprocessed, bundle: ModelBundle) -> tuple[np.ndarray, s
             hint="Use a bundle trained for the available sequences.",
         )
     by_channel = sorted(bundle.inputs.items(), key=lambda item: item[1])
-    images = [sitk.ReadImage(str(pre.images[role]), sitk.sitkFloat32) for role, _ in by_channel]
-    # SimpleITK array order (z, y, x), as nnU-Net's SimpleITKIO reads BraTS NIfTI during training.
-    return np.stack([sitk.GetArrayFromImage(img) for img in images]).astype(np.float32), images[0]
+    return [sitk.ReadImage(str(pre.images[role]), sitk.sitkFloat32) for role, _ in by_channel]
 
 
 def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: PipelineConfig) -> Prediction:
     import torch
 
-    from pipeline.ensemble import Member, run_ensemble
+    from pipeline.ensemble import Member, nnunet_input, run_ensemble
 
     device = pick_device(config.device)
     tta = bundle.tta and not config.fast
     members = [Member(model, folds) for model, folds in bundle.folds_to_run(config.fast)]
-    data, reference = _stack_inputs(pre, bundle)
-    spacing_zyx = list(reversed(reference.GetSpacing()))
+    images = _read_inputs(pre, bundle)
+    reference = images[0]
+    data, spacing_zyx = nnunet_input(images)
     t0 = time.perf_counter()
     try:
         if device.type == "cpu":

@@ -20,7 +20,7 @@ import pipeline.ensemble as ensemble
 import pipeline.infer as infer_module
 from pipeline.bundle import load_bundle
 from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
-from pipeline.ensemble import Member, preprocessing_key, run_ensemble, tiles_per_batch
+from pipeline.ensemble import Member, nnunet_input, preprocessing_key, run_ensemble, tiles_per_batch
 from pipeline.errors import BundleError, ResourceError
 from pipeline.infer import infer, normalised_entropy, uncertainty_summary
 from pipeline.postprocess import postprocess
@@ -50,9 +50,8 @@ def case(tmp_path_factory) -> dict:
         roles[role] = root / f"case_{int(channel):04d}.nii.gz"
         sitk.WriteImage(images[role], str(roles[role]))
         files.append(str(roles[role]))
-    data = np.stack([sitk.GetArrayFromImage(sitk.Cast(images[role], sitk.sitkFloat32)) for role in roles.keys()])
-    return {"files": files, "roles": roles, "data": data, "spacing": list(reversed(images["t1n"].GetSpacing())),
-            "truth": sitk.GetArrayFromImage(truth)}
+    data, spacing = nnunet_input([images[role] for role in roles])
+    return {"files": files, "roles": roles, "data": data, "spacing": spacing, "truth": sitk.GetArrayFromImage(truth)}
 
 
 def _stock_predictor(model, folds: tuple[str, ...], tta: bool):
