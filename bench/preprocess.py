@@ -165,28 +165,40 @@ def _atlas_brain_points(stride: int):
     return np.asarray(stats.GetCentroid(1)), points
 
 
+def _chain(paths: list[str]):
+    """One transform from a tool's saved atlas -> native chain of .tfm files."""
+    import SimpleITK as sitk
+
+    from pipeline.registration import compose
+
+    return compose(*[sitk.ReadTransform(p) for p in paths])
+
+
+def _transform_points(transform, points):
+    import numpy as np
+
+    return np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in points])
+
+
+def _median_worst(distances) -> dict:
+    import numpy as np
+
+    return {"median_mm": round(float(np.median(distances)), 2), "max_mm": round(float(distances.max()), 2)}
+
+
 def tool_agreement(results: dict, reference: str = "ours", stride: int = 50) -> dict:
     """How far each tool's t1c -> atlas alignment lands from `reference`'s, over the atlas brain (median and
     worst mm): for a smaller head the brain-centred ideal is a convention, so agreement between two
     independent optimisers shows where mutual information puts the head."""
     import numpy as np
-    import SimpleITK as sitk
-
-    from pipeline.registration import compose
 
     _, points = _atlas_brain_points(stride)
 
     def mapped(name: str) -> np.ndarray:
-        transform = compose(*[sitk.ReadTransform(p) for p in results[name]["atlas_to_native"]["t1c"]])
-        return np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in points])
+        return _transform_points(_chain(results[name]["atlas_to_native"]["t1c"]), points)
 
     ours = mapped(reference)
-    agreement = {}
-    for name in results:
-        if name != reference:
-            distance = np.linalg.norm(mapped(name) - ours, axis=1)
-            agreement[name] = {"median_mm": round(float(np.median(distance)), 2), "max_mm": round(float(distance.max()), 2)}
-    return agreement
+    return {name: _median_worst(np.linalg.norm(mapped(name) - ours, axis=1)) for name in results if name != reference}
 
 
 def registration_errors(session_dir: Path, chains: dict[str, list[str]], stride: int = 50) -> dict:
@@ -207,30 +219,26 @@ def registration_errors(session_dir: Path, chains: dict[str, list[str]], stride:
     # Scanner point -> phantom point poses; a smaller head centred on the atlas brain is a rigid alignment.
     truth = {role: compose(scale_about(centre, head_scale), sitk.ReadTransform(str(truth_dir / f"pose_{role}.tfm")).GetInverse())
              for role in ROLES}
-    found = {role: compose(*[sitk.ReadTransform(p) for p in chains[role]]) for role in ROLES}
-
-    def apply(transform, pts) -> np.ndarray:
-        return np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in pts])
+    found = {role: _chain(chains[role]) for role in ROLES}
 
     def rotation_deg(a, b) -> float:
         """Angle between the linear parts of two rigid transforms, from finite differences about the centre."""
         basis = centre + 10.0 * np.vstack([np.zeros(3), np.eye(3)])
-        ma, mb = (np.diff(apply(t, basis)[[0, 1, 0, 2, 0, 3]].reshape(3, 2, 3), axis=1)[:, 0].T / 10.0 for t in (a, b))
+        ma, mb = (np.diff(_transform_points(t, basis)[[0, 1, 0, 2, 0, 3]].reshape(3, 2, 3), axis=1)[:, 0].T / 10.0 for t in (a, b))
         return float(np.degrees(np.arccos(np.clip((np.trace(ma @ mb.T) - 1) / 2, -1, 1))))
 
-    def summary(errors: np.ndarray) -> dict:
-        return {"median_mm": round(float(np.median(errors)), 2), "max_mm": round(float(errors.max()), 2)}
-
-    true_native = {role: apply(truth[role], points) for role in ROLES}
-    t1c_back = apply(inverse(found["t1c"]), true_native["t1c"])  # true t1c positions through the found t1c alignment
+    true_native = {role: _transform_points(truth[role], points) for role in ROLES}
+    t1c_back = _transform_points(inverse(found["t1c"]), true_native["t1c"])  # true t1c positions through the found t1c alignment
     result = {}
     for role in ROLES:
-        atlas = summary(np.linalg.norm(apply(found[role], points) - true_native[role], axis=1))
+        atlas = _median_worst(np.linalg.norm(_transform_points(found[role], points) - true_native[role], axis=1))
         atlas["rotation_deg"] = round(rotation_deg(found[role], truth[role]), 2)
-        atlas["centre_mm"] = round(float(np.linalg.norm(apply(found[role], [centre]) - apply(truth[role], [centre]))), 2)
+        centre_offset = _transform_points(found[role], [centre]) - _transform_points(truth[role], [centre])
+        atlas["centre_mm"] = round(float(np.linalg.norm(centre_offset)), 2)
         result[f"{role} atlas"] = atlas
         if role != "t1c":
-            result[f"{role} to t1c"] = summary(np.linalg.norm(apply(found[role], t1c_back) - true_native[role], axis=1))
+            through_t1c = _transform_points(found[role], t1c_back)
+            result[f"{role} to t1c"] = _median_worst(np.linalg.norm(through_t1c - true_native[role], axis=1))
     return result
 
 
