@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,10 +45,14 @@ def test_bundle_missing_fold_is_named(bundle_copy):
     assert err.value.exit_code == 6
 
 
+def _edit(bundle_dir: Path, change) -> None:
+    spec = json.loads((bundle_dir / "bundle.json").read_text())
+    change(spec)
+    (bundle_dir / "bundle.json").write_text(json.dumps(spec))
+
+
 def test_bundle_channel_mapping_must_match_model(bundle_copy):
-    spec = json.loads((bundle_copy / "bundle.json").read_text())
-    spec["inputs"] = {"t1c": 0, "t2f": 1}
-    (bundle_copy / "bundle.json").write_text(json.dumps(spec))
+    _edit(bundle_copy, lambda s: s.update(inputs={"t1c": 0, "t2f": 1}))
     with pytest.raises(BundleError, match="takes 4 input channels but bundle.json maps 2"):
         load_bundle(bundle_copy)
 
@@ -55,6 +60,31 @@ def test_bundle_channel_mapping_must_match_model(bundle_copy):
 def test_missing_bundle_json(tmp_path):
     with pytest.raises(BundleError, match="No bundle.json"):
         load_bundle(tmp_path)
+
+
+def test_bundle_rejects_unknown_postprocessing_region(bundle_copy):
+    _edit(bundle_copy, lambda s: s["postprocessing"]["redefine"].append(
+        {"region": "ET", "below_fraction_of_wt": 0.01, "to": "necrosis"}))
+    with pytest.raises(BundleError, match="necrosis"):
+        load_bundle(bundle_copy)
+
+
+def test_bundle_rejects_non_positive_weight(bundle_copy):
+    _edit(bundle_copy, lambda s: s["models"][0].update(weight=0))
+    with pytest.raises(BundleError, match="weights must be positive"):
+        load_bundle(bundle_copy)
+
+
+def test_bundle_rejects_models_with_different_label_sets(bundle_copy):
+    model_dir = bundle_copy / json.loads((bundle_copy / "bundle.json").read_text())["models"][0]["path"]
+    other = model_dir.parent / "other"
+    shutil.copytree(model_dir, other)
+    dataset = json.loads((other / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "ET": 1, "NET": 2, "ED": 3, "CC": 4}
+    (other / "dataset.json").write_text(json.dumps(dataset))
+    _edit(bundle_copy, lambda s: s["models"].append({**s["models"][0], "path": "models/other"}))
+    with pytest.raises(BundleError, match="different label sets"):
+        load_bundle(bundle_copy)
 
 
 # ------------------------------------------------------------------------------------------ postprocess
@@ -85,6 +115,39 @@ def test_redefine_small_et_as_net():
     rule = {"region": "ET", "below_fraction_of_wt": 0.01, "to": "NET"}
     out, steps = postprocess(_label_image(arr), {"redefine": [rule]})
     assert (sitk.GetArrayFromImage(out) == 1).sum() == 0 and steps[0]["applied"]
+
+
+def test_components_are_26_connected():
+    """Two ET voxels touching only at a corner are one 2-voxel component: kept at min 2, absorbed at min 3."""
+    arr = np.zeros((10, 10, 10), np.uint8)
+    arr[2:8, 2:8, 2:8] = 4
+    arr[4, 4, 4] = arr[5, 5, 5] = 1
+    kept, steps = postprocess(_label_image(arr), {"min_component_voxels": {"ET": 2}})
+    assert (sitk.GetArrayFromImage(kept) == 1).sum() == 2 and steps[0]["components_removed"] == 0
+    absorbed, steps = postprocess(_label_image(arr), {"min_component_voxels": {"ET": 3}})
+    assert (sitk.GetArrayFromImage(absorbed) == 1).sum() == 0 and steps[0]["voxels_changed"] == 2
+    assert (sitk.GetArrayFromImage(absorbed) == 4).sum() == 6 ** 3
+
+
+def test_keep_largest_whole_tumour_and_steps_in_order():
+    arr = np.zeros((30, 30, 30), np.uint8)
+    arr[2:12, 2:12, 2:12] = 4
+    arr[4:8, 4:8, 4:8] = 2
+    arr[20:24, 20:24, 20:24] = 4  # a second, smaller lesion
+    settings = {"keep_largest_wt": True, "redefine": [{"region": "ET", "below_fraction_of_wt": 0.5, "to": "NET"}]}
+    out, steps = postprocess(_label_image(arr), settings)
+    result = sitk.GetArrayFromImage(out)
+    assert result[20:24, 20:24, 20:24].max() == 0 and (result > 0).sum() == 1000
+    assert [s["step"] for s in steps] == ["redefine ET as NET below 50% of WT", "keep largest whole-tumour component"]
+    assert steps[0]["applied"] is False and steps[1]["voxels_changed"] == 64
+
+
+def test_redefine_leaves_enough_et_alone():
+    arr = np.zeros((20, 20, 20), np.uint8)
+    arr[5:15, 5:15, 5:15] = 2
+    arr[5:15, 5:15, 5:10] = 1  # half of WT
+    out, steps = postprocess(_label_image(arr), {"redefine": [{"region": "ET", "below_fraction_of_wt": 0.2, "to": "NET"}]})
+    assert (sitk.GetArrayFromImage(out) == 1).sum() == 500 and not steps[0]["applied"]
 
 
 # ---------------------------------------------------------------------------------------------- geometry
