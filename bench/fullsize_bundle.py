@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEMO_BUNDLE = ROOT / "bundles" / "pedseg-demo"
 CONFIGURATION = "3d_fullres"

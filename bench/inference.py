@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("stock", "ours")
 
 
 def _members(bundle_dir: Path, fast: bool):
-    from pipeline.bundle import load_bundle
-    from pipeline.ensemble import Member
+    from pedseg.pipeline.bundle import load_bundle
+    from pedseg.pipeline.ensemble import Member
 
     return [Member(model, folds) for model, folds in load_bundle(bundle_dir).folds_to_run(fast)]
 
@@ -57,7 +56,7 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from pipeline.ensemble import run_ensemble
+    from pedseg.pipeline.ensemble import run_ensemble
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -81,12 +80,12 @@ def worker(args) -> None:
 def _write_case(seed: int, path: Path) -> tuple[int, ...]:
     import numpy as np
 
-    from pipeline.ensemble import nnunet_input
-    from scripts.train_demo_bundle import CHANNELS
-    from synth.session import generate_training_case
+    from pedseg.pipeline.ensemble import nnunet_input
+    from pedseg.pipeline.types import ROLES
+    from pedseg.synth.session import generate_training_case
 
     images, _ = generate_training_case(seed)
-    data, spacing = nnunet_input([images[role] for _, role in sorted(CHANNELS.items())])
+    data, spacing = nnunet_input([images[role] for role in ROLES])  # the demo bundles' channel order
     np.savez(path, data=data, spacing=np.asarray(spacing))
     return data.shape
 
@@ -109,7 +108,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from scripts.evaluate_bundle import REGIONS, dice
+    from pedseg.evaluation import region_dice
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
@@ -135,8 +134,7 @@ def main() -> None:
                 r = results[variant]
                 print(f"{device:4s} {variant:5s} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_gib']:.2f} GiB"
                       + (f"  peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""), flush=True)
-            agreement = {region: dice(results["ours"]["labels"], results["stock"]["labels"], labels)
-                         for region, labels in REGIONS.items()}
+            agreement = region_dice(results["stock"]["labels"], results["ours"]["labels"])
             print(f"{device:4s} speed-up {results['stock']['seconds'] / results['ours']['seconds']:.2f}x; "
                   "label Dice ours vs stock: " + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}"
                                                            for k, v in agreement.items()))

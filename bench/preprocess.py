@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from the checkout, in either virtual environment
 
 ROLES = ("t1c", "t1n", "t2w", "t2f")
 DEFAULT_BRAINLES_PYTHON = ROOT / "scratch" / "bench" / "brainles-venv" / "bin" / "python"
@@ -75,10 +74,10 @@ class _StepLines(logging.Handler):
 
 
 def run_ours(session_dir: Path, workdir: Path, out_json: Path, n4: bool) -> None:
-    from pipeline.config import PipelineConfig
-    from pipeline.identify import identify
-    from pipeline.ingest import ingest
-    from pipeline.preprocess import preprocess
+    from pedseg.pipeline.config import PipelineConfig
+    from pedseg.pipeline.identify import identify
+    from pedseg.pipeline.ingest import ingest
+    from pedseg.pipeline.preprocess import preprocess
 
     config = PipelineConfig(n4_for_registration=n4)
     t0 = time.perf_counter()
@@ -86,8 +85,8 @@ def run_ours(session_dir: Path, workdir: Path, out_json: Path, n4: bool) -> None
     identification = identify(session, config)
     steps = [Step("ingest + identify (not compared)", round(time.perf_counter() - t0, 2), round(_peak_mib(), 1))]
     lines = _StepLines()
-    logging.getLogger("pipeline.preprocess").addHandler(lines)
-    logging.getLogger("pipeline.preprocess").setLevel(logging.INFO)
+    logging.getLogger("pedseg.pipeline.preprocess").addHandler(lines)
+    logging.getLogger("pedseg.pipeline.preprocess").setLevel(logging.INFO)
     _reset_peak()
     pre = preprocess(session, identification, workdir / "pre", config)
     out_json.write_text(json.dumps({
@@ -106,7 +105,7 @@ def run_brainles(native_json: Path, workdir: Path, out_json: Path) -> None:
     from brainles_preprocessing.preprocessor import AtlasCentricPreprocessor
     from brainles_preprocessing.registration import ANTsRegistrator
 
-    from pipeline.atlas import ATLAS_T1
+    from pedseg.pipeline.atlas import ATLAS_T1
 
     native = json.loads(native_json.read_text())["native"]
     out = workdir / "out"
@@ -155,7 +154,7 @@ def _atlas_brain_points(stride: int):
     import numpy as np
     import SimpleITK as sitk
 
-    from pipeline.atlas import load_atlas_brain_mask
+    from pedseg.pipeline.atlas import load_atlas_brain_mask
 
     brain = load_atlas_brain_mask()  # the phantom's brain is the atlas brain, shrunk by head_scale at imaging
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -169,7 +168,7 @@ def _chain(paths: list[str]):
     """One transform from a tool's saved atlas -> native chain of .tfm files."""
     import SimpleITK as sitk
 
-    from pipeline.registration import compose
+    from pedseg.pipeline.registration import compose
 
     return compose(*[sitk.ReadTransform(p) for p in paths])
 
@@ -209,8 +208,8 @@ def registration_errors(session_dir: Path, chains: dict[str, list[str]], stride:
     import numpy as np
     import SimpleITK as sitk
 
-    from pipeline.registration import compose, inverse
-    from synth.acquire import scale_about
+    from pedseg.pipeline.registration import compose, inverse
+    from pedseg.synth.acquire import scale_about
 
     truth_dir = session_dir / "ground_truth"
     head_scale = json.loads((truth_dir / "summary.json").read_text())["tumour"]["head_scale"]
@@ -286,7 +285,7 @@ def main() -> int:
         run_brainles(args.native_json, args.workdir, args.out)
         return 0
 
-    from synth.session import generate_session
+    from pedseg.synth.session import generate_session
 
     work = args.workdir.resolve()
     session = work / f"session-seed{args.seed}"

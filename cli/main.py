@@ -10,8 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.config import DEFAULT_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
-from pipeline.errors import InputError, PipelineError, unexpected
+from pedseg.pipeline.config import DEFAULT_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
+from pedseg.pipeline.errors import InputError, InternalError, as_pipeline_error
 
 logger = logging.getLogger("pedseg")
 
@@ -117,8 +117,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _cmd_run(args) -> int:
-    from pipeline.runner import run_pipeline
-    from tracking.sqlite import SQLiteStore
+    from pedseg.runner import run_pipeline
+    from pedseg.tracking.sqlite import SQLiteStore
 
     config = dataclasses.replace(_config(args), subject_key=args.subject_key,
                                  compare_across_bundles=args.compare_across_bundles)
@@ -130,8 +130,8 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_identify(args) -> int:
-    from pipeline.identify import classify_session, session_to_json
-    from pipeline.ingest import ingest
+    from pedseg.pipeline.identify import classify_session, session_to_json
+    from pedseg.pipeline.ingest import ingest
 
     with tempfile.TemporaryDirectory(prefix="pedseg-identify-") as tmp:
         identification = classify_session(ingest(args.inputs, Path(tmp)))
@@ -150,7 +150,7 @@ def _cmd_identify(args) -> int:
 def _cmd_synth(args) -> int:
     import shutil
 
-    from synth.session import generate_session
+    from pedseg.synth.session import generate_session
 
     summary = generate_session(args.outdir, args.seed, growth=args.growth, subject_seed=args.subject_seed)
     if args.zip:
@@ -160,9 +160,9 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_history(args) -> int:
-    from pipeline.longitudinal import subject_key, trajectory
-    from reporting.longitudinal import history_csv, history_rows, history_table, write_history_csv
-    from tracking.sqlite import SQLiteStore
+    from pedseg.pipeline.longitudinal import subject_key, trajectory
+    from pedseg.reporting.longitudinal import history_csv, history_rows, history_table, write_history_csv
+    from pedseg.tracking.sqlite import SQLiteStore
 
     if args.db is None or not args.db.is_file():
         raise InputError(f"No measurement store at '{args.db}'." if args.db else "No measurement store given.",
@@ -188,8 +188,8 @@ def _cmd_history(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from pipeline.runner import run_pipeline
-    from synth.session import generate_session
+    from pedseg.runner import run_pipeline
+    from pedseg.synth.session import generate_session
 
     session_dir = args.outdir / "synthetic-session"
     if not (session_dir / "ground_truth" / "summary.json").exists():
@@ -203,11 +203,11 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_listen(args) -> int:
-    from pacs.listener import Listener, ListenerConfig
-    from pacs.node import check_aet, parse_destination
-    from pacs.send import SendPolicy
-    from pipeline.bundle import load_bundle
-    from tracking.sqlite import SQLiteStore
+    from pedseg.pacs.listener import Listener, ListenerConfig
+    from pedseg.pacs.node import check_aet, parse_destination
+    from pedseg.pacs.send import SendPolicy
+    from pedseg.pipeline.bundle import load_bundle
+    from pedseg.tracking.sqlite import SQLiteStore
 
     pipeline_config = dataclasses.replace(_config(args), compare_across_bundles=args.compare_across_bundles)
     load_bundle(pipeline_config.bundle)  # a broken bundle stops the listener now, not every study later
@@ -229,8 +229,8 @@ def _cmd_listen(args) -> int:
 
 
 def _cmd_push(args) -> int:
-    from pacs.node import check_aet, parse_destination
-    from pacs.send import SendPolicy, push_results
+    from pedseg.pacs.node import check_aet, parse_destination
+    from pedseg.pacs.send import SendPolicy, push_results
 
     count = push_results(args.outdir, parse_destination(args.to), calling_aet=check_aet(args.aet),
                          policy=SendPolicy(attempts=args.send_attempts))
@@ -239,8 +239,8 @@ def _cmd_push(args) -> int:
 
 
 def _cmd_pull(args) -> int:
-    from pacs.node import check_aet, parse_destination
-    from pacs.retrieve import pull_study
+    from pedseg.pacs.node import check_aet, parse_destination
+    from pedseg.pacs.retrieve import pull_study
 
     count = pull_study(args.study_uid, parse_destination(args.source), args.dest, calling_aet=check_aet(args.aet),
                        move_port=args.move_port)
@@ -258,16 +258,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except PipelineError as error:
-        logger.error("%s", error)
-        print(f"error ({error.kind}): {error}", file=sys.stderr)
-        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - one line and exit code 1, not a traceback that may quote headers
-        error = unexpected(exc)
-        logger.error("%s", error, exc_info=args.verbose)
+    except Exception as exc:  # noqa: BLE001 - one line and an exit code, not a traceback that may quote headers
+        error = as_pipeline_error(exc)
+        logger.error("%s", error, exc_info=args.verbose and isinstance(error, InternalError))
         print(f"error ({error.kind}): {error}", file=sys.stderr)
         return error.exit_code
 

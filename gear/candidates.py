@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.identify import header_facts
-from pipeline.identify_rules import REJECT, RULES
-from pipeline.types import SeriesHeader
+from pedseg.pipeline.identify import header_facts
+from pedseg.pipeline.identify_rules import REJECT, RULES
+from pedseg.pipeline.types import SeriesHeader
 
 # Rejection rules that count images, volumes or stacks: unknown before download, so never applied here.
 COUNT_RULES = frozenset({"few_images", "time_series", "orientations"})

@@ -12,10 +12,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
-from pipeline.errors import BundleError, InputError
-from pipeline.ingest import _extract_zip
-from pipeline.types import ROLES
+from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.errors import BundleError, InputError
+from pedseg.pipeline.ingest import _extract_zip
+from pedseg.pipeline.types import ROLES
 
 logger = logging.getLogger(__name__)
 

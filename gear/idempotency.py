@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.config import PipelineConfig
+from pedseg.pipeline.config import PipelineConfig
 
 
 def series_key(chosen: Mapping[str, str], bundle_sha256: str) -> str:
@@ -25,9 +25,9 @@ def idempotency_key(provenance: dict) -> str:
 def input_key(dicom: Path, config: PipelineConfig, workdir: Path) -> str:
     """Key of a run on `dicom`, before running it. Raises what the pipeline would: a bad bundle, no DICOM,
     a missing sequence (with the pipeline's message naming it)."""
-    from pipeline.bundle import load_bundle  # the pipeline's heavy imports: session mode only
-    from pipeline.identify import identify
-    from pipeline.ingest import ingest
+    from pedseg.pipeline.bundle import load_bundle  # the pipeline's heavy imports: session mode only
+    from pedseg.pipeline.identify import identify
+    from pedseg.pipeline.ingest import ingest
 
     bundle = load_bundle(config.bundle)  # a broken bundle fails before reading the session
     identification = identify(ingest(dicom, workdir), config)

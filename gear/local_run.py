@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from gear.context import FLYWHEEL_ROOT
+from pedseg.gear.context import FLYWHEEL_ROOT
 
 REPO_MANIFEST = Path(__file__).resolve().parents[1] / "manifest.json"
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gear folder ready: {root}  (run it with: python run.py --root {root})")
     if not args.run:
         return 0
-    from gear.main import main as gear_main
+    from pedseg.gear.main import main as gear_main
 
     return gear_main(["--root", str(root)])
 

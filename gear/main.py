@@ -11,18 +11,17 @@ import dataclasses
 import json
 import logging
 import tempfile
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from gear.context import FLYWHEEL_ROOT, GearJob, load_job, unpack_bundle
-from gear.idempotency import input_key
-from gear.metadata import build_metadata, publish_outputs, run_summary, write_metadata
-from gear.session import FlywheelSession, open_session
-from pipeline.atomic import write_text
-from pipeline.config import PipelineConfig
-from pipeline.errors import InputError, PipelineError
-from tracking.flywheel import FlywheelStore
+from pedseg.gear.context import FLYWHEEL_ROOT, GearJob, load_job, unpack_bundle
+from pedseg.gear.idempotency import input_key
+from pedseg.gear.metadata import build_metadata, publish_outputs, run_summary, write_metadata
+from pedseg.gear.session import FlywheelSession, open_session
+from pedseg.pipeline.atomic import write_text
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import InputError, InternalError, PipelineError, as_pipeline_error
+from pedseg.tracking.flywheel import FlywheelStore
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
@@ -40,20 +39,13 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().setLevel(logging.DEBUG)
         run_job(job)
         return 0
-    except PipelineError as error:
+    except Exception as exc:  # noqa: BLE001 - the engine needs an exit code and a message, not a crash
+        error = as_pipeline_error(exc)  # an unexpected exception by type and place only: its text may quote headers
         logger.error("pedseg stopped (%s, exit code %d): %s", error.kind, error.exit_code, error)
+        if debug and isinstance(error, InternalError):
+            logger.exception("traceback")
         _write_error(root / "output", error)
         return error.exit_code
-    except Exception as exc:  # noqa: BLE001 - the engine needs an exit code and a message, not a crash
-        # str(exc) of a library error may quote header values: only the type and place, unless debugging.
-        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        where = f" in {Path(frame.filename).name}:{frame.lineno}" if frame else ""
-        logger.error("pedseg failed with an unexpected %s%s. Re-run with debug=true for the full traceback.",
-                     type(exc).__name__, where)
-        if debug:
-            logger.exception("traceback")
-        _write_error(root / "output", PipelineError(f"Unexpected {type(exc).__name__}{where}."))
-        return 1
 
 
 def run_job(job: GearJob) -> None:
@@ -62,7 +54,7 @@ def run_job(job: GearJob) -> None:
     config = job.config
     if job.bundle_zip is not None:
         config = dataclasses.replace(config, bundle=unpack_bundle(job.bundle_zip, job.work_dir / "bundle"))
-    from pipeline.runner import run_pipeline  # torch and friends: not needed to report a bad config
+    from pedseg.runner import run_pipeline  # torch and friends: not needed to report a bad config
 
     session = None if job.dicom else _open_session(job)
     store = None

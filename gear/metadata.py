@@ -18,9 +18,9 @@ import jsonschema
 from flywheel_gear_toolkit.interfaces import engine_metadata
 from flywheel_gear_toolkit.utils.metadata import Metadata
 
-from gear.idempotency import idempotency_key
-from pipeline.atomic import write_text
-from pipeline.types import RunResult
+from pedseg.gear.idempotency import idempotency_key
+from pedseg.pipeline.atomic import write_text
+from pedseg.pipeline.types import RunResult
 
 logger = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gear.candidates import flywheel_header, rejection_reasons
-from gear.context import GearJob
-from gear.metadata import GEAR_NAME, TAGS
-from pipeline.errors import InputError, MissingSequenceError
-from pipeline.identify_rules import ROLE_NAMES
-from pipeline.ingest import _extract_zip
-from tracking.flywheel import FlywheelStore, store_for_session
+from pedseg.gear.candidates import flywheel_header, rejection_reasons
+from pedseg.gear.context import GearJob
+from pedseg.gear.metadata import GEAR_NAME, TAGS
+from pedseg.pipeline.errors import InputError, MissingSequenceError
+from pedseg.pipeline.identify_rules import ROLE_NAMES
+from pedseg.pipeline.ingest import _extract_zip
+from pedseg.tracking.flywheel import FlywheelStore, store_for_session
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.atomic import atomic_path
+from pedseg.pipeline.atomic import atomic_path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 

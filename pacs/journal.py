@@ -16,8 +16,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pacs.instances import list_instances, uid_filename
-from pipeline.atomic import write_text
+from pedseg.pacs.instances import list_instances, uid_filename
+from pedseg.pipeline.atomic import write_text
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import shutil
 import signal
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +23,15 @@ from pathlib import Path
 import pydicom
 from pynetdicom import evt
 
-from pacs.errors import NetworkError
-from pacs.instances import list_instances, remove_partials, write_instance
-from pacs.journal import FAILED, QUEUED, RECEIVING, RUNNING, SEND_FAILED, SENDING, SENT, Journal, StudyRecord, now_iso
-from pacs.node import DicomNode
-from pacs.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, read_store_request, storage_ae
-from pacs.send import SendPolicy, result_files, send_files
-from pipeline.config import PipelineConfig
-from pipeline.errors import InputError, PipelineError
-from tracking.store import MeasurementStore
+from pedseg.pipeline.errors import NetworkError
+from pedseg.pacs.instances import list_instances, remove_partials, write_instance
+from pedseg.pacs.journal import FAILED, QUEUED, RECEIVING, RUNNING, SEND_FAILED, SENDING, SENT, Journal, StudyRecord, now_iso
+from pedseg.pacs.node import DicomNode
+from pedseg.pacs.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, read_store_request, storage_ae
+from pedseg.pacs.send import SendPolicy, result_files, send_files
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import InputError, as_pipeline_error
+from pedseg.tracking.store import MeasurementStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ Runner = Callable[..., object]  # (input_path, outdir, config, store=None), as `
 
 def run_pipeline_lazily(input_path: Path, outdir: Path, config: PipelineConfig,
                         store: MeasurementStore | None = None) -> object:
-    from pipeline.runner import run_pipeline  # torch and nnU-Net load only when a study is processed
+    from pedseg.runner import run_pipeline  # torch and nnU-Net load only when a study is processed
 
     return run_pipeline(input_path, outdir, config, store=store)
 
@@ -276,15 +275,10 @@ class Listener:
                     record.study_uid, len(list_instances(dicom)), record.attempts)
         try:
             self.runner(dicom, outdir, self.pipeline_config, store=self.store)
-        except PipelineError as error:
-            self._finish(record, FAILED, f"{error.kind}: {error}")
-            return
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the listener
-            # Only the type and place: a library's message may quote header values.
-            frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-            where = f" in {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+            error = as_pipeline_error(exc)  # an unexpected one by type and place only: its text may quote headers
             logger.debug("traceback", exc_info=True)
-            self._finish(record, FAILED, f"unexpected {type(exc).__name__}{where}")
+            self._finish(record, FAILED, f"{error.kind}: {error}")
             return
         self._check_running()
         files = result_files(outdir)

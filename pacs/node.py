@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import InputError
+from pedseg.pipeline.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom import sop_class as sop
 
-from pacs.errors import NetworkError
-from pacs.instances import list_instances, write_instance
-from pacs.node import DicomNode
-from pacs.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, read_store_request, storage_ae
+from pedseg.pipeline.errors import NetworkError
+from pedseg.pacs.instances import list_instances, write_instance
+from pedseg.pacs.node import DicomNode
+from pedseg.pacs.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, read_store_request, storage_ae
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from pacs.errors import NetworkError
-from pacs.instances import list_instances
-from pacs.node import DicomNode
-from pipeline.errors import InputError
+from pedseg.pipeline.errors import NetworkError
+from pedseg.pacs.instances import list_instances
+from pedseg.pacs.node import DicomNode
+from pedseg.pipeline.errors import InputError
 
 logger = logging.getLogger(__name__)
 

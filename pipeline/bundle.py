@@ -23,9 +23,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import BundleError
-from pipeline.postprocess import REGION_LABEL, SETTINGS
-from pipeline.types import ROLES
+from pedseg.pipeline.errors import BundleError
+from pedseg.pipeline.postprocess import REGION_LABEL, SETTINGS
+from pedseg.pipeline.types import ROLES
 
 CONVENTIONS = {"2024": {"ET", "NET", "CC", "ED"}, "2023": {"NCR", "ED", "ET"}}
 

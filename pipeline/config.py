@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the config stays importable without the measurement stack
-    from pipeline.longitudinal import ResponseThresholds
+    from pedseg.pipeline.longitudinal import ResponseThresholds
 
 SUBJECT_SALT_ENV = "PEDSEG_SUBJECT_SALT"  # a site secret mixed into PatientID hashes (subject keys)
 # PEDSEG_BUNDLE lets an installed copy (Docker image, gear) point at its baked-in bundle.

@@ -29,8 +29,8 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 
-from pipeline.bundle import BundleModel
-from pipeline.errors import BundleError
+from pedseg.pipeline.bundle import BundleModel
+from pedseg.pipeline.errors import BundleError
 
 logger = logging.getLogger(__name__)
 

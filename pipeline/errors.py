@@ -1,8 +1,10 @@
 """The error model: every failure a user can meet is one of these, with a defined exit code.
 
 Messages name the problem, the series concerned (number and description, never patient identifiers)
-and what to do. Adapters print `str(error)`, write `to_dict()` to error.json and exit with `error.exit_code`.
-Each class's `causes` and `advice` make the README's troubleshooting table (scripts/error_table.py).
+and what to do. The failure path is one function: `as_pipeline_error` turns any exception into one of these;
+the runner's workspace writes it to error.json, and every adapter prints `str(error)` and exits with
+`error.exit_code`. Each class's `causes` and `advice` make the README's troubleshooting table
+(scripts/error_table.py).
 """
 from __future__ import annotations
 
@@ -15,13 +17,12 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class PipelineError(Exception):
-    """Something failed that no other class describes: a bug, or a situation nobody foresaw."""
+    """Base of the error model; raise one of its subclasses."""
 
     exit_code = 1
     kind = "internal_error"
-    causes = "an unexpected failure inside pedseg (the message names the exception and where it happened)"
-    advice = ("Re-run with `-v` (command line) or `debug=true` (gear) for the full traceback, and report it "
-              "with the log; the log never holds patient identifiers.")
+    causes = ""
+    advice = ""
 
     def __init__(self, message: str, *, hint: str = ""):
         super().__init__(message)
@@ -33,6 +34,19 @@ class PipelineError(Exception):
 
     def to_dict(self) -> dict:
         return {"error": self.kind, "exit_code": self.exit_code, "message": self.message, "hint": self.hint}
+
+
+class InternalError(PipelineError):
+    """A fault inside pedseg: a bug, or a situation nobody foresaw. Never the user's input."""
+
+    exit_code = 1
+    kind = "internal_error"
+    causes = "an unexpected failure inside pedseg (the message names the exception and where it happened)"
+    advice = ("Re-run with `-v` (command line) or `debug=true` (gear) for the full traceback, and report it "
+              "with the log; the log never holds patient identifiers.")
+
+    def __init__(self, message: str, *, hint: str = ""):
+        super().__init__(message, hint=hint or self.advice)
 
 
 class InputError(PipelineError):
@@ -87,6 +101,27 @@ class BundleError(PipelineError):
     advice = "Point `--bundle` at a complete bundle (see Model bundles) or restore the file the message names."
 
 
+class NetworkError(PipelineError):
+    """A DICOM or DICOMweb peer could not be reached, refused the association or rejected instances."""
+
+    exit_code = 7
+    kind = "network_error"
+    causes = ("a PACS or DICOMweb peer that is down, unreachable, refuses our AE title or rejects instances; "
+              "a listener port already in use")
+    advice = ("Check host, port and AE titles on both sides (README, PACS companion); results the listener could "
+              "not deliver stay in its spool and `pedseg push OUTDIR --to ...` resends them.")
+
+
+def error_classes() -> list[type[PipelineError]]:
+    """Every class a failure can end in, by exit code (the troubleshooting table's rows)."""
+    found, pending = [], list(PipelineError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending += cls.__subclasses__()
+    return sorted(found, key=lambda cls: cls.exit_code)
+
+
 def disk_full(exc: OSError, what: str) -> ResourceError:
     return ResourceError(f"The disk is full: {what} failed ({exc.strerror}).",
                          hint="Free disk space (or point the work and output folders at a larger disk) and run again.")
@@ -96,9 +131,16 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
-def unexpected(exc: BaseException) -> PipelineError:
-    """An internal error naming the exception's type and place, never its text: a library's message may quote
-    header values (patient names included)."""
+def as_pipeline_error(exc: BaseException) -> PipelineError:
+    """Any exception as the error model sees it: itself when it is one; memory and disk exhaustion as
+    ResourceError; anything else an InternalError naming the exception's type and place, never its text (a
+    library's message may quote header values, patient names included)."""
+    if isinstance(exc, PipelineError):
+        return exc
+    if isinstance(exc, MemoryError):
+        return ResourceError("The run ran out of memory.", hint="Use a machine with more RAM, or --fast.")
+    if is_disk_full(exc):
+        return disk_full(exc, "writing the work or output files")
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" in {Path(frame.filename).name}:{frame.lineno}" if frame else ""
-    return PipelineError(f"Unexpected {type(exc).__name__}{where}.", hint=PipelineError.advice)
+    return InternalError(f"Unexpected {type(exc).__name__}{where}.")

@@ -11,9 +11,9 @@ import json
 import logging
 import math
 
-from pipeline.config import PipelineConfig
-from pipeline.errors import MissingSequenceError
-from pipeline.identify_rules import (
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import MissingSequenceError
+from pedseg.pipeline.identify_rules import (
     OTHER,
     REJECT,
     ROLE_NAMES,
@@ -24,7 +24,7 @@ from pipeline.identify_rules import (
     normalise_text,
     same_protocol,
 )
-from pipeline.types import ROLES, Identification, SeriesDecision, SeriesHeader, Session
+from pedseg.pipeline.types import ROLES, Identification, SeriesDecision, SeriesHeader, Session
 
 logger = logging.getLogger(__name__)
 

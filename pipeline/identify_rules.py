@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from pipeline.types import SeriesHeader
+from pedseg.pipeline.types import SeriesHeader
 
 OTHER = "other"
 REJECT: Mapping[str, float] = MappingProxyType({OTHER: float("inf")})

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.atomic import write_image
-from pipeline.bundle import ModelBundle
-from pipeline.config import PipelineConfig
-from pipeline.errors import BundleError, MissingSequenceError, ResourceError
-from pipeline.types import Prediction, Preprocessed
+from pedseg.pipeline.atomic import write_image
+from pedseg.pipeline.bundle import ModelBundle
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import BundleError, MissingSequenceError, ResourceError
+from pedseg.pipeline.types import Prediction, Preprocessed
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _read_inputs(pre: Preprocessed, bundle: ModelBundle) -> list[sitk.Image]:
 def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: PipelineConfig) -> Prediction:
     import torch
 
-    from pipeline.ensemble import Member, nnunet_input, run_ensemble
+    from pedseg.pipeline.ensemble import Member, nnunet_input, run_ensemble
 
     device = pick_device(config.device)
     tta = bundle.tta and not config.fast

@@ -31,9 +31,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pipeline.atomic import gzip_length, write_text
-from pipeline.errors import InputError, ResourceError, UnsupportedDataError, disk_full, is_disk_full
-from pipeline.types import Series, SeriesHeader, Session, series_label
+from pedseg.pipeline.atomic import gzip_length, write_text
+from pedseg.pipeline.errors import InputError, ResourceError, UnsupportedDataError, disk_full, is_disk_full
+from pedseg.pipeline.types import Series, SeriesHeader, Session, series_label
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import generate_uid
 
-from pipeline.measure import REGIONS
+from pedseg.pipeline.measure import REGIONS
 
 # A 2023-convention model labels NET and CC together as NCR, so only these regions mean the same in both.
 REGIONS_ACROSS_CONVENTIONS = ("ET", "ED", "TC", "WT")

@@ -32,8 +32,8 @@ from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist, squareform
 from skimage.measure import find_contours
 
-from pipeline.errors import PipelineError
-from pipeline.types import Measurements, RegionMeasure
+from pedseg.pipeline.errors import PipelineError
+from pedseg.pipeline.types import Measurements, RegionMeasure
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
-from pipeline.atomic import write_image
-from pipeline.config import PipelineConfig
-from pipeline.errors import UnsupportedDataError
-from pipeline.ingest import convert_series
-from pipeline.registration import (
+from pedseg.pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
+from pedseg.pipeline.atomic import write_image
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import UnsupportedDataError
+from pedseg.pipeline.ingest import convert_series
+from pedseg.pipeline.registration import (
     bias_corrected, compose, inverse, register_rigid, resample, resample_labels, similarity_peak,
 )
-from pipeline.types import Identification, Preprocessed, Session
+from pedseg.pipeline.types import Identification, Preprocessed, Session
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import InputError
-from reporting import codes
+from pedseg.pipeline.atomic import atomic_path
+from pedseg.pipeline.errors import InputError
+from pedseg.reporting import codes
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import InputError, PipelineError, UnsupportedDataError
-from reporting import codes
+from pedseg.pipeline.atomic import atomic_path
+from pedseg.pipeline.errors import InputError, PipelineError, UnsupportedDataError
+from pedseg.reporting import codes
 
 log = logging.getLogger(__name__)
 

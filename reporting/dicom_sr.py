@@ -19,10 +19,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import PipelineError
-from pipeline.types import Measurements, RegionMeasure
-from reporting import codes
+from pedseg.pipeline.atomic import atomic_path
+from pedseg.pipeline.errors import PipelineError
+from pedseg.pipeline.types import Measurements, RegionMeasure
+from pedseg.reporting import codes
 
 log = logging.getLogger(__name__)
 

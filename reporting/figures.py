@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-from pipeline.longitudinal import Longitudinal
-from pipeline.measure import lps_reference
+from pedseg.pipeline.longitudinal import Longitudinal
+from pedseg.pipeline.measure import lps_reference
 
 log = logging.getLogger(__name__)
 

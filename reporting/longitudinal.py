@@ -7,10 +7,10 @@ import csv
 import io
 from pathlib import Path
 
-from pipeline.atomic import write_text
-from pipeline.longitudinal import Change, Longitudinal
-from pipeline.measure import REGIONS
-from reporting.tables import VOLUME_DECIMALS
+from pedseg.pipeline.atomic import write_text
+from pedseg.pipeline.longitudinal import Change, Longitudinal
+from pedseg.pipeline.measure import REGIONS
+from pedseg.reporting.tables import VOLUME_DECIMALS
 
 # No subject key: an unsalted hash of a short PatientID can be reversed by trying every ID, so it stays in the store.
 HISTORY_COLUMNS = (

@@ -19,12 +19,12 @@ from reportlab.lib.utils import ImageReader
 from reportlab.platypus import (Image, KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table,
                                 TableStyle)
 
-from pipeline.atomic import atomic_path
-from pipeline.longitudinal import RESPONSES, Longitudinal
-from pipeline.types import Identification, Measurements
-from reporting.figures import LABEL_STYLE, report_figures, trend_png
-from reporting.longitudinal import format_change
-from reporting.tables import VOLUME_DECIMALS, measurement_rows, rapno_block
+from pedseg.pipeline.atomic import atomic_path
+from pedseg.pipeline.longitudinal import RESPONSES, Longitudinal
+from pedseg.pipeline.types import Identification, Measurements
+from pedseg.reporting.figures import LABEL_STYLE, report_figures, trend_png
+from pedseg.reporting.longitudinal import format_change
+from pedseg.reporting.tables import VOLUME_DECIMALS, measurement_rows, rapno_block
 
 log = logging.getLogger(__name__)
 

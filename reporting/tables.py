@@ -10,9 +10,9 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.atomic import write_text
-from pipeline.measure import COMPOSITES, LABELS_2023, LABELS_2024
-from pipeline.types import Measurements
+from pedseg.pipeline.atomic import write_text
+from pedseg.pipeline.measure import COMPOSITES, LABELS_2023, LABELS_2024
+from pedseg.pipeline.types import Measurements
 
 log = logging.getLogger(__name__)
 

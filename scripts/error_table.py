@@ -1,7 +1,8 @@
-"""The README's troubleshooting table, generated from the error model (pipeline/errors.py and its subclasses).
+"""The README's troubleshooting table, generated from the error model (pedseg.pipeline.errors).
 
 Usage: python scripts/error_table.py            print the table
        python scripts/error_table.py --write    replace the table in README.md (between its markers)
+       python scripts/error_table.py --check    exit 1 when README.md's table is not the generated one
 """
 from __future__ import annotations
 
@@ -9,31 +10,15 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import pacs.errors  # noqa: E402,F401 - registers the PACS adapter's error class
-from pipeline.errors import PipelineError  # noqa: E402
+from pedseg.pipeline.errors import error_classes
 
-README = ROOT / "README.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- error-table:start (scripts/error_table.py --write) -->", "<!-- error-table:end -->"
-
-
-def error_classes() -> list[type[PipelineError]]:
-    found, pending = [], [PipelineError]
-    while pending:
-        cls = pending.pop()
-        found.append(cls)
-        pending += cls.__subclasses__()
-    return sorted(found, key=lambda cls: cls.exit_code)
 
 
 def table() -> str:
     rows = ["| exit code | `error` in error.json | what went wrong | what to do |", "|---|---|---|---|"]
-    for cls in error_classes():
-        # A class without its own causes (an adapter's) is described by its docstring.
-        causes = cls.__dict__.get("causes") or " ".join((cls.__doc__ or "").split())
-        advice = cls.__dict__.get("advice") or "Follow the hint that ends the message."
-        rows.append(f"| {cls.exit_code} | `{cls.kind}` | {causes} | {advice} |")
+    rows += [f"| {cls.exit_code} | `{cls.kind}` | {cls.causes} | {cls.advice} |" for cls in error_classes()]
     return "\n".join(rows) + "\n"
 
 
@@ -45,7 +30,11 @@ def readme_with_table(text: str) -> str:
 
 
 if __name__ == "__main__":
+    text = README.read_text(encoding="utf-8")
     if sys.argv[1:] == ["--write"]:
-        README.write_text(readme_with_table(README.read_text(encoding="utf-8")), encoding="utf-8")
+        README.write_text(readme_with_table(text), encoding="utf-8")
+    elif sys.argv[1:] == ["--check"]:
+        sys.exit(0 if readme_with_table(text) == text else "README.md's troubleshooting table is out of date: "
+                 "run python scripts/error_table.py --write")
     else:
         sys.stdout.write(table())

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.atlas import ATLAS_BRAIN_MASK, ATLAS_DIR, ATLAS_T1, brats_reference_grid  # noqa: E402
+from pedseg.pipeline.atlas import ATLAS_BRAIN_MASK, ATLAS_DIR, ATLAS_T1, brats_reference_grid
 
 
 def main(src: Path) -> None:

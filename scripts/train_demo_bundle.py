@@ -25,8 +25,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pedseg.pipeline.labels import LABEL_VALUES
+from pedseg.pipeline.types import ROLES
+from pedseg.synth.session import HOLDOUT_SEEDS
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DATASET_ID = 501
 DATASET_NAME = f"Dataset{DATASET_ID}_PedSegDemo"
@@ -34,10 +37,8 @@ PLANS = "nnUNetPlansDemo"
 # nnU-Net's base trainer: its loader finds it without importing optional architectures (timm/torchvision),
 # so the bundle loads on a CPU-only install. The shorter schedule below is set on the instance.
 TRAINER = "nnUNetTrainer"
-CHANNELS = {"0": "t1n", "1": "t1c", "2": "t2w", "3": "t2f"}
-LABELS = {"background": 0, "ET": 1, "NET": 2, "CC": 3, "ED": 4}
-# Held-out seeds never overlap training seeds (training uses 0..N-1).
-HOLDOUT_SEEDS = (9001, 9002, 9003, 9004)
+CHANNELS = {str(channel): role for channel, role in enumerate(ROLES)}
+LABELS = {"background": 0, **LABEL_VALUES["2024"]}
 
 # Narrowed from nnU-Net's 3d_fullres plan (made for a GPU; these must train on a CPU). All share one spacing,
 # so they share nnU-Net's preprocessed data here and one preprocessing at inference (pipeline.ensemble).
@@ -66,7 +67,7 @@ NNUNET_FOREGROUND_OVERSAMPLING = 0.33  # nnUNetTrainer's own default
 def _write_case(args: tuple[int, Path, Path, str]) -> int:
     import SimpleITK as sitk
 
-    from synth.session import generate_training_case
+    from pedseg.synth.session import generate_training_case
 
     seed, images_dir, labels_dir, name = args
     images, labels = generate_training_case(seed)

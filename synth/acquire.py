@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pipeline.atlas import brats_reference_grid
+from pedseg.pipeline.atlas import brats_reference_grid
 
 
 @dataclass(frozen=True)

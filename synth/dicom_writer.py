@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from synth.protocols import Protocol
+from pedseg.synth.protocols import Protocol
 
 
 @dataclass(frozen=True)

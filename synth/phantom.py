@@ -14,7 +14,7 @@ from scipy import ndimage
 from scipy.stats import norm
 from skimage.filters import threshold_multiotsu
 
-from pipeline.atlas import load_atlas_brain_mask, load_atlas_t1
+from pedseg.pipeline.atlas import load_atlas_brain_mask, load_atlas_t1
 
 ET, NET, CC, ED = 1, 2, 3, 4
 

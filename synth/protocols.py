@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from synth.acquire import SeriesGeometry
+from pedseg.synth.acquire import SeriesGeometry
 
 
 @dataclass(frozen=True)

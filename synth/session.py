@@ -16,14 +16,16 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from pipeline.atlas import brats_reference_grid
-from synth.acquire import SeriesGeometry, acquire, ideal_atlas_view, labels_on_grid, native_grid, scale_about, subject_pose
-from synth.dicom_writer import StudyInfo, write_series
-from synth.phantom import Phantom, make_phantom
-from synth.protocols import VENDORS, session_protocols
+from pedseg.pipeline.atlas import brats_reference_grid
+from pedseg.pipeline.types import ROLES
+from pedseg.synth.acquire import SeriesGeometry, acquire, ideal_atlas_view, labels_on_grid, native_grid, scale_about, subject_pose
+from pedseg.synth.dicom_writer import StudyInfo, write_series
+from pedseg.synth.phantom import Phantom, make_phantom
+from pedseg.synth.protocols import VENDORS, session_protocols
 
 logger = logging.getLogger(__name__)
-ROLES = ("t1n", "t1c", "t2w", "t2f")
+# Training cases of the demo bundle use seeds 0..N-1; these held-out cases are never trained on.
+HOLDOUT_SEEDS = (9001, 9002, 9003, 9004)
 
 
 def _brain_centre(phantom: Phantom) -> tuple[float, float, float]:

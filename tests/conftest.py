@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_BUNDLE
+from pedseg.pipeline.config import DEFAULT_BUNDLE
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

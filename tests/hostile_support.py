@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from synth.dicom_writer import StudyInfo, write_series
-from synth.protocols import Protocol, session_protocols
+from pedseg.synth.dicom_writer import StudyInfo, write_series
+from pedseg.synth.protocols import Protocol, session_protocols
 
 # Patient identifiers no log line, message or text output may ever show.
 SENTINELS = {

@@ -13,9 +13,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import EncapsulatedPDFStorage, MRImageStorage
 
-from pacs.instances import list_instances
-from pacs.scp import storage_ae
-from reporting.dicom_pdf import write_encapsulated_pdf
+from pedseg.pacs.instances import list_instances
+from pedseg.pacs.scp import storage_ae
+from pedseg.reporting.dicom_pdf import write_encapsulated_pdf
 
 PATIENT_NAME, PATIENT_ID = "SENTINEL^PACSPHI", "SENTINEL-MRN-0815"
 

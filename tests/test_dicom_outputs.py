@@ -23,12 +23,12 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes as dcm_codes
 
-from pipeline.errors import PipelineError
-from pipeline.types import Measurements, RegionMeasure
-from reporting import codes
-from reporting.dicom_pdf import write_encapsulated_pdf
-from reporting.dicom_seg import load_sources, read_seg_labels, write_seg
-from reporting.dicom_sr import read_sr_volumes, write_sr
+from pedseg.pipeline.errors import PipelineError
+from pedseg.pipeline.types import Measurements, RegionMeasure
+from pedseg.reporting import codes
+from pedseg.reporting.dicom_pdf import write_encapsulated_pdf
+from pedseg.reporting.dicom_seg import load_sources, read_seg_labels, write_seg
+from pedseg.reporting.dicom_sr import read_sr_volumes, write_sr
 
 ROWS, COLS, SLICES = 64, 56, 20  # not square, and anisotropic pixels: a transpose or swapped spacing shows
 PIXEL_SPACING = (2.5, 3.0)  # (between rows, between columns)

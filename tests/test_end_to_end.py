@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
-from pipeline.runner import run_pipeline
-from reporting.dicom_seg import load_sources, read_seg_labels
-from reporting.dicom_sr import read_sr_volumes
-from synth.session import generate_session
+from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.runner import run_pipeline
+from pedseg.reporting.dicom_seg import load_sources, read_seg_labels
+from pedseg.reporting.dicom_sr import read_sr_volumes
+from pedseg.synth.session import generate_session
 
 pytestmark = pytest.mark.slow
 SEED = 4  # GE-style session: sagittal 3D T1s, axial 2D T2, sagittal 3D FLAIR

@@ -20,10 +20,10 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from pipeline.config import PipelineConfig
-from pipeline.errors import InputError, MissingSequenceError, ResourceError, UnsupportedDataError
-from pipeline.identify import identify, session_to_json
-from pipeline.ingest import _check_slice_spacing, ingest
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import InputError, MissingSequenceError, ResourceError, UnsupportedDataError
+from pedseg.pipeline.identify import identify, session_to_json
+from pedseg.pipeline.ingest import _check_slice_spacing, ingest
 
 SERIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "siemens_skyra_mprage_pediatric_3y"
 SLICES = 12

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli.main import main as pedseg
-from pipeline.config import PipelineConfig
-from pipeline.errors import MissingSequenceError
-from pipeline.identify import classify_session, identify, session_to_json
-from pipeline.identify_rules import RULES
-from pipeline.ingest import ingest
-from pipeline.types import Series, SeriesHeader, Session
-from synth.dicom_writer import StudyInfo, write_series
-from synth.protocols import Protocol
+from pedseg.cli.main import main as pedseg
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import MissingSequenceError
+from pedseg.pipeline.identify import classify_session, identify, session_to_json
+from pedseg.pipeline.identify_rules import RULES
+from pedseg.pipeline.ingest import ingest
+from pedseg.pipeline.types import Series, SeriesHeader, Session
+from pedseg.synth.dicom_writer import StudyInfo, write_series
+from pedseg.synth.protocols import Protocol
 
 DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -241,7 +241,7 @@ def session_cases():
 
 
 def test_every_rule_in_the_table_is_exercised():
-    from pipeline.identify import _session_facts
+    from pedseg.pipeline.identify import _session_facts
 
     fired = set()
     for headers in [[c[0]] for c in SINGLE_SERIES_CASES] + session_cases():

@@ -15,17 +15,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import pipeline.ensemble as ensemble
-import pipeline.infer as infer_module
-from pipeline.bundle import load_bundle
-from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
-from pipeline.ensemble import Member, nnunet_input, preprocessing_key, run_ensemble, tiles_per_batch
-from pipeline.errors import ResourceError
-from pipeline.infer import infer, normalised_entropy, uncertainty_summary
-from pipeline.types import Preprocessed
-from scripts.evaluate_bundle import REGIONS, dice
-from scripts.train_demo_bundle import CHANNELS, HOLDOUT_SEEDS
-from synth.session import generate_training_case
+import pedseg.pipeline.ensemble as ensemble
+import pedseg.pipeline.infer as infer_module
+from pedseg.pipeline.bundle import load_bundle
+from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.ensemble import Member, nnunet_input, preprocessing_key, run_ensemble, tiles_per_batch
+from pedseg.pipeline.errors import ResourceError
+from pedseg.pipeline.infer import infer, normalised_entropy, uncertainty_summary
+from pedseg.pipeline.types import Preprocessed
+from pedseg.evaluation import mask_dice, region_dice
+from pedseg.pipeline.labels import region_mask
+from pedseg.pipeline.types import ROLES
+from pedseg.synth.session import HOLDOUT_SEEDS, generate_training_case
 
 ENSEMBLE_BUNDLE = DEFAULT_BUNDLE.parent / "pedseg-demo-ensemble"
 CPU = torch.device("cpu")
@@ -44,8 +45,8 @@ def case(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("case")
     images, truth = generate_training_case(HOLDOUT_SEEDS[0])
     files, roles = [], {}
-    for channel, role in sorted(CHANNELS.items()):
-        roles[role] = root / f"case_{int(channel):04d}.nii.gz"
+    for channel, role in enumerate(ROLES):  # the demo bundles' channel order
+        roles[role] = root / f"case_{channel:04d}.nii.gz"
         sitk.WriteImage(images[role], str(roles[role]))
         files.append(str(roles[role]))
     data, spacing = nnunet_input([images[role] for role in roles])
@@ -62,7 +63,7 @@ def _stock_predictor(model, folds: tuple[str, ...], tta: bool):
 
 
 def _assert_parity(ours: np.ndarray, stock: np.ndarray) -> dict:
-    scores = {region: dice(ours, stock, labels) for region, labels in REGIONS.items()}
+    scores = region_dice(stock, ours)
     assert all(s is None or s >= PARITY_DICE for s in scores.values()), scores
     assert scores["WT"] is not None  # the case has a tumour: parity is not vacuous
     return scores
@@ -125,8 +126,8 @@ def test_two_model_ensemble_matches_weighted_stock_predictions(case, tmp_path):
         # slightly between a batch of tiles and one tile at a time.
         assert np.abs(written - expected[channel]).max() <= 5e-3, region
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction.labels)))
-    assert dice(labels, expected.argmax(0), REGIONS["WT"]) >= PARITY_DICE
-    assert dice(labels, case["truth"], REGIONS["WT"]) >= 0.8
+    assert mask_dice(region_mask(expected.argmax(0), "WT"), region_mask(labels, "WT")) >= PARITY_DICE
+    assert mask_dice(region_mask(case["truth"], "WT"), region_mask(labels, "WT")) >= 0.8
 
 
 def test_fast_mode_runs_fast_folds_or_the_first():

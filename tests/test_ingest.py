@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from pipeline.errors import InputError, UnsupportedDataError
-from pipeline.ingest import convert_series, ingest
-from pipeline.types import Series
-from synth.dicom_writer import StudyInfo, write_series
-from synth.protocols import Protocol
+from pedseg.pipeline.errors import InputError, UnsupportedDataError
+from pedseg.pipeline.ingest import convert_series, ingest
+from pedseg.pipeline.types import Series
+from pedseg.synth.dicom_writer import StudyInfo, write_series
+from pedseg.synth.protocols import Protocol
 
 DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 needs_data = pytest.mark.skipif(not DICOM.is_dir(), reason="shared DICOM data not available")
@@ -322,7 +322,7 @@ def test_convert_series_matches_dicom_geometry(folder, tmp_path):
 @needs_data
 def test_convert_picks_magnitude_first_echo_among_several_outputs(tmp_path, caplog):
     series = only(ingest(DICOM / "philips_enhanced_multiframe", tmp_path / "work"), 2001)  # 2 echoes, mag + phase
-    with caplog.at_level("INFO", logger="pipeline.ingest"):
+    with caplog.at_level("INFO", logger="pedseg.pipeline.ingest"):
         out = convert_series(series, tmp_path / "nifti")
     assert out.name == "series2001.nii.gz"
     assert _nifti_info(out).GetSize() == (80, 80, 53)

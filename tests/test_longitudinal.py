@@ -22,19 +22,19 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cli.main import main
-from pipeline.errors import InputError
-from pipeline.longitudinal import (REGIONS_ACROSS_CONVENTIONS, BundleId, ResponseThresholds, TimePoint, compare,
+from pedseg.cli.main import main
+from pedseg.pipeline.errors import InputError
+from pedseg.pipeline.longitudinal import (REGIONS_ACROSS_CONVENTIONS, BundleId, ResponseThresholds, TimePoint, compare,
                                    subject_key, tracking_uids, trajectory)
-from pipeline.measure import REGIONS, measure
-from pipeline.types import Identification, Prediction, Preprocessed, SeriesDecision
-from reporting.longitudinal import HISTORY_COLUMNS, history_rows, history_table
-from reporting.pdf import write_report_pdf
-from reporting.tables import write_measurements_json
-from synth.phantom import make_phantom
-from tracking.flywheel import MEASUREMENTS_FILE, NAMESPACE, FlywheelStore, store_for_session
-from tracking.records import time_point
-from tracking.sqlite import MIGRATIONS, SQLiteStore
+from pedseg.pipeline.measure import REGIONS, measure
+from pedseg.pipeline.types import Identification, Prediction, Preprocessed, SeriesDecision
+from pedseg.reporting.longitudinal import HISTORY_COLUMNS, history_rows, history_table
+from pedseg.reporting.pdf import write_report_pdf
+from pedseg.reporting.tables import write_measurements_json
+from pedseg.synth.phantom import make_phantom
+from pedseg.tracking.flywheel import MEASUREMENTS_FILE, NAMESPACE, FlywheelStore, store_for_session
+from pedseg.tracking.records import time_point
+from pedseg.tracking.sqlite import MIGRATIONS, SQLiteStore
 
 PATIENT_ID = "SYN000042"
 KEY = subject_key(PATIENT_ID)
@@ -251,7 +251,7 @@ def test_history_of_an_unknown_subject_or_store_is_a_clear_error(db, tmp_path, c
 
 def test_run_options_reach_the_pipeline(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("pipeline.runner.run_pipeline",
+    monkeypatch.setattr("pedseg.runner.run_pipeline",
                         lambda input_path, outdir, config, store=None: calls.append((config, store)) or
                         SimpleNamespace(measurements=SimpleNamespace(regions={"WT": SimpleNamespace(volume_ml=1.0)}),
                                         outdir=outdir))
@@ -301,7 +301,7 @@ def test_trend_page_renders(phantoms, points, tmp_path):
 
 
 def test_first_time_point_and_refused_comparison_get_a_note_not_a_page(phantoms, points, tmp_path):
-    from reporting.pdf import _longitudinal
+    from pedseg.reporting.pdf import _longitudinal
 
     assert len(_longitudinal(compare(points[0], points))) == 2  # heading and "baseline for later runs"
     other = [dataclasses.replace(tp, bundle=BundleId(**OTHER_BUNDLE)) for tp in points[:2]]
@@ -430,7 +430,7 @@ def patient_dicom(path: Path) -> Path:
 def test_runner_records_each_run_and_reports_the_change(tmp_path, monkeypatch):
     """Three runs of one child through run_pipeline with the model stages faked: the third report has the
     trend page, every SR gets the subject's tracking UIDs, and the store holds three time points."""
-    from pipeline import runner
+    from pedseg import runner
 
     dcm = patient_dicom(tmp_path / "patient.dcm")
     bundle = SimpleNamespace(name="pedseg-demo", version="0.1.0", licence="CC0", sha256=lambda: "ab" * 32,
@@ -455,10 +455,10 @@ def test_runner_records_each_run_and_reports_the_change(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "infer", lambda pre, b, work, config: Prediction(
         study["labels"], {}, None, {1: "ET", 2: "NET", 3: "CC", 4: "ED"}, ["m"], ["0"], False, "cpu"))
     monkeypatch.setattr(runner, "labels_to_native", lambda labels, tfm, native: labels)
-    monkeypatch.setattr("reporting.dicom_seg.write_seg", lambda labels, files, out, **kw: output(out))
-    monkeypatch.setattr("reporting.dicom_sr.write_sr",
+    monkeypatch.setattr("pedseg.reporting.dicom_seg.write_seg", lambda labels, files, out, **kw: output(out))
+    monkeypatch.setattr("pedseg.reporting.dicom_sr.write_sr",
                         lambda m, seg, files, out, **kw: sr_uids.append(kw["tracking_uids"]) or (output(out), {}))
-    monkeypatch.setattr("reporting.dicom_pdf.write_encapsulated_pdf", lambda pdf, files, out, **kw: output(out))
+    monkeypatch.setattr("pedseg.reporting.dicom_pdf.write_encapsulated_pdf", lambda pdf, files, out, **kw: output(out))
     store = SQLiteStore(tmp_path / "m.db")
     for i, growth in enumerate(GROWTH):
         study.update(uid=UIDS[i], date=DATES[i])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.errors import PipelineError
-from pipeline.measure import convert_labels, measure, rapno
+from pedseg.pipeline.errors import PipelineError
+from pedseg.pipeline.measure import convert_labels, measure, rapno
 
 IDENTITY = np.eye(3)
 # Sagittal acquisition: rows run anterior->posterior, columns superior->inferior, slices right->left.

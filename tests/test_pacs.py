@@ -17,17 +17,17 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cli.main import main
-from pacs.errors import NetworkError
-from pacs.instances import list_instances
-from pacs.journal import Journal, StudyRecord
-from pacs.listener import Listener, ListenerConfig
-from pacs.node import DicomNode, parse_destination, parse_node
-from pacs.send import SendPolicy, send_files
-from pipeline.config import PipelineConfig
-from pipeline.errors import InputError, MissingSequenceError
-from tracking.sqlite import SQLiteStore
-from tests.pacs_support import (PATIENT_ID, PATIENT_NAME, Destination, FakePipeline, associate, free_port, make_study,
+from pedseg.cli.main import main
+from pedseg.pipeline.errors import NetworkError
+from pedseg.pacs.instances import list_instances
+from pedseg.pacs.journal import Journal, StudyRecord
+from pedseg.pacs.listener import Listener, ListenerConfig
+from pedseg.pacs.node import DicomNode, parse_destination, parse_node
+from pedseg.pacs.send import SendPolicy, send_files
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import InputError, MissingSequenceError
+from pedseg.tracking.sqlite import SQLiteStore
+from pacs_support import (PATIENT_ID, PATIENT_NAME, Destination, FakePipeline, associate, free_port, make_study,
                                 state, status, store, study_uid_of, wait_for)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +112,8 @@ def test_listen_db_option_and_pedseg_db_default_open_the_store(tmp_path, monkeyp
         def serve_forever(self):
             pass
 
-    monkeypatch.setattr("pacs.listener.Listener", Recorder)
-    monkeypatch.setattr("pipeline.bundle.load_bundle", lambda path: None)
+    monkeypatch.setattr("pedseg.pacs.listener.Listener", Recorder)
+    monkeypatch.setattr("pedseg.pipeline.bundle.load_bundle", lambda path: None)
     common = ["listen", "--port", "11112", "--dest", str(destination), "--spool", str(tmp_path / "spool")]
     monkeypatch.setenv("PEDSEG_DB", str(tmp_path / "env.db"))
     assert main(common) == 0
@@ -202,7 +202,8 @@ def test_pipeline_error_fails_the_study_and_the_listener_goes_on(listen, destina
     store(second, listener.config.port)
     wait_for(lambda: state(listener.config.spool, study_uid_of(second[0])) == "failed", what="second study failed")
     message = status(listener.config.spool)["studies"][study_uid_of(second[0])]["message"]
-    assert message.startswith("unexpected RuntimeError in pacs_support.py:") and PATIENT_NAME not in message
+    assert message.startswith("internal_error: Unexpected RuntimeError in pacs_support.py:")
+    assert PATIENT_NAME not in message
     fake.error = None
     other = make_study(tmp_path / "other", 2)
     store(other, listener.config.port)
@@ -224,9 +225,9 @@ def test_a_study_that_keeps_killing_the_listener_is_given_up(listen, destination
 _HANGING_LISTENER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pacs.listener import Listener, ListenerConfig
-    from pacs.node import parse_node
-    from pipeline.config import PipelineConfig
+    from pedseg.pacs.listener import Listener, ListenerConfig
+    from pedseg.pacs.node import parse_node
+    from pedseg.pipeline.config import PipelineConfig
 
     def hang(input_path, outdir, config, store=None):
         time.sleep(3600)  # killed mid-run

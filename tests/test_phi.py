@@ -6,20 +6,18 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 from pypdf import PdfReader
 
-from cli.main import main
-from pipeline.config import DEFAULT_BUNDLE, PipelineConfig
-from pipeline.identify import classify_session, session_to_json
-from pipeline.ingest import convert_series, ingest
+from pedseg.cli.main import main
+from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.identify import classify_session, session_to_json
+from pedseg.pipeline.ingest import convert_series, ingest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hostile_support import SENTINELS, phi_found, text_files, write_session  # noqa: E402
+from hostile_support import SENTINELS, phi_found, text_files, write_session
 
 
 def test_ingest_identify_and_conversion_never_show_patient_identifiers(tmp_path, capsys, caplog):
@@ -48,8 +46,8 @@ def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_comple
     run is cleared; the re-run writes every output and no file, log or report text shows an identifier."""
     if not (DEFAULT_BUNDLE / "bundle.json").exists():
         pytest.skip(f"demo bundle not built at {DEFAULT_BUNDLE}")
-    import pipeline.runner as runner
-    from synth.session import generate_session
+    import pedseg.runner as runner
+    from pedseg.synth.session import generate_session
 
     generate_session(tmp_path / "session", seed=4)
     dicom = tmp_path / "session" / "dicom"

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.atlas import BRATS_ORIGIN, BRATS_SIZE, brats_reference_grid, load_atlas_brain_mask
-from pipeline.bundle import load_bundle
-from pipeline.errors import BundleError
-from pipeline.postprocess import postprocess
-from pipeline.preprocess import labels_to_native
-from pipeline.registration import compose, inverse, working_copy
-from synth.acquire import SeriesGeometry, native_grid
-from synth.dicom_writer import StudyInfo, write_series
-from synth.protocols import session_protocols
+from pedseg.pipeline.atlas import BRATS_ORIGIN, BRATS_SIZE, brats_reference_grid, load_atlas_brain_mask
+from pedseg.pipeline.bundle import load_bundle
+from pedseg.pipeline.errors import BundleError
+from pedseg.pipeline.postprocess import postprocess
+from pedseg.pipeline.preprocess import labels_to_native
+from pedseg.pipeline.registration import compose, inverse, working_copy
+from pedseg.synth.acquire import SeriesGeometry, native_grid
+from pedseg.synth.dicom_writer import StudyInfo, write_series
+from pedseg.synth.protocols import session_protocols
 
 
 def _centroid_mm(labels: sitk.Image, value: int = 1) -> np.ndarray:
@@ -230,7 +230,7 @@ def test_synthetic_dicom_geometry_read_back_by_simpleitk(tmp_path):
 def test_rerun_removes_only_the_earlier_runs_outputs_it_no_longer_writes(tmp_path):
     """A re-run into OUTDIR that finds no tumour must not leave the earlier run's SEG beside its new report;
     files the earlier run did not list (the user's own) and paths outside OUTDIR are never touched."""
-    from pipeline.runner import _earlier_outputs, _remove_outputs
+    from pedseg.runner import _earlier_outputs, _remove_outputs
 
     out = tmp_path / "out"
     for name in ("report.pdf", "seg/segmentation.dcm", "notes.txt"):
@@ -256,7 +256,7 @@ def test_image_cut_short_by_a_full_disk_is_a_disk_full_error_and_leaves_no_file(
     import collections
     import errno
 
-    import pipeline.atomic as atomic
+    import pedseg.pipeline.atomic as atomic
 
     real_write = sitk.WriteImage
 

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
-from pipeline.config import PipelineConfig
-from pipeline.preprocess import (
+from pedseg.pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.preprocess import (
     HEAD_FRACTION_BOUNDS, MIN_SIMILARITY_PEAK, _brain_mask, _quality_checks, brain_volume_flag, labels_to_atlas,
     labels_to_native,
 )
-from pipeline.registration import bias_corrected, register_rigid, resample_labels, similarity_peak
-from synth.acquire import SeriesGeometry, acquire, native_grid
+from pedseg.pipeline.registration import bias_corrected, register_rigid, resample_labels, similarity_peak
+from pedseg.synth.acquire import SeriesGeometry, acquire, native_grid
 
 BRATS_CASE = Path("nifti") / "brats_space_BraTS-GLI-00001-000"
 AXIAL_2D_4MM = SeriesGeometry("ax", 1.0, 4.0, 4.0, (240.0, 240.0, 180.0))

@@ -12,11 +12,11 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pipeline.measure import measure
-from pipeline.types import Identification, SeriesDecision
-from reporting.figures import VIEWS, display_grid, radiological_plane, report_figures, to_display
-from reporting.pdf import DISCLAIMER, FAST_MODE_LINE, NO_TUMOUR, write_report_pdf
-from reporting.tables import CSV_COLUMNS, SCHEMA_VERSION, write_measurements_csv, write_measurements_json
+from pedseg.pipeline.measure import measure
+from pedseg.pipeline.types import Identification, SeriesDecision
+from pedseg.reporting.figures import VIEWS, display_grid, radiological_plane, report_figures, to_display
+from pedseg.reporting.pdf import DISCLAIMER, FAST_MODE_LINE, NO_TUMOUR, write_report_pdf
+from pedseg.reporting.tables import CSV_COLUMNS, SCHEMA_VERSION, write_measurements_csv, write_measurements_json
 
 CONTEXT = {"study_instance_uid": "1.2.826.0.1.3680043.2.1125.1",
            "series_instance_uids": {"t1c": "1.2.3", "t2f": "1.2.4"},

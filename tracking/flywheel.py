@@ -12,8 +12,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pipeline.longitudinal import TimePoint
-from tracking.records import from_dict, time_point_from_document, to_dict
+from pedseg.pipeline.longitudinal import TimePoint
+from pedseg.tracking.records import from_dict, time_point_from_document, to_dict
 
 log = logging.getLogger(__name__)
 

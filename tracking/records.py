@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from pipeline.longitudinal import BundleId, TimePoint
-from pipeline.measure import REGIONS
-from pipeline.types import Measurements
-from reporting.tables import SCHEMA_NAME, measurements_document
+from pedseg.pipeline.longitudinal import BundleId, TimePoint
+from pedseg.pipeline.measure import REGIONS
+from pedseg.pipeline.types import Measurements
+from pedseg.reporting.tables import SCHEMA_NAME, measurements_document
 
 REGIONS_2023 = ("NCR", "ED", "ET")
 

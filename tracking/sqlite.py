@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import InputError, ResourceError
-from pipeline.longitudinal import BundleId, TimePoint
+from pedseg.pipeline.errors import InputError, ResourceError
+from pedseg.pipeline.longitudinal import BundleId, TimePoint
 
 BUSY_TIMEOUT_S = 60.0
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from pipeline.longitudinal import TimePoint
+from pedseg.pipeline.longitudinal import TimePoint
 
 
 class MeasurementStore(Protocol):

@@ -19,28 +19,27 @@ from pathlib import Path
 import pydicom
 import SimpleITK as sitk
 
-from pipeline.atomic import write_image, write_text
-from pipeline.bundle import load_bundle
-from pipeline.config import PipelineConfig
-from pipeline.errors import (
+from pedseg.pipeline.atomic import write_image, write_text
+from pedseg.pipeline.bundle import load_bundle
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.errors import (
     InputError,
     MissingSequenceError,
     PipelineError,
-    ResourceError,
+    as_pipeline_error,
     disk_full,
     is_disk_full,
-    unexpected,
 )
-from pipeline.identify import identify, session_to_json
-from pipeline.infer import infer, uncertainty_summary
-from pipeline.ingest import ingest
-from pipeline.longitudinal import Longitudinal, ResponseThresholds, compare, subject_key, tracking_uids
-from pipeline.measure import convert_labels, measure
-from pipeline.postprocess import postprocess
-from pipeline.preprocess import labels_to_native, preprocess
-from pipeline.types import RunResult, Session
-from tracking.records import time_point
-from tracking.store import MeasurementStore
+from pedseg.pipeline.identify import identify, session_to_json
+from pedseg.pipeline.infer import infer, uncertainty_summary
+from pedseg.pipeline.ingest import ingest
+from pedseg.pipeline.longitudinal import Longitudinal, ResponseThresholds, compare, subject_key, tracking_uids
+from pedseg.pipeline.measure import convert_labels, measure
+from pedseg.pipeline.postprocess import postprocess
+from pedseg.pipeline.preprocess import labels_to_native, preprocess
+from pedseg.pipeline.types import RunResult, Session
+from pedseg.tracking.records import time_point
+from pedseg.tracking.store import MeasurementStore
 
 logger = logging.getLogger(__name__)
 PEDSEG_VERSION = "0.1.0"
@@ -74,23 +73,12 @@ def run_pipeline(input_path: Path | list[Path], outdir: Path, config: PipelineCo
         result = _run(input_path, outdir, staging, work, config, store)
         (outdir / "error.json").unlink(missing_ok=True)
         return result
-    except PipelineError as error:
-        _write_error(outdir, error)
-        raise
-    except MemoryError as exc:
-        error = ResourceError("The run ran out of memory.", hint="Use a machine with more RAM, or --fast.")
-        _write_error(outdir, error)
-        raise error from exc
-    except OSError as exc:
-        if not is_disk_full(exc):
-            _write_error(outdir, unexpected(exc))
-            raise
-        error = disk_full(exc, "writing the work or output files")
-        _write_error(outdir, error)
-        raise error from exc
     except Exception as exc:
-        _write_error(outdir, unexpected(exc))  # adapters report the exception itself
-        raise
+        error = as_pipeline_error(exc)
+        _write_error(outdir, error)
+        if error is exc:
+            raise
+        raise error from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if config.keep_workdir:
@@ -235,12 +223,12 @@ def _timeline(store: MeasurementStore, session: Session, context: dict, measurem
 
 def _write_reports(staging, session, identification, pre, atlas_labels, native_labels, measurements, provenance,
                    context, reference_role, bundle, config, timeline) -> dict[str, Path]:
-    from reporting.dicom_pdf import write_encapsulated_pdf
-    from reporting.dicom_seg import write_seg
-    from reporting.dicom_sr import write_sr
-    from reporting.longitudinal import change_rows, write_history_csv
-    from reporting.pdf import write_report_pdf
-    from reporting.tables import write_measurements_csv, write_measurements_json
+    from pedseg.reporting.dicom_pdf import write_encapsulated_pdf
+    from pedseg.reporting.dicom_seg import write_seg
+    from pedseg.reporting.dicom_sr import write_sr
+    from pedseg.reporting.longitudinal import change_rows, write_history_csv
+    from pedseg.reporting.pdf import write_report_pdf
+    from pedseg.reporting.tables import write_measurements_csv, write_measurements_json
 
     outputs: dict[str, Path] = {}
     source_files = session.by_uid(identification.chosen[reference_role]).files
