@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 # orthanc + orthanc-dicomweb: the research PACS the PACS-adapter tests run against (tests/test_pacs_orthanc.py).
 APT_PACKAGES := dicom3tools poppler-utils orthanc orthanc-dicomweb
 
-.PHONY: install system-deps demo test test-fast bench-preprocess clean
+.PHONY: install system-deps demo test test-fast lint bench-preprocess clean
 
 install: $(VENV)/.installed
 
@@ -28,21 +28,25 @@ system-deps:
 demo: install
 	$(VENV)/bin/pedseg demo demo-output
 
-test: install system-deps
+test: install system-deps lint
 	$(VENV)/bin/pytest -q
 
-test-fast: install
+test-fast: install lint
 	$(VENV)/bin/pytest -q -m "not slow"
 
+lint: install
+	$(VENV)/bin/ruff check .
+
 # Our preprocessing against brainles-preprocessing (ANTs) on a synthetic session, in one run (bench/RESULTS.md).
-# brainles pins older rich/click/scipy than ours, so it gets its own venv layered over ours through a .pth file.
+# brainles pins older rich/click/scipy than ours, so it gets its own venv layered over ours through a .pth file
+# that adds our site-packages as a site directory (so its own .pth files, pedseg's editable finder, work there too).
 BRAINLES_VENV ?= scratch/bench/brainles-venv
 bench-preprocess: install $(BRAINLES_VENV)/.installed
 	$(PY) bench/preprocess.py --n4
 
 $(BRAINLES_VENV)/.installed: $(CONSTRAINTS)
 	$(PYTHON) -m venv $(BRAINLES_VENV)
-	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	$(PY) -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" > \
 		"$$($(BRAINLES_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_project.pth"
 	$(BRAINLES_VENV)/bin/pip install --quiet -c $(CONSTRAINTS) brainles-preprocessing
 	touch $@

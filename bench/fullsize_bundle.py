@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

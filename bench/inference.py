@@ -133,7 +133,8 @@ def main() -> None:
                 results[variant]["labels"] = np.load(out)
                 r = results[variant]
                 print(f"{device:4s} {variant:5s} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_gib']:.2f} GiB"
-                      + (f"  peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""), flush=True)
+                      + (f"  peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""),
+                      flush=True)
             agreement = region_dice(results["stock"]["labels"], results["ours"]["labels"])
             print(f"{device:4s} speed-up {results['stock']['seconds'] / results['ours']['seconds']:.2f}x; "
                   "label Dice ours vs stock: " + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}"

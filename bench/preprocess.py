@@ -133,7 +133,8 @@ def run_brainles(native_json: Path, workdir: Path, out_json: Path) -> None:
     _reset_peak()
     pre.run(save_dir_transformations=transforms, log_file=workdir / "brainles.log")
     total = time.perf_counter() - t0
-    steps.append(Step("writing outputs and the rest", round(total - sum(s.seconds for s in steps), 2), round(_peak_mib(), 1)))
+    steps.append(Step("writing outputs and the rest", round(total - sum(s.seconds for s in steps), 2),
+                      round(_peak_mib(), 1)))
 
     def mat(role: str, step: str) -> list[str]:
         return [str(p) for p in sorted((transforms / role).glob(f"{step}_*.mat"))]
@@ -160,7 +161,8 @@ def _atlas_brain_points(stride: int):
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(brain > 0, sitk.sitkUInt8))
     ijk = np.argwhere(sitk.GetArrayViewFromImage(brain) > 0)[::stride, ::-1]
-    points = (np.asarray(brain.GetOrigin()) + ijk * np.asarray(brain.GetSpacing())) @ np.asarray(brain.GetDirection()).reshape(3, 3).T
+    direction = np.asarray(brain.GetDirection()).reshape(3, 3)
+    points = (np.asarray(brain.GetOrigin()) + ijk * np.asarray(brain.GetSpacing())) @ direction.T
     return np.asarray(stats.GetCentroid(1)), points
 
 
@@ -216,18 +218,21 @@ def registration_errors(session_dir: Path, chains: dict[str, list[str]], stride:
     centre, atlas_points = _atlas_brain_points(stride)
     points = centre + head_scale * (atlas_points - centre)  # where the child's brain sits in the atlas frame
     # Scanner point -> phantom point poses; a smaller head centred on the atlas brain is a rigid alignment.
-    truth = {role: compose(scale_about(centre, head_scale), sitk.ReadTransform(str(truth_dir / f"pose_{role}.tfm")).GetInverse())
+    truth = {role: compose(scale_about(centre, head_scale),
+                           sitk.ReadTransform(str(truth_dir / f"pose_{role}.tfm")).GetInverse())
              for role in ROLES}
     found = {role: _chain(chains[role]) for role in ROLES}
 
     def rotation_deg(a, b) -> float:
         """Angle between the linear parts of two rigid transforms, from finite differences about the centre."""
         basis = centre + 10.0 * np.vstack([np.zeros(3), np.eye(3)])
-        ma, mb = (np.diff(_transform_points(t, basis)[[0, 1, 0, 2, 0, 3]].reshape(3, 2, 3), axis=1)[:, 0].T / 10.0 for t in (a, b))
+        ma, mb = (np.diff(_transform_points(t, basis)[[0, 1, 0, 2, 0, 3]].reshape(3, 2, 3),
+                          axis=1)[:, 0].T / 10.0 for t in (a, b))
         return float(np.degrees(np.arccos(np.clip((np.trace(ma @ mb.T) - 1) / 2, -1, 1))))
 
     true_native = {role: _transform_points(truth[role], points) for role in ROLES}
-    t1c_back = _transform_points(inverse(found["t1c"]), true_native["t1c"])  # true t1c positions through the found t1c alignment
+    t1c_back = _transform_points(inverse(found["t1c"]),
+                                 true_native["t1c"])  # true t1c positions through the found t1c alignment
     result = {}
     for role in ROLES:
         atlas = _median_worst(np.linalg.norm(_transform_points(found[role], points) - true_native[role], axis=1))
@@ -310,8 +315,9 @@ def main() -> int:
     totals = {}
     for name, result in results.items():
         lines += _table(name, result["steps"])
-        compared = [s for s in result["steps"] if not s["name"].startswith(OURS_ONLY) and "not compared" not in s["name"]]
-        totals[name] = (sum(s["seconds"] for s in compared), sum(s["seconds"] for s in result["steps"] if "not compared" not in s["name"]),
+        timed = [s for s in result["steps"] if "not compared" not in s["name"]]
+        compared = [s for s in timed if not s["name"].startswith(OURS_ONLY)]
+        totals[name] = (sum(s["seconds"] for s in compared), sum(s["seconds"] for s in timed),
                         max(s["peak_mib"] for s in result["steps"]))
     lines += ["", "| tool | registration + resampling + writing, s | whole preprocessing, s | CPU s (whole process) | "
                   "peak MiB | load average |", "|---|---|---|---|---|---|"]
@@ -320,8 +326,8 @@ def main() -> int:
     if "brainles (ANTs)" in totals:
         theirs = totals["brainles (ANTs)"]
         lines += ["", f"speed-up, like for like (registration + resampling + writing): "
-                      f"{theirs[0] / totals['ours'][0]:.1f}x; whole preprocessing (ours with conversion and deepbet, theirs "
-                      f"without brain extraction): {theirs[1] / totals['ours'][1]:.1f}x; CPU seconds: "
+                      f"{theirs[0] / totals['ours'][0]:.1f}x; whole preprocessing (ours with conversion and "
+                      f"deepbet, theirs without brain extraction): {theirs[1] / totals['ours'][1]:.1f}x; CPU seconds: "
                       f"{results['brainles (ANTs)']['cpu_seconds'] / results['ours']['cpu_seconds']:.1f}x"]
     errors = {name: registration_errors(session, result["atlas_to_native"]) for name, result in results.items()}
     lines += ["", "registration error over the child's brain: median / worst mm (atlas rows: also rotation error and",
@@ -329,7 +335,8 @@ def main() -> int:
               "| alignment | " + " | ".join(errors) + " |", "|---" * (len(errors) + 1) + "|"]
     for key in next(iter(errors.values())):
         cells = [f"{e[key]['median_mm']:.2f} / {e[key]['max_mm']:.2f}"
-                 + (f"; {e[key]['rotation_deg']:.2f} deg, centre {e[key]['centre_mm']:.2f} mm" if "rotation_deg" in e[key] else "")
+                 + (f"; {e[key]['rotation_deg']:.2f} deg, centre {e[key]['centre_mm']:.2f} mm"
+                    if "rotation_deg" in e[key] else "")
                  for e in errors.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     agreement = tool_agreement(results)
@@ -338,7 +345,8 @@ def main() -> int:
     report = "\n".join(lines)
     print(report)
     (work / "report.md").write_text(report + "\n")
-    (work / "results.json").write_text(json.dumps({"results": results, "errors": errors, "agreement": agreement}, indent=2))
+    (work / "results.json").write_text(json.dumps({"results": results, "errors": errors, "agreement": agreement},
+                                                  indent=2))
     return 0
 
 

@@ -10,14 +10,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pedseg.logs import configure_logging
 from pedseg.pipeline.config import DEFAULT_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
 from pedseg.pipeline.errors import InputError, InternalError, as_pipeline_error
 
-logger = logging.getLogger("pedseg")
+logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pedseg", description="Pediatric brain tumour segmentation from a DICOM MRI session.")
+    parser = argparse.ArgumentParser(prog="pedseg",
+                                     description="Pediatric brain tumour segmentation from a DICOM MRI session.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -50,9 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--subject-seed", type=int, default=None, help="same child across sessions")
     synth.add_argument("--zip", action="store_true", help="also pack the DICOM folder as a zip")
 
-    history = sub.add_parser("history", help="a subject's recorded time points with change vs baseline, nadir, previous")
-    history.add_argument("subject", help="the key given to `run --subject-key`, or the PatientID (hashed as run hashes it)")
-    history.add_argument("--db", type=Path, default=os.environ.get("PEDSEG_DB"), help="SQLite measurement store (default $PEDSEG_DB)")
+    history = sub.add_parser("history",
+                             help="a subject's recorded time points with change vs baseline, nadir, previous")
+    history.add_argument("subject",
+                         help="the key given to `run --subject-key`, or the PatientID (hashed as run hashes it)")
+    history.add_argument("--db", type=Path, default=os.environ.get("PEDSEG_DB"),
+                         help="SQLite measurement store (default $PEDSEG_DB)")
     history.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH",
                          help="CSV instead of the table: to PATH, or to standard output without one")
     _add_compare_option(history)
@@ -63,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--bind", default="0.0.0.0", help="address to listen on")
     listen.add_argument("--dest", required=True, help="where results go: AET@HOST:PORT, or a DICOMweb URL for STOW-RS")
     listen.add_argument("--spool", type=Path, required=True, help="folder for received studies, queue and outputs")
-    listen.add_argument("--quiet-seconds", type=float, default=30.0, help="a study is complete after this long without instances")
-    listen.add_argument("--allow-aet", action="append", default=[], help="accept only these calling AE titles (repeatable)")
+    listen.add_argument("--quiet-seconds", type=float, default=30.0,
+                        help="a study is complete after this long without instances")
+    listen.add_argument("--allow-aet", action="append", default=[],
+                        help="accept only these calling AE titles (repeatable)")
     listen.add_argument("--send-attempts", type=int, default=5, help="C-STORE / STOW-RS attempts, with doubling delays")
     _add_run_options(listen)
     listen.add_argument("--db", type=Path, default=os.environ.get("PEDSEG_DB"),
@@ -79,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--aet", default="PEDSEG", help="our AE title")
     push.add_argument("--send-attempts", type=int, default=5)
 
-    pull = sub.add_parser("pull", help="fetch a study from a PACS (C-GET, or C-MOVE with --move-port) or DICOMweb (WADO-RS)")
+    pull = sub.add_parser("pull",
+                          help="fetch a study from a PACS (C-GET, or C-MOVE with --move-port) or DICOMweb (WADO-RS)")
     pull.add_argument("study_uid")
     pull.add_argument("--from", dest="source", required=True, help="AET@HOST:PORT, or a DICOMweb base URL")
     pull.add_argument("--to", dest="dest", type=Path, required=True, help="folder for the instances")
@@ -92,11 +100,14 @@ _INPUT_HELP = "a folder, zip or DICOM file of the session; several are merged in
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    defaults = PipelineConfig()
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="model bundle folder (bundle.json)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=PipelineConfig.choices("device"), default=defaults.device)
     p.add_argument("--fast", action="store_true", help="fewest folds and no test-time augmentation")
-    p.add_argument("--reference", choices=["t1n", "t1c", "t2w", "t2f"], default="t1c", help="series the SEG refers to")
-    p.add_argument("--label-convention", choices=["2024", "2023"], default="2024")
+    p.add_argument("--reference", choices=PipelineConfig.choices("reference_role"), default=defaults.reference_role,
+                   help="series the others are registered to and the SEG refers to")
+    p.add_argument("--label-convention", choices=PipelineConfig.choices("label_convention"),
+                   default=defaults.label_convention, help="label values of the NIfTI label maps")
     p.add_argument("--allow-missing", action="store_true", help="run with fewer sequences if the bundle accepts it")
     p.add_argument("--no-pseudonymize", action="store_true", help="print patient name and ID in the PDF")
     p.add_argument("--threads", type=int, default=None)
@@ -141,7 +152,8 @@ def _cmd_identify(args) -> int:
         for d in identification.decisions:
             mark = "*" if d.chosen else " "
             number = f"{d.series_number}/{d.part}" if d.part else str(d.series_number)  # part of a split series
-            print(f"{mark} {number:>8} {d.description[:40]:<40} {d.role:<5} {d.confidence:.2f}  {d.reasons[0] if d.reasons else ''}")
+            reason = d.reasons[0] if d.reasons else ""
+            print(f"{mark} {number:>8} {d.description[:40]:<40} {d.role:<5} {d.confidence:.2f}  {reason}")
         if identification.missing:
             print("missing: " + ", ".join(identification.missing))
     return 0
@@ -168,11 +180,12 @@ def _cmd_history(args) -> int:
         raise InputError(f"No measurement store at '{args.db}'." if args.db else "No measurement store given.",
                          hint="Pass --db PATH (the file `pedseg run --db` records into) or set PEDSEG_DB.")
     store = SQLiteStore(args.db)
-    points = store.history(args.subject) or store.history(subject_key(args.subject, os.environ.get(SUBJECT_SALT_ENV, "")))
+    points = store.history(args.subject) or store.history(subject_key(args.subject, os.environ.get(SUBJECT_SALT_ENV,
+                                                                                                   "")))
     if not points:
         raise InputError("No time points are recorded for this subject.",
-                         hint=f"SUBJECT is the key given to `pedseg run --subject-key`, or the PatientID (with the same "
-                              f"${SUBJECT_SALT_ENV} as the runs).")
+                         hint=f"SUBJECT is the key given to `pedseg run --subject-key`, or the PatientID (with "
+                              f"the same ${SUBJECT_SALT_ENV} as the runs).")
     timeline = trajectory(points, across_bundles=args.compare_across_bundles)
     rows = history_rows(timeline)
     if args.csv == "-":
@@ -198,7 +211,8 @@ def _cmd_demo(args) -> int:
     truth = json.loads((session_dir / "ground_truth" / "summary.json").read_text())
     wt = result.measurements.regions["WT"].volume_ml
     true_wt = sum(truth["label_voxels_atlas"].values()) / 1000
-    print(f"demo done: whole tumour {wt:.1f} mL (phantom truth {true_wt:.1f} mL in atlas frame); report: {result.outputs.get('pdf')}")
+    print(f"demo done: whole tumour {wt:.1f} mL (phantom truth {true_wt:.1f} mL in atlas frame); "
+          f"report: {result.outputs.get('pdf')}")
     return 0
 
 
@@ -254,8 +268,7 @@ COMMANDS = {"run": _cmd_run, "identify": _cmd_identify, "synth": _cmd_synth, "de
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -1,7 +1,10 @@
-"""A Flywheel job as the engine lays it out: `config.json`, `input/<name>/<file>`, `output/`, `work/`.
+"""A Flywheel job as the engine lays it out: `manifest.json`, `config.json`, `input/<name>/<file>`, `output/`,
+`work/`.
 
-Translates config.json into one PipelineConfig, the input path and the gear-only options. Nothing here
-talks to Flywheel: session mode (downloading through the api-key) lives in `gear.session`.
+Translates config.json into one PipelineConfig, the input path and the gear-only options. The options are
+checked against the manifest with Flywheel's own invocation schema (fw-gear), and every option that is not
+gear-only is the PipelineConfig field of the same name. Nothing here talks to Flywheel: session mode
+(downloading through the api-key) lives in `gear.session`.
 """
 from __future__ import annotations
 
@@ -9,26 +12,20 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import jsonschema
+from fw_gear.invocation_schema import derive_invocation_schema, isolate_config_invocation
+
+from pedseg.pipeline.archive import safe_extract
 from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
 from pedseg.pipeline.errors import BundleError, InputError
-from pedseg.pipeline.ingest import _extract_zip
-from pedseg.pipeline.types import ROLES
 
 logger = logging.getLogger(__name__)
 
 FLYWHEEL_ROOT = Path("/flywheel/v0")
-# Gear config key -> allowed values; each maps to the PipelineConfig field of the same name.
-CHOICES = {
-    "device": ("auto", "cpu", "cuda"),
-    "reference_role": ROLES,
-    "missing_policy": ("fail", "allow"),
-    "label_convention": ("2024", "2023"),
-}
-PIPELINE_FLAGS = ("fast", "write_seg", "write_sr", "write_pdf", "pseudonymize", "compare_across_bundles")
-GEAR_FLAGS = ("force_rerun", "debug")  # read by the gear, not by the pipeline
+GEAR_OPTIONS = ("force_rerun", "debug")  # read by the gear; every other option is a PipelineConfig field
 
 
 @dataclass(frozen=True)
@@ -54,9 +51,8 @@ class GearJob:
 
 def load_job(root: Path = FLYWHEEL_ROOT) -> GearJob:
     root = Path(root)
-    config_json = _read_config_json(root / "config.json")
-    options = config_json.get("config") or {}
-    _check_known_keys(options)
+    config_json = _read_json(root / "config.json")
+    options = checked_options(config_json.get("config") or {}, _read_json(root / "manifest.json"))
     inputs = config_json.get("inputs") or {}
     api_key = inputs.get("api-key", {}).get("key") or None
     return GearJob(
@@ -66,17 +62,29 @@ def load_job(root: Path = FLYWHEEL_ROOT) -> GearJob:
         bundle_zip=_input_file(root, inputs, "model_bundle"),
         destination=dict(config_json.get("destination") or {}),
         job_id=str((config_json.get("job") or {}).get("id", "")),
-        force_rerun=_flag(options, "force_rerun", False),
-        debug=_flag(options, "debug", False),
+        force_rerun=options["force_rerun"],
+        debug=options["debug"],
         api_key=api_key,
     )
 
 
+def checked_options(options: dict, manifest: dict) -> dict:
+    """The job's options over the manifest's defaults (as the engine fills them), checked against the manifest's
+    config schema: a wrong type, a value outside its enum or an unknown option is the user's input error."""
+    defaults = {name: spec["default"] for name, spec in manifest.get("config", {}).items() if "default" in spec}
+    options = {**defaults, **options}
+    try:
+        jsonschema.validate(options, isolate_config_invocation(derive_invocation_schema(manifest)))
+    except jsonschema.ValidationError as exc:
+        where = f"Gear config option '{exc.path[0]}'" if exc.path else "The gear config"
+        raise InputError(f"{where} is not valid: {exc.message}.",
+                         hint=f"Known options and their values are in manifest.json: {sorted(defaults)}.") from exc
+    return options
+
+
 def pipeline_config(options: dict) -> PipelineConfig:
-    """Gear config values -> PipelineConfig; a key the config omits keeps the pipeline's default."""
-    defaults = PipelineConfig()
-    values = {name: _choice(options, name, getattr(defaults, name)) for name in CHOICES}
-    values.update({name: _flag(options, name, getattr(defaults, name)) for name in PIPELINE_FLAGS})
+    """Checked gear options -> PipelineConfig: each option that is not gear-only is the field of the same name."""
+    values = {name: options[name] for name in (f.name for f in fields(PipelineConfig)) if name in options}
     # The image sets PEDSEG_BUNDLE: an installed (non-editable) package cannot find the repo's bundles/ folder.
     return PipelineConfig(bundle=Path(os.environ.get("PEDSEG_BUNDLE", DEFAULT_BUNDLE)), **values)
 
@@ -85,7 +93,7 @@ def unpack_bundle(bundle_zip: Path, dest: Path) -> Path:
     """Unpack a bundle zip (with the pipeline's hardened extractor) and return the folder holding bundle.json."""
     shutil.rmtree(dest, ignore_errors=True)  # a local re-run must not find the previous run's bundle too
     dest.mkdir(parents=True)
-    _extract_zip(bundle_zip, dest)
+    safe_extract(bundle_zip, dest)
     found = sorted(p.parent for p in dest.rglob("bundle.json"))
     if len(found) != 1:
         what = "no bundle.json" if not found else f"{len(found)} bundle.json files"
@@ -95,38 +103,18 @@ def unpack_bundle(bundle_zip: Path, dest: Path) -> Path:
     return found[0]
 
 
-def _read_config_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict:
     try:
-        config_json = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise InputError(f"No config.json in the gear folder '{path.parent}'.",
-                         hint="Run the gear through Flywheel, or make a gear folder with `python -m gear.local_run`.") from exc
+        raise InputError(f"No {path.name} in the gear folder '{path.parent}'.",
+                         hint="Run the gear through Flywheel, or make a gear folder with "
+                              "`python -m pedseg.gear.local_run`.") from exc
     except (OSError, ValueError) as exc:
-        raise InputError(f"config.json in '{path.parent}' cannot be read as JSON ({exc.__class__.__name__}).") from exc
-    if not isinstance(config_json, dict):
-        raise InputError("config.json does not hold a JSON object.")
-    return config_json
-
-
-def _check_known_keys(options: dict) -> None:
-    unknown = sorted(set(options) - set(CHOICES) - set(PIPELINE_FLAGS) - set(GEAR_FLAGS))
-    if unknown:
-        raise InputError(f"Unknown gear config option(s) {unknown}.",
-                         hint=f"Known options: {sorted({*CHOICES, *PIPELINE_FLAGS, *GEAR_FLAGS})}.")
-
-
-def _choice(options: dict, name: str, default: str) -> str:
-    value = options.get(name, default)
-    if value not in CHOICES[name]:
-        raise InputError(f"Gear config option '{name}' is {value!r}; allowed values are {list(CHOICES[name])}.")
-    return value
-
-
-def _flag(options: dict, name: str, default: bool) -> bool:
-    value = options.get(name, default)
-    if not isinstance(value, bool):
-        raise InputError(f"Gear config option '{name}' is {value!r}; it must be true or false.")
-    return value
+        raise InputError(f"{path.name} in '{path.parent}' cannot be read as JSON ({exc.__class__.__name__}).") from exc
+    if not isinstance(document, dict):
+        raise InputError(f"{path.name} does not hold a JSON object.")
+    return document
 
 
 def _input_file(root: Path, inputs: dict, name: str) -> Path | None:

@@ -1,16 +1,22 @@
 """The idempotency key: which series were chosen and which model weights ran on them.
 
-The gear computes it before inference, by running the pipeline's own ingest and identification on the
-downloaded candidates, so it equals the key of the run that would follow (`provenance` records the same
-choice and bundle hash). Other settings (fast mode, label convention...) are not part of it.
+The gear computes it before inference, by running the pipeline's own identification on the session it has
+read, so it equals the key of the run that follows (`provenance` records the same choice and bundle hash).
+Other settings (fast mode, label convention...) are not part of it.
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.identify import identify
+
+if TYPE_CHECKING:
+    from pedseg.pipeline.bundle import ModelBundle
+    from pedseg.pipeline.config import PipelineConfig
+    from pedseg.pipeline.types import Session
+    from pedseg.reporting.artifacts import Provenance
 
 
 def series_key(chosen: Mapping[str, str], bundle_sha256: str) -> str:
@@ -18,17 +24,11 @@ def series_key(chosen: Mapping[str, str], bundle_sha256: str) -> str:
     return hashlib.sha256("\n".join([*sorted(chosen.values()), bundle_sha256]).encode()).hexdigest()
 
 
-def idempotency_key(provenance: dict) -> str:
-    return series_key(provenance["inputs"]["series_instance_uids"], provenance["bundle"]["sha256"])
+def idempotency_key(provenance: Provenance) -> str:
+    return series_key(provenance.series_instance_uids, provenance.bundle.sha256)
 
 
-def input_key(dicom: Path, config: PipelineConfig, workdir: Path) -> str:
-    """Key of a run on `dicom`, before running it. Raises what the pipeline would: a bad bundle, no DICOM,
-    a missing sequence (with the pipeline's message naming it)."""
-    from pedseg.pipeline.bundle import load_bundle  # the pipeline's heavy imports: session mode only
-    from pedseg.pipeline.identify import identify
-    from pedseg.pipeline.ingest import ingest
-
-    bundle = load_bundle(config.bundle)  # a broken bundle fails before reading the session
-    identification = identify(ingest(dicom, workdir), config)
-    return series_key(identification.chosen, bundle.sha256())
+def input_key(session: Session, config: PipelineConfig, bundle: ModelBundle) -> str:
+    """Key of a run on `session`, before running it. Raises what the pipeline would: a missing sequence (with
+    the pipeline's message naming it)."""
+    return series_key(identify(session, config).chosen, bundle.sha256)

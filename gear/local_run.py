@@ -2,8 +2,8 @@
 
     python -m gear.local_run SESSION_DICOM(.zip or folder) GEAR_DIR [--set fast=true ...] [--bundle-zip Z] [--run]
 
-GEAR_DIR gets config.json (manifest defaults plus --set overrides), input/dicom/<zip>, output/ and work/;
-`python run.py --root GEAR_DIR` (or --run) then behaves as the gear does on an engine.
+GEAR_DIR gets manifest.json, config.json (manifest defaults plus --set overrides), input/dicom/<zip>, output/
+and work/; `python run.py --root GEAR_DIR` (or --run) then behaves as the gear does on an engine.
 """
 from __future__ import annotations
 
@@ -20,19 +20,21 @@ REPO_MANIFEST = Path(__file__).resolve().parents[1] / "manifest.json"
 
 def make_gear_root(dicom: Path, root: Path, overrides: dict[str, str] | None = None,
                    bundle_zip: Path | None = None, manifest_path: Path | None = None) -> Path:
-    manifest = json.loads(_manifest_path(manifest_path).read_text(encoding="utf-8"))
+    manifest_text = _manifest_path(manifest_path).read_text(encoding="utf-8")
+    manifest = json.loads(manifest_text)
     for sub in ("output", "work"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     inputs = {"dicom": _file_input(root, "dicom", _as_zip(Path(dicom), root / "input" / "dicom"), "dicom")}
     if bundle_zip is not None:
-        inputs["model_bundle"] = _file_input(root, "model_bundle", _copy(Path(bundle_zip), root / "input" / "model_bundle"),
-                                             "archive")
+        bundle = _copy(Path(bundle_zip), root / "input" / "model_bundle")
+        inputs["model_bundle"] = _file_input(root, "model_bundle", bundle, "archive")
     config_json = {
         "config": gear_config(manifest, overrides or {}),
         "inputs": inputs,
         "destination": {"type": "analysis", "id": "local"},
     }
     (root / "config.json").write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
+    (root / "manifest.json").write_text(manifest_text, encoding="utf-8")  # the engine's gear folder holds it too
     return root
 
 

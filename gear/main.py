@@ -1,50 +1,55 @@
-"""Flywheel gear entry: one job folder in, one `run_pipeline` call, outputs and `.metadata.json` out.
+"""Flywheel gear entry: one job folder in, one pipeline call, outputs and `.metadata.json` out.
 
-Exit codes are the pipeline's (`pipeline.errors`): 0 done, 2 bad input, 3 missing sequence, 4 unsupported
-data, 5 out of resources, 6 bad model bundle, 1 anything unexpected. On failure `output/error.json` says why.
+A 'dicom' input is one `run_pipeline` call. Session mode reads the session's candidate series once, computes
+the idempotency key from them, and hands the same session to `run_session`. Exit codes are the error model's
+(`pedseg.pipeline.errors`): 0 done, 2 bad input, 3 missing sequence, 4 unsupported data, 5 out of resources,
+6 bad model bundle, 1 anything unexpected. On failure `output/error.json` says why.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pedseg.gear.context import FLYWHEEL_ROOT, GearJob, load_job, unpack_bundle
 from pedseg.gear.idempotency import input_key
 from pedseg.gear.metadata import build_metadata, publish_outputs, run_summary, write_metadata
 from pedseg.gear.session import FlywheelSession, open_session
-from pedseg.pipeline.atomic import write_text
+from pedseg.logs import configure_logging
+from pedseg.pipeline.bundle import load_bundle
 from pedseg.pipeline.config import PipelineConfig
-from pedseg.pipeline.errors import InputError, InternalError, PipelineError, as_pipeline_error
+from pedseg.pipeline.errors import InputError, InternalError, as_pipeline_error
 from pedseg.tracking.flywheel import FlywheelStore
+from pedseg.workspace import Workspace, write_error
+
+if TYPE_CHECKING:
+    from pedseg.runner import RunResult
 
 logger = logging.getLogger(__name__)
-LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     root: Path = args.root
     debug = False
     try:
         job = load_job(root)
         debug = job.debug
-        if debug:
-            logging.getLogger().setLevel(logging.DEBUG)
+        configure_logging(verbose=debug)
         run_job(job)
         return 0
     except Exception as exc:  # noqa: BLE001 - the engine needs an exit code and a message, not a crash
-        error = as_pipeline_error(exc)  # an unexpected exception by type and place only: its text may quote headers
+        error = as_pipeline_error(exc)  # an unexpected one by type and place only: its text may quote headers
         logger.error("pedseg stopped (%s, exit code %d): %s", error.kind, error.exit_code, error)
         if debug and isinstance(error, InternalError):
             logger.exception("traceback")
-        _write_error(root / "output", error)
+        write_error(root / "output", error)  # a failure before the run's workspace existed needs it too
         return error.exit_code
 
 
@@ -54,21 +59,19 @@ def run_job(job: GearJob) -> None:
     config = job.config
     if job.bundle_zip is not None:
         config = dataclasses.replace(config, bundle=unpack_bundle(job.bundle_zip, job.work_dir / "bundle"))
-    from pedseg.runner import run_pipeline  # torch and friends: not needed to report a bad config
+    from pedseg.runner import run_pipeline  # the pipeline's heavy imports: not needed to report a bad config
 
-    session = None if job.dicom else _open_session(job)
-    store = None
-    if session is None:
-        logger.info("longitudinal tracking off: runs on a 'dicom' input are not tracked (session mode, the api-key "
-                    "and no 'dicom' input, records and compares each Flywheel subject's time points)")
     with _temporary_files_in(job.work_dir):
-        input_path = job.dicom
-        if session is not None:
-            input_path = session.download_candidates(job.work_dir / "session")
-            if _already_done(session, job, input_path, config):
+        if job.dicom:
+            logger.info("longitudinal tracking off: runs on a 'dicom' input are not tracked (session mode, the "
+                        "api-key and no 'dicom' input, records and compares each Flywheel subject's time points)")
+            result = run_pipeline(job.dicom, job.output_dir, config)
+            session = None
+        else:
+            session = _open_session(job)
+            result = _run_on_session(session, job, config)
+            if result is None:
                 return
-            store, config = _tracking(session, config)
-        result = run_pipeline(input_path, job.output_dir, config, store=store)
     summary = run_summary(result)
     files = publish_outputs(result, job.output_dir)
     write_metadata(build_metadata(summary, files, job.destination.get("type") or "analysis", job.job_id),
@@ -77,6 +80,21 @@ def run_job(job: GearJob) -> None:
         session.write_results(summary)
     logger.info("done: whole tumour %.2f mL, %d files for upload (idempotency key %s)",
                 result.measurements.regions["WT"].volume_ml, len(files), summary["idempotency_key"][:12])
+
+
+def _run_on_session(session: FlywheelSession, job: GearJob, config: PipelineConfig) -> RunResult | None:
+    """Session mode: the candidate series downloaded and read once, the run skipped when the session already
+    holds its result (None), else tracked under the session's Flywheel subject."""
+    from pedseg.runner import StageClock, read_session, run_session
+
+    clock = StageClock()
+    with Workspace(job.output_dir, keep_work=config.keep_workdir) as workspace:
+        bundle = load_bundle(config.bundle)  # a broken bundle fails before the download
+        dicom = read_session(session.download_candidates(job.work_dir / "session"), workspace, clock)
+        if _already_done(session, job, input_key(dicom, config, bundle)):
+            return None
+        store, config = _tracking(session, config)
+        return run_session(dicom, workspace, config, store, bundle=bundle, clock=clock)
 
 
 def _open_session(job: GearJob) -> FlywheelSession:
@@ -99,10 +117,8 @@ def _tracking(session: FlywheelSession, config: PipelineConfig) -> tuple[Flywhee
     return store, dataclasses.replace(config, subject_key=str(subject_id))
 
 
-def _already_done(session: FlywheelSession, job: GearJob, dicom: Path, config: PipelineConfig) -> bool:
-    """True when the session holds a result for the same series and weights and no re-run was asked for.
-    Identification runs here first (as the pipeline will) because the key needs the chosen series."""
-    key = input_key(dicom, config, job.work_dir / "identify")
+def _already_done(session: FlywheelSession, job: GearJob, key: str) -> bool:
+    """True when the session holds a result for the same series and weights and no re-run was asked for."""
     earlier = session.earlier_result(key)
     if earlier is None:
         return False
@@ -125,12 +141,6 @@ def _temporary_files_in(folder: Path) -> Iterator[None]:
         yield
     finally:
         tempfile.tempdir = saved
-
-
-def _write_error(output_dir: Path, error: PipelineError) -> None:
-    with contextlib.suppress(OSError):  # an unwritable output folder must not hide the original error
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text(output_dir / "error.json", json.dumps(error.to_dict(), indent=2) + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:

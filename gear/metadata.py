@@ -3,8 +3,9 @@
 The engine uploads only the files directly in output/, so the pipeline's sub-folders are flattened into
 `pedseg_*` names. `.metadata.json` holds a summary on the destination container (numbers, bundle, hashes:
 never patient identifiers, DICOM UIDs or input file names), each output's Flywheel file type, and a QC result.
-It is built with flywheel_gear_toolkit's `Metadata` (update_container, update_file, add_qc_result), so it
-follows Flywheel's conventions exactly, then checked against the engine's schema and written atomically.
+It is built with fw-gear's `Metadata` (update_container, update_file_metadata, add_gear_info with a QC result
+from create_qc_result_dict), so it follows Flywheel's conventions exactly, then checked against the engine's
+metadata schema that fw-gear ships and written atomically.
 """
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ import json
 import logging
 import math
 import os
+from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import jsonschema
-from flywheel_gear_toolkit.interfaces import engine_metadata
-from flywheel_gear_toolkit.utils.metadata import Metadata
+from fw_gear.file import File
+from fw_gear.metadata import Metadata, create_qc_result_dict
 
 from pedseg.gear.idempotency import idempotency_key
 from pedseg.pipeline.atomic import write_text
-from pedseg.pipeline.types import RunResult
+
+if TYPE_CHECKING:
+    from pedseg.runner import RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -62,36 +68,46 @@ def flat_name(key: str, path: Path) -> str:
 
 
 def build_metadata(summary: dict, files: dict[str, Path], destination_type: str, job_id: str = "") -> dict:
-    metadata = _GearMetadata(summary["pedseg_version"], job_id)
+    metadata = _JobMetadata(summary["pedseg_version"], job_id, destination_type)
     metadata.update_container(destination_type, info={"pedseg": summary})
     for key, path in files.items():
-        metadata.update_file(_output_file(path, destination_type), **_file_fields(key, path))
+        metadata.update_file_metadata(_output_file(path, destination_type), destination_type, **_file_fields(key, path))
     # Flywheel's QC convention, on the report a reviewer opens: any QC flag asks for review.
     qc_file = files["pdf"] if "pdf" in files else files["measurements_json"]
     flags = summary["qc_flags"]
-    metadata.add_qc_result(_output_file(qc_file, destination_type), "segmentation", "FAIL" if flags else "PASS",
-                           flags=flags, whole_tumour_ml=summary["volumes_ml"].get("WT"))
+    result = create_qc_result_dict("segmentation", "FAIL" if flags else "PASS", flags=flags,
+                                   whole_tumour_ml=summary["volumes_ml"].get("WT"))
+    info = metadata.add_gear_info("qc", File(qc_file.name, destination_type), **result)
+    metadata.update_file_metadata(_output_file(qc_file, destination_type), destination_type, info=info)
     return metadata.as_dict()
 
 
-class _GearMetadata(Metadata):
-    """The toolkit's builder with this job's version and id as job_info. Its GearToolkitContext is not used:
-    it parses sys.argv and would copy the input file names (which may hold PHI) into every QC result."""
+class _JobMetadata(Metadata):
+    """fw-gear's builder for a job that writes only to its own destination and its own output files, offline
+    (no GearContext and no SDK client): job_info is this job's version and id (a context's would copy the input
+    file names, which may hold PHI, into every QC result), and the destination needs no SDK look-up of its place
+    in the hierarchy (the library asks the SDK for an analysis' parent; a job may always update its own
+    destination). Files are given in the SDK's form, which the library reads without a client."""
 
-    def __init__(self, version: str, job_id: str):
-        super().__init__(name_override=GEAR_NAME, version_override=version)
+    def __init__(self, version: str, job_id: str, destination_type: str):
+        super().__init__(context=SimpleNamespace(client=None), name_override=GEAR_NAME, version_override=version)
         self.name, self.version, self.job = GEAR_NAME, version, job_id
         self.job_info = {GEAR_NAME: {"job_info": {"version": version, "job_id": job_id}}}
-        self._has_job_info = True  # else add_qc_result would pull job info from the (absent) context
+        self._has_job_info = True
+        self.destination_type = destination_type
+
+    def _validate_container_type(self, container_type: str) -> bool:
+        return container_type == self.destination_type
 
     def as_dict(self) -> dict:
-        self.clean()  # as the toolkit's own write(): NaN -> null, '.' in keys -> '_'
+        self.clean()  # as the library's own write(): NaN -> null, '.' in keys -> '_'
         return self._metadata
 
 
 def write_metadata(metadata: dict, output_dir: Path) -> Path:
     # An upload the engine rejects fails the whole job after minutes of work: check against its schema first.
-    jsonschema.Draft7Validator(engine_metadata).validate(metadata)
+    schema = json.loads(resources.files("fw_gear").joinpath("engine_metadata_schema.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(metadata)
     return write_text(output_dir / ".metadata.json", json.dumps(metadata, indent=2, allow_nan=False) + "\n")
 
 
@@ -99,29 +115,29 @@ def run_summary(result: RunResult) -> dict:
     provenance = result.provenance
     numbers = {d.key: d.series_number for d in result.identification.decisions}
     return {
-        "pedseg_version": provenance.get("pedseg_version"),
+        "pedseg_version": provenance.pedseg_version,
         "idempotency_key": idempotency_key(provenance),
-        "bundle": {k: provenance["bundle"].get(k) for k in ("name", "version", "licence", "sha256")},
-        "device": provenance.get("device"),
-        "fast_mode": provenance.get("fast_mode"),
-        "tta": provenance.get("tta"),
-        "reference_role": provenance.get("reference_role"),
+        "bundle": {k: getattr(provenance.bundle, k) for k in ("name", "version", "licence", "sha256")},
+        "device": provenance.device,
+        "fast_mode": provenance.fast_mode,
+        "tta": provenance.tta,
+        "reference_role": provenance.reference_role,
         "series_numbers": {role: numbers.get(uid) for role, uid in result.identification.chosen.items()},
         "missing_sequences": list(result.identification.missing),
         "volumes_ml": {name: _number(r.volume_ml) for name, r in result.measurements.regions.items()},
         "native_volumes_ml": {name: _number(r.native_volume_ml) for name, r in result.measurements.regions.items()},
         "components": {name: r.components for name, r in result.measurements.regions.items()},
         "rapno": {
-            "region": result.measurements.rapno.get("region"),
-            "lesions_total": result.measurements.rapno.get("lesions_total"),
-            "sum_product_mm2": _number(result.measurements.rapno.get("sum_product_mm2")),
+            "region": result.measurements.rapno.region,
+            "lesions_total": result.measurements.rapno.lesions_total,
+            "sum_product_mm2": _number(result.measurements.rapno.sum_product_mm2),
         },
         "qc_flags": list(result.measurements.qc_flags),
     }
 
 
 def _output_file(path: Path, destination_type: str) -> dict:
-    """An output as the toolkit's SDK-file form (name, parent type, info): the toolkit needs no context then."""
+    """An output as the SDK describes a file (name, parent type, info)."""
     return {"name": path.name, "parent_ref": {"type": destination_type}, "info": {}}
 
 

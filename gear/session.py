@@ -19,9 +19,9 @@ from typing import Any
 from pedseg.gear.candidates import flywheel_header, rejection_reasons
 from pedseg.gear.context import GearJob
 from pedseg.gear.metadata import GEAR_NAME, TAGS
+from pedseg.pipeline.archive import safe_extract
 from pedseg.pipeline.errors import InputError, MissingSequenceError
 from pedseg.pipeline.identify_rules import ROLE_NAMES
-from pedseg.pipeline.ingest import _extract_zip
 from pedseg.tracking.flywheel import FlywheelStore, store_for_session
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def open_session(job: GearJob, client=None) -> FlywheelSession:
             return FlywheelSession(client.get_session(parent.id), analysis_id=container_id, client=client)
         level = f"{parent.type} analysis"
     raise InputError(f"Session mode reads the DICOM files of one session, but this job runs on a {level}.",
-                     hint="Run the gear as an analysis of a session, or attach a zip of the session as the 'dicom' input.")
+                     hint="Run the gear as an analysis of a session, or attach a zip of the session as the 'dicom' "
+                          "input.")
 
 
 def _key_in(info: dict | None) -> str | None:
@@ -125,7 +126,7 @@ def _fetch(acquisition, name: str, folder: Path) -> None:
     download = folder / "download"
     acquisition.download_file(name, str(download))
     if zipfile.is_zipfile(download):
-        _extract_zip(download, folder)
+        safe_extract(download, folder)
         download.unlink()
     else:
         download.rename(folder / "image.dcm")

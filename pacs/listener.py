@@ -23,19 +23,29 @@ from pathlib import Path
 import pydicom
 from pynetdicom import evt
 
-from pedseg.pipeline.errors import NetworkError
 from pedseg.pacs.instances import list_instances, remove_partials, write_instance
-from pedseg.pacs.journal import FAILED, QUEUED, RECEIVING, RUNNING, SEND_FAILED, SENDING, SENT, Journal, StudyRecord, now_iso
+from pedseg.pacs.journal import (
+    FAILED,
+    QUEUED,
+    RECEIVING,
+    RUNNING,
+    SEND_FAILED,
+    SENDING,
+    SENT,
+    Journal,
+    StudyRecord,
+    now_iso,
+)
 from pedseg.pacs.node import DicomNode
 from pedseg.pacs.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, read_store_request, storage_ae
 from pedseg.pacs.send import SendPolicy, result_files, send_files
 from pedseg.pipeline.config import PipelineConfig
-from pedseg.pipeline.errors import InputError, as_pipeline_error
+from pedseg.pipeline.errors import InputError, NetworkError, as_pipeline_error
 from pedseg.tracking.store import MeasurementStore
 
 logger = logging.getLogger(__name__)
 
-Runner = Callable[..., object]  # (input_path, outdir, config, store=None), as `pipeline.runner.run_pipeline`
+Runner = Callable[..., object]  # (input_path, outdir, config, store=None), as `pedseg.runner.run_pipeline`
 
 
 def run_pipeline_lazily(input_path: Path, outdir: Path, config: PipelineConfig,
@@ -121,9 +131,6 @@ class Listener:
             self._lock_file = None
 
     def serve_forever(self) -> None:
-        if not logger.isEnabledFor(logging.DEBUG):
-            # pynetdicom logs two lines per instance: the study-level lines above say what matters.
-            logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         self.start()
@@ -231,7 +238,8 @@ class Listener:
                 now = time.time()
                 for record in self._records.values():
                     uid = record.study_uid
-                    if record.state == RECEIVING and uid not in busy and now - self._last_arrival.get(uid, 0) >= self.config.quiet_s:
+                    quiet = now - self._last_arrival.get(uid, 0) >= self.config.quiet_s
+                    if record.state == RECEIVING and uid not in busy and quiet:
                         count = len(list_instances(self.journal.dicom_dir(record)))
                         record.state, record.queued_at, record.message = QUEUED, now, f"{count} instances received"
                         self.journal.save(record)

@@ -23,14 +23,16 @@ def parse_node(text: str) -> DicomNode:
     host, colon, port = address.rpartition(":")
     host = host.strip("[]")
     if not (at and colon and host and port.isdigit() and 0 < int(port) < 65536):
-        raise InputError(f"'{text}' is not a DICOM node.", hint="Write it as AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:4242.")
+        raise InputError(f"'{text}' is not a DICOM node.",
+                         hint="Write it as AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:4242.")
     return DicomNode(check_aet(aet), host, int(port))
 
 
 def check_aet(aet: str) -> str:
     # PS3.5 AE title: 1-16 characters of the default repertoire, no backslash or control characters.
     if not (0 < len(aet) <= 16 and aet.strip() and aet.isascii() and aet.isprintable() and "\\" not in aet):
-        raise InputError(f"'{aet}' is not a valid AE title.", hint="Use 1 to 16 printable ASCII characters, no backslash.")
+        raise InputError(f"'{aet}' is not a valid AE title.",
+                         hint="Use 1 to 16 printable ASCII characters, no backslash.")
     return aet
 
 

@@ -11,10 +11,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom import sop_class as sop
 
-from pedseg.pipeline.errors import NetworkError
 from pedseg.pacs.instances import list_instances, write_instance
 from pedseg.pacs.node import DicomNode
 from pedseg.pacs.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, read_store_request, storage_ae
+from pedseg.pipeline.errors import NetworkError
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def _check_responses(responses, node: DicomNode, what: str) -> None:
         raise NetworkError(f"{node} gave no final {what} status (timeout or aborted association).")
     if final.Status not in (0x0000, 0xB000):  # B000: some sub-operations failed, the rest arrived
         raise NetworkError(f"{node} answered {what} with status 0x{final.Status:04X}.",
-                           hint="Check that the archive allows this AE title to retrieve, and knows its address for C-MOVE.")
+                           hint="Check that the archive allows this AE title to retrieve, and knows its address "
+                                "for C-MOVE.")
     if final.Status == 0xB000:
         logger.warning("%s: %s finished with %s failed sub-operations", node, what,
                        final.get("NumberOfFailedSuboperations", "some"))

@@ -11,14 +11,13 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from pedseg.pipeline.errors import NetworkError
 from pedseg.pacs.instances import list_instances
 from pedseg.pacs.node import DicomNode
-from pedseg.pipeline.errors import InputError
+from pedseg.pipeline.errors import InputError, NetworkError
 
 logger = logging.getLogger(__name__)
 
-# The pipeline's DICOM outputs (pipeline/runner.py): DICOM-SEG, TID 1500 SR, encapsulated PDF report.
+# The pipeline's DICOM outputs (pedseg.reporting.writers): DICOM-SEG, TID 1500 SR, encapsulated PDF report.
 RESULT_FOLDERS = ("seg", "sr", "report")
 # C-STORE statuses that mean "stored": success and the coercion / element warnings of PS3.4 B.2.3.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -87,7 +86,8 @@ def _c_store(files: list[Path], node: DicomNode, calling_aet: str, policy: SendP
         ae.add_requested_context(sop_class, sorted({syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
     assoc = ae.associate(node.host, node.port, ae_title=node.aet)
     if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted else "no connection"
+        why = ("association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted
+               else "no connection")
         raise NetworkError(f"{node}: {why}")
     left = []
     try:
@@ -98,7 +98,8 @@ def _c_store(files: list[Path], node: DicomNode, calling_aet: str, policy: SendP
             status = assoc.send_c_store(ds)
             code = status.get("Status") if status else None  # empty status: timeout or abort
             if code not in _STORED:
-                logger.warning("%s refused %s (status %s)", node, path.name, f"0x{code:04X}" if code is not None else "none")
+                logger.warning("%s refused %s (status %s)", node, path.name,
+                               f"0x{code:04X}" if code is not None else "none")
                 left.append(path)
     finally:
         if assoc.is_established:

@@ -33,12 +33,3 @@ def load_atlas_t1() -> sitk.Image:
 
 def load_atlas_brain_mask() -> sitk.Image:
     return sitk.ReadImage(str(ATLAS_BRAIN_MASK), sitk.sitkUInt8)
-
-
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and all(abs(x - y) < tol for x, y in zip(a.GetSpacing(), b.GetSpacing()))
-        and all(abs(x - y) < tol for x, y in zip(a.GetOrigin(), b.GetOrigin()))
-        and all(abs(x - y) < tol for x, y in zip(a.GetDirection(), b.GetDirection()))
-    )

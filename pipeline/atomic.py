@@ -50,12 +50,6 @@ def write_text(target: Path | str, text: str) -> Path:
     return Path(target)
 
 
-def write_bytes(target: Path | str, data: bytes) -> Path:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-    return Path(target)
-
-
 def write_image(image: sitk.Image, target: Path | str) -> Path:
     """Write a .nii.gz image atomically. SimpleITK's NIfTI writer reports a short write (a full disk) on stderr
     only and returns normally, and its reader fills a truncated file with zeros, so the gzip stream is checked

@@ -1,6 +1,7 @@
 """Model bundles: a folder with `bundle.json` and one or more nnU-Net v2 trained-model folders.
 
-bundle.json (format_version 1):
+bundle.json (format_version 1; its shape is the JSON Schema in bundle.schema.json, which `load_bundle` checks;
+the README's "Model bundles" section describes every field):
   name, version, licence, description
   inputs:            {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3}   role -> nnU-Net input channel
   required_inputs:   roles the models need (fewer than four is allowed for a bundle trained that way)
@@ -15,19 +16,24 @@ bundle.json (format_version 1):
                       "keep_largest_wt": false}
                      region names are the internal ones (ET, NET, CC, ED) whatever the label convention.
 Models are weighted by "weight" when their class probabilities are averaged; they must share one label set.
+The code checks only what the schema cannot: the model folders on disk and how they agree with bundle.json.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
+
 from pedseg.pipeline.errors import BundleError
-from pedseg.pipeline.postprocess import REGION_LABEL, SETTINGS
+from pedseg.pipeline.labels import BASE_REGIONS, CONVENTIONS, LABEL_VALUES
 from pedseg.pipeline.types import ROLES
 
-CONVENTIONS = {"2024": {"ET", "NET", "CC", "ED"}, "2023": {"NCR", "ED", "ET"}}
+SCHEMA_FILE = "bundle.schema.json"
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,10 @@ class ModelBundle:
         return [(model, tuple(f for f in model.folds if f in self.fast_folds) or model.folds[:1])
                 for model in self.models]
 
+    @functools.cached_property
     def sha256(self) -> str:
-        """Hash of bundle.json and every checkpoint: identifies exactly which weights produced a result."""
+        """Hash of bundle.json and every checkpoint: identifies exactly which weights produced a result. Read once
+        per loaded bundle (real weights are hundreds of MB; the gear needs it before and after a run)."""
         digest = hashlib.sha256((self.root / "bundle.json").read_bytes())
         for model in self.models:
             for fold in model.folds:
@@ -75,51 +83,71 @@ def load_bundle(root: Path) -> ModelBundle:
     root = Path(root)
     spec_path = root / "bundle.json"
     if not spec_path.is_file():
-        raise BundleError(f"No bundle.json in model bundle folder '{root}'.", hint="Point --bundle at a folder holding bundle.json.")
+        raise BundleError(f"No bundle.json in model bundle folder '{root}'.",
+                          hint="Point --bundle at a folder holding bundle.json.")
     try:
         spec = json.loads(spec_path.read_text())
-        models = tuple(
-            BundleModel(root / m["path"], tuple(str(f) for f in m["folds"]), float(m.get("weight", 1.0)),
-                        m.get("checkpoint", "checkpoint_final.pth"))
-            for m in spec["models"]
-        )
-        bundle = ModelBundle(
-            root=root,
-            name=spec["name"],
-            version=str(spec["version"]),
-            licence=spec.get("licence", "unspecified"),
-            inputs={role: int(ch) for role, ch in spec["inputs"].items()},
-            required_inputs=tuple(spec.get("required_inputs", spec["inputs"].keys())),
-            label_convention=str(spec["label_convention"]),
-            labels={int(k): v for k, v in spec["labels"].items()},
-            models=models,
-            tta=bool(spec.get("tta", True)),
-            fast_folds=tuple(str(f) for f in spec.get("fast_folds", models[0].folds[:1])),
-            postprocessing=spec.get("postprocessing", {}),
-        )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise BundleError(f"bundle.json in '{root}' is malformed ({exc!r}).", hint="See the README's bundle format.") from exc
-    _validate(bundle)
+    except ValueError as exc:
+        raise BundleError(f"bundle.json in '{root}' is malformed ({exc}).", hint=_FORMAT_HINT) from exc
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(spec))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "the top level"
+        why = f" ({error.schema['description']})" if "description" in error.schema else ""
+        raise BundleError(f"bundle.json in '{root}' is malformed: at {where}, {error.message}{why}.",
+                          hint=_FORMAT_HINT)
+    models = tuple(BundleModel(root / m["path"], tuple(str(f) for f in m["folds"]), float(m.get("weight", 1.0)),
+                               m.get("checkpoint", "checkpoint_final.pth")) for m in spec["models"])
+    bundle = ModelBundle(
+        root=root,
+        name=spec["name"],
+        version=str(spec["version"]),
+        licence=spec.get("licence", "unspecified"),
+        inputs=dict(spec["inputs"]),
+        required_inputs=tuple(spec.get("required_inputs", spec["inputs"])),
+        label_convention=spec["label_convention"],
+        labels={int(k): v for k, v in spec["labels"].items()},
+        models=models,
+        tta=spec.get("tta", True),
+        fast_folds=tuple(str(f) for f in spec.get("fast_folds", models[0].folds[:1])),
+        postprocessing=spec.get("postprocessing", {}),
+    )
+    _check_consistency(bundle)
+    _check_model_folders(bundle)
     return bundle
 
 
-def _validate(bundle: ModelBundle) -> None:
-    unknown = set(bundle.inputs) - set(ROLES)
-    if unknown:
-        raise BundleError(f"Bundle '{bundle.name}' maps unknown sequence roles {sorted(unknown)}; known roles are {list(ROLES)}.")
+_FORMAT_HINT = "See the README's Model bundles section for the format of bundle.json."
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    """The schema with role and region names filled in from the label table, so they live in one place."""
+    schema = json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text())
+    names = {"role": ROLES, "convention": CONVENTIONS, "base_region": BASE_REGIONS,
+             "model_region": tuple(dict.fromkeys(name for values in LABEL_VALUES.values() for name in values))}
+    for name, values in names.items():
+        schema["$defs"][name]["enum"] = list(values)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _check_consistency(bundle: ModelBundle) -> None:
+    """What the schema cannot say: channels numbered 0..N-1, labels of exactly the declared convention."""
     if sorted(bundle.inputs.values()) != list(range(len(bundle.inputs))):
         raise BundleError(f"Bundle '{bundle.name}' input channels {sorted(bundle.inputs.values())} are not 0..N-1.")
-    if bundle.label_convention not in CONVENTIONS or set(bundle.labels.values()) != CONVENTIONS[bundle.label_convention]:
+    if set(bundle.labels.values()) != set(LABEL_VALUES[bundle.label_convention]):
         raise BundleError(
             f"Bundle '{bundle.name}' labels {bundle.labels} do not match label convention '{bundle.label_convention}'.",
             hint="Use 2024 (ET, NET, CC, ED) or 2023 (NCR, ED, ET).",
         )
-    _validate_postprocessing(bundle)
+
+
+def _check_model_folders(bundle: ModelBundle) -> None:
+    """Every model folder holds its plans, dataset description and folds, takes the bundle's inputs, and all
+    predict one label set."""
     model_labels = {}
     for model in bundle.models:
-        if model.weight <= 0:
-            raise BundleError(f"Bundle '{bundle.name}': model '{model.path.name}' has weight {model.weight}; weights "
-                              "must be positive.")
         for name in ("dataset.json", "plans.json"):
             if not (model.path / name).is_file():
                 raise BundleError(f"Bundle '{bundle.name}': model folder '{model.path.name}' has no {name}.")
@@ -128,8 +156,8 @@ def _validate(bundle: ModelBundle) -> None:
         channels = dataset.get("channel_names", {})
         if len(channels) != len(bundle.inputs):
             raise BundleError(
-                f"Bundle '{bundle.name}': model '{model.path.name}' takes {len(channels)} input channels but bundle.json "
-                f"maps {len(bundle.inputs)} sequences.",
+                f"Bundle '{bundle.name}': model '{model.path.name}' takes {len(channels)} input channels but "
+                f"bundle.json maps {len(bundle.inputs)} sequences.",
                 hint="Fix 'inputs' in bundle.json to match the model's dataset.json channel_names.",
             )
         for fold in model.folds:
@@ -141,19 +169,3 @@ def _validate(bundle: ModelBundle) -> None:
     if len({json.dumps(labels, sort_keys=True) for labels in model_labels.values()}) > 1:
         raise BundleError(f"Bundle '{bundle.name}': its models predict different label sets {model_labels}; "
                           "their probabilities cannot be averaged.", hint="Ensemble models trained on one label set.")
-
-
-def _validate_postprocessing(bundle: ModelBundle) -> None:
-    settings = bundle.postprocessing
-    regions = set(settings.get("min_component_voxels", {}))
-    for rule in settings.get("redefine", []):
-        if not {"region", "below_fraction_of_wt", "to"} <= set(rule):
-            raise BundleError(f"Bundle '{bundle.name}': redefine rule {rule} needs region, below_fraction_of_wt and to.")
-        regions |= {rule["region"], rule["to"]}
-    unknown_keys = set(settings) - set(SETTINGS)
-    unknown_regions = regions - set(REGION_LABEL)
-    if unknown_keys or unknown_regions:
-        raise BundleError(
-            f"Bundle '{bundle.name}': unknown post-processing settings {sorted(unknown_keys)} or regions "
-            f"{sorted(unknown_regions)}.",
-            hint=f"Settings are {list(SETTINGS)}; regions are {list(REGION_LABEL)}.")

@@ -167,8 +167,8 @@ def run_ensemble(image: np.ndarray, spacing_zyx: list[float], members: list[Memb
         del predictor, logits, probabilities  # one model resident at a time
         empty_cache(device)
         seconds[member.model.path.name] = round(time.perf_counter() - t0, 2)
-        logger.info("model %s, folds %s, TTA %s on %s: %.1f s", member.model.path.name, ",".join(member.folds), tta,
-                    device.type, seconds[member.model.path.name])
+        logger.debug("model %s, folds %s, TTA %s on %s: %.1f s", member.model.path.name, ",".join(member.folds), tta,
+                     device.type, seconds[member.model.path.name])
     mean /= total_weight
     labels = np.asarray(label_manager.convert_probabilities_to_segmentation(mean))
     channels = label_manager.foreground_regions if label_manager.has_regions else label_manager.all_labels

@@ -38,23 +38,37 @@ TWIN_MIN_GAP_S = 120.0
 
 def identify(session: Session, config: PipelineConfig) -> Identification:
     """Classify every series; raise MissingSequenceError when a role is missing and the policy is "fail"."""
-    identification = classify_session(session)
+    identification = classify_session(session, config.reference_role)
     if identification.missing and config.missing_policy != "allow":
         raise MissingSequenceError(_missing_message(identification), hint=_MISSING_HINT)
     return identification
 
 
-def classify_session(session: Session) -> Identification:
-    """Classify every series and choose one per role, never raising for missing roles."""
-    facts = _session_facts([s.header for s in session.series])
+def classify_session(session: Session, reference: str = "t1c") -> Identification:
+    """Classify every series and choose one per role, never raising for missing roles. `reference`: the role
+    asked for as the reference series (see `reference_role`)."""
+    facts = session_facts([s.header for s in session.series])
     decisions = [_decide(facts[s.header.key]) for s in session.series]
     chosen = _choose(decisions, {s.header.key: s.header for s in session.series})
     missing = [role for role in ROLES if role not in chosen]
     for d in decisions:
-        logger.info("%s → %s (confidence %.2f%s)", d.label, d.role, d.confidence, ", chosen" if d.chosen else "")
+        logger.debug("%s → %s (confidence %.2f%s)", d.label, d.role, d.confidence, ", chosen" if d.chosen else "")
     if missing:
         logger.warning("no series found for: %s", ", ".join(ROLE_NAMES[r] for r in missing))
-    return Identification(decisions=decisions, chosen=chosen, missing=missing)
+    return Identification(decisions=decisions, chosen=chosen, missing=missing,
+                          reference_role=reference_role(reference, chosen))
+
+
+def reference_role(requested: str, chosen: dict[str, str]) -> str:
+    """The role every other series is registered to and whose grid the native label map and the DICOM SEG take:
+    the requested one when the session has it, else t1c, else the first role chosen (a run allowed to miss
+    sequences). The one place this is decided."""
+    if requested in chosen or not chosen:
+        return requested
+    fallback = "t1c" if "t1c" in chosen else next(iter(chosen))
+    logger.warning("the reference series asked for, %s, is not in this session: %s is the reference instead",
+                   ROLE_NAMES[requested], ROLE_NAMES[fallback])
+    return fallback
 
 
 def session_to_json(identification: Identification) -> str:
@@ -105,7 +119,7 @@ def header_facts(h: SeriesHeader) -> Facts:
     )
 
 
-def _session_facts(headers: list[SeriesHeader]) -> dict[str, Facts]:
+def session_facts(headers: list[SeriesHeader]) -> dict[str, Facts]:
     """Facts per series, with the relations that need the whole session (contrast timeline, repeats)."""
     basic = {h.key: header_facts(h) for h in headers}
     # An agent written on every series (typed in once at registration) does not tell pre from post.

@@ -19,12 +19,11 @@ from pedseg.pipeline.atomic import write_image
 from pedseg.pipeline.bundle import ModelBundle
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import BundleError, MissingSequenceError, ResourceError
-from pedseg.pipeline.types import Prediction, Preprocessed
+from pedseg.pipeline.labels import internal_value, region_mask
+from pedseg.pipeline.types import EnsembleInfo, Prediction, Preprocessed, Uncertainty
 
 logger = logging.getLogger(__name__)
 
-# Region name -> internal (BraTS-PEDs 2024) label value. 2023's NCR has no cyst/non-enhancing split: it becomes NET.
-INTERNAL_LABELS = {"ET": 1, "NET": 2, "CC": 3, "ED": 4, "NCR": 2}
 UNCERTAIN_ENTROPY = 0.5  # voxels at or above this normalised entropy count as uncertain in the summary
 
 
@@ -33,7 +32,8 @@ def pick_device(requested: str):
 
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise BundleError("--device cuda was requested but no CUDA GPU is visible.", hint="Use --device auto or cpu.")
+            raise BundleError("--device cuda was requested but no CUDA GPU is visible.",
+                              hint="Use --device auto or cpu.")
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -89,12 +89,11 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
     uncertainty_path = _write_like(_rounded(entropy), reference, out / "uncertainty_atlas.nii.gz")
     return Prediction(
         labels=labels_path, probabilities=probabilities, uncertainty=uncertainty_path,
-        label_names={v: k for k, v in INTERNAL_LABELS.items() if k != "NCR"},
         models_used=[m.model.path.name for m in members],
         folds_used=[f"{m.model.path.name}/fold_{f}" for m in members for f in m.folds], tta=tta, device=device.type,
-        ensemble={"weights": {m.model.path.name: m.model.weight for m in members},
-                  "preprocessing_runs": result.preprocessing_runs, "seconds_per_model": result.model_seconds,
-                  "seconds": round(time.perf_counter() - t0, 2)},
+        ensemble=EnsembleInfo(weights={m.model.path.name: m.model.weight for m in members},
+                              preprocessing_runs=result.preprocessing_runs, seconds_per_model=result.model_seconds,
+                              seconds=round(time.perf_counter() - t0, 2)),
     )
 
 
@@ -108,20 +107,23 @@ def normalised_entropy(probabilities: np.ndarray, has_regions: bool) -> np.ndarr
     return -(p * np.log(p)).sum(0) / np.log(len(p))
 
 
-def uncertainty_summary(uncertainty: Path | None, labels: sitk.Image) -> dict:
+def uncertainty_summary(uncertainty: Path | None, labels: sitk.Image) -> Uncertainty | None:
     """Mean normalised entropy inside the final whole tumour and tumour core, and the volume of uncertain voxels
     anywhere (a tumour the labels missed shows up there)."""
     if uncertainty is None:
-        return {}
+        return None
     entropy = sitk.GetArrayFromImage(sitk.ReadImage(str(uncertainty)))
     arr = sitk.GetArrayFromImage(labels)
-    regions = {"WT": arr > 0, "TC": np.isin(arr, (1, 2, 3))}
-    summary = {f"mean_entropy_{name}": round(float(entropy[mask].mean()), 4) if mask.any() else None
-               for name, mask in regions.items()}
+
+    def mean_inside(region: str) -> float | None:
+        mask = region_mask(arr, region)
+        return round(float(entropy[mask].mean()), 4) if mask.any() else None
+
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000
-    summary["uncertain_volume_ml"] = round(float((entropy >= UNCERTAIN_ENTROPY).sum()) * voxel_ml, 2)
-    summary["measure"] = f"normalised entropy of the ensemble's mean class probabilities; uncertain: >= {UNCERTAIN_ENTROPY}"
-    return summary
+    return Uncertainty(
+        mean_entropy_WT=mean_inside("WT"), mean_entropy_TC=mean_inside("TC"),
+        uncertain_volume_ml=round(float((entropy >= UNCERTAIN_ENTROPY).sum()) * voxel_ml, 2),
+        measure=f"normalised entropy of the ensemble's mean class probabilities; uncertain: >= {UNCERTAIN_ENTROPY}")
 
 
 def _rounded(array: np.ndarray) -> np.ndarray:
@@ -132,7 +134,7 @@ def _rounded(array: np.ndarray) -> np.ndarray:
 def _to_internal_labels(model_labels: np.ndarray, bundle: ModelBundle) -> np.ndarray:
     lut = np.zeros(max(bundle.labels) + 1, np.uint8)
     for value, region in bundle.labels.items():
-        lut[value] = INTERNAL_LABELS[region]
+        lut[value] = internal_value(bundle.label_convention, region)
     return lut[model_labels]
 
 

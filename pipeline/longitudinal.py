@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from pydicom.uid import generate_uid
 
-from pedseg.pipeline.measure import REGIONS
+from pedseg.pipeline.labels import REGIONS, comparable_across_conventions
 
 # A 2023-convention model labels NET and CC together as NCR, so only these regions mean the same in both.
-REGIONS_ACROSS_CONVENTIONS = ("ET", "ED", "TC", "WT")
+REGIONS_ACROSS_CONVENTIONS = tuple(name for name in REGIONS if comparable_across_conventions(name))
 RESPONSES = {
     "CR": "complete response",
     "PR": "partial response",
@@ -106,7 +106,7 @@ def subject_key(patient_id: str, salt: str = "") -> str:
     return hashlib.sha256(f"{salt}{patient_id}".encode()).hexdigest()
 
 
-def tracking_uids(key: str, regions: Iterable[str] = REGIONS) -> dict[str, str]:
+def tracking_uids(key: str, regions: Iterable[str] = tuple(REGIONS)) -> dict[str, str]:
     """Region → DICOM SR Tracking UID, the same for a subject at every time point (derived, so no store needed)."""
     return {region: generate_uid(entropy_srcs=["pedseg tracking", key, region]) for region in regions}
 
@@ -135,7 +135,7 @@ def compare(current: TimePoint, recorded: Iterable[TimePoint], thresholds: Respo
                          f"compare anyway.")
     priors = _one_per_study(same, current.bundle)
     conventions = {tp.bundle.label_convention for tp in (*priors, current)} - {None}
-    regions = REGIONS if len(conventions) <= 1 else REGIONS_ACROSS_CONVENTIONS
+    regions = tuple(REGIONS) if len(conventions) <= 1 else REGIONS_ACROSS_CONVENTIONS
     changes = {r: _region_change(r, current, priors, thresholds) for r in regions} if priors else {}
     return Longitudinal(current, tuple(priors), changes, tuple(notes), thresholds)
 

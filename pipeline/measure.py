@@ -1,6 +1,6 @@
 """Tumour measurements: sub-region volumes, connected components and the RAPNO bidimensional product.
 
-Label maps are in the internal BraTS-PEDs 2024 convention (1 ET, 2 NET, 3 CC, 4 ED). Volumes come from the
+Label maps are in the internal convention (pedseg.pipeline.labels). Volumes come from the
 voxel spacing of each grid, never from an assumed 1 mm. The bidimensional measurement is taken on the
 patient-axial plane (LPS-aligned), so it does not depend on how the source grid is oriented.
 
@@ -32,51 +32,15 @@ from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist, squareform
 from skimage.measure import find_contours
 
-from pedseg.pipeline.errors import PipelineError
-from pedseg.pipeline.types import Measurements, RegionMeasure
+from pedseg.pipeline.errors import InternalError
+from pedseg.pipeline.labels import INTERNAL, LABEL_VALUES, REGIONS, region_mask
+from pedseg.pipeline.types import Lesion, Measurements, Rapno, RegionMeasure, Uncertainty
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-LABELS_2024 = {"ET": 1, "NET": 2, "CC": 3, "ED": 4}
-LABELS_2023 = {"NCR": 1, "ED": 2, "ET": 3}
-COMPOSITES = {"TC": ("ET", "NET", "CC"), "WT": ("ET", "NET", "CC", "ED")}
-REGIONS = ("ET", "NET", "CC", "ED", "TC", "WT")
-REGION_LABELS = {**{k: (v,) for k, v in LABELS_2024.items()},
-                 **{k: tuple(LABELS_2024[r] for r in rs) for k, rs in COMPOSITES.items()}}
-
-# 2023 NCR is NET + CC: going back, the cyst cannot be told apart, so NCR becomes NET.
-_CONVERSIONS = {
-    ("2024", "2023"): {0: 0, 1: 3, 2: 1, 3: 1, 4: 2},
-    ("2023", "2024"): {0: 0, 1: 2, 2: 4, 3: 1},
-}
 MEASURABLE_MM = 10.0  # RAPNO: measurable when both diameters reach 10 mm (informative; not used in the sum)
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 _PERP_CHUNK = 256  # rows per block in the pairwise chord search, bounds memory on large lesions
-
-
-def convert_labels(array: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Map a label array between BraTS-PEDs "2024" and "2023" conventions (returns a new array).
-
-    2024→2023: ET→3, NET→1, CC→1, ED→2. 2023→2024: NCR→NET (2), ED→4, ET→1; the cystic component is
-    lost in 2023 data, so CC never appears after converting back.
-    """
-    if src == dst:
-        if src not in ("2023", "2024"):
-            raise ValueError(f"unknown label convention {src!r}")
-        return np.array(array, copy=True)
-    try:
-        mapping = _CONVERSIONS[(src, dst)]
-    except KeyError:
-        raise ValueError(f"unknown label conversion {src!r} -> {dst!r}") from None
-    array = np.asarray(array)
-    present = np.unique(array)
-    unknown = sorted(set(present.tolist()) - set(mapping))
-    if unknown:
-        raise ValueError(f"label values {unknown} are not part of the {src} convention")
-    lut = np.zeros(max(mapping) + 1, dtype=array.dtype)
-    for k, v in mapping.items():
-        lut[k] = v
-    return lut[array.astype(np.intp, copy=False)]
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:
@@ -84,21 +48,15 @@ def voxel_volume_ml(image: sitk.Image) -> float:
 
 
 def label_array(image: sitk.Image) -> np.ndarray:
-    """The label map as an array [z, y, x], refusing values outside the 2024 convention."""
+    """The label map as an array [z, y, x], refusing values outside the internal convention (a bug upstream)."""
     arr = sitk.GetArrayFromImage(image)
     if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.rint(arr)):
-        raise PipelineError("The label map holds non-integer values.", hint="This is a bug; please report it.")
-    outside = np.unique(arr[(arr < 0) | (arr > max(LABELS_2024.values()))])
+        raise InternalError("The label map holds non-integer values.")
+    top = max(LABEL_VALUES[INTERNAL].values())
+    outside = np.unique(arr[(arr < 0) | (arr > top)])
     if outside.size:
-        raise PipelineError(f"The label map holds values {outside.tolist()} outside BraTS-PEDs 2024 (0-4).",
-                            hint="This is a bug; please report it.")
+        raise InternalError(f"The label map holds values {outside.tolist()} outside BraTS-PEDs {INTERNAL} (0-{top}).")
     return arr
-
-
-def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
-    if region not in REGION_LABELS:
-        raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
-    return np.isin(labels, REGION_LABELS[region])
 
 
 def count_components(mask: np.ndarray) -> int:
@@ -106,11 +64,12 @@ def count_components(mask: np.ndarray) -> int:
 
 
 def measure(atlas_labels: sitk.Image, native_labels: sitk.Image | None, *, qc_flags: list[str],
-            rapno_region: str = "TC", max_lesions: int = 5) -> Measurements:
+            uncertainty: Uncertainty | None = None, rapno_region: str = "TC", max_lesions: int = 5) -> Measurements:
     """Volumes (atlas and native space), component counts and RAPNO products for every region.
 
-    Both label maps are in the 2024 convention. `Measurements.rapno` is the RAPNO block of `rapno_region`;
-    TC and WT both get their sum of products in `bidimensional_mm2`.
+    Both label maps are in the internal convention. `Measurements.rapno` is the RAPNO measurement of
+    `rapno_region`; TC and WT both get their sum of products in `bidimensional_mm2`. `uncertainty`: the model's
+    (pipeline.infer.uncertainty_summary), carried along.
     """
     atlas = label_array(atlas_labels)
     native = label_array(native_labels) if native_labels is not None else None
@@ -133,11 +92,8 @@ def measure(atlas_labels: sitk.Image, native_labels: sitk.Image | None, *, qc_fl
     blocks = {name: _rapno(atlas, atlas_labels, name, max_lesions=max_lesions)
               for name in dict.fromkeys(("TC", "WT", rapno_region))}
     for name, block in blocks.items():
-        regions[name].bidimensional_mm2 = block["sum_product_mm2"]
-    log.info("measured: WT %.3f mL in %d component(s), %s RAPNO %.1f mm2 over %d lesion(s)",
-             regions["WT"].volume_ml, regions["WT"].components, rapno_region,
-             blocks[rapno_region]["sum_product_mm2"], len(blocks[rapno_region]["lesions"]))
-    return Measurements(regions=regions, rapno=blocks[rapno_region], qc_flags=list(qc_flags))
+        regions[name].bidimensional_mm2 = block.sum_product_mm2
+    return Measurements(regions=regions, rapno=blocks[rapno_region], qc_flags=list(qc_flags), uncertainty=uncertainty)
 
 
 def lps_reference(image: sitk.Image, spacing: tuple[float, float, float], *, margin: int = 0) -> sitk.Image:
@@ -158,33 +114,24 @@ def lps_reference(image: sitk.Image, spacing: tuple[float, float, float], *, mar
     return ref
 
 
-def rapno(labels: sitk.Image, region: str = "TC", *, max_lesions: int = 5, in_plane_mm: float = 0.5,
-          tolerance_deg: float = 5.0) -> dict:
-    """RAPNO bidimensional measurement of `region` (see module docstring). Lengths in mm, LPS coordinates."""
-    return _rapno(label_array(labels), labels, region, max_lesions=max_lesions, in_plane_mm=in_plane_mm,
-                  tolerance_deg=tolerance_deg)
-
-
 def _rapno(arr: np.ndarray, labels: sitk.Image, region: str, *, max_lesions: int = 5, in_plane_mm: float = 0.5,
-           tolerance_deg: float = 5.0) -> dict:
+           tolerance_deg: float = 5.0) -> Rapno:
+    """RAPNO bidimensional measurement of `region` (see module docstring). Lengths in mm, LPS coordinates."""
     components, n = ndimage.label(region_mask(arr, region), structure=_CONNECTIVITY_26)
-    block = {"region": region, "lesions": [], "sum_product_mm2": 0.0, "lesions_total": int(n),
-             "max_lesions": max_lesions, "tolerance_deg": tolerance_deg}
     if n == 0:
-        return block
+        return Rapno(region=region, lesions=(), sum_product_mm2=0.0, lesions_total=0, max_lesions=max_lesions,
+                     tolerance_deg=tolerance_deg)
     sizes = np.bincount(components.ravel())[1:]
     order = np.argsort(-sizes, kind="stable")[:max_lesions]
     boxes = ndimage.find_objects(components)
     finest = min(labels.GetSpacing())
     # Each axial slice must hit every source voxel, so never sample coarser than the finest source spacing.
     spacing = (min(in_plane_mm, finest), min(in_plane_mm, finest), finest)
-    for index in order:
-        lesion = _lesion_image(labels, components, boxes[index], index + 1)
-        entry = _measure_lesion(lesion, spacing, tolerance_deg)
-        entry["volume_ml"] = float(sizes[index]) * voxel_volume_ml(labels)
-        block["lesions"].append(entry)
-    block["sum_product_mm2"] = float(sum(e["product_mm2"] for e in block["lesions"]))
-    return block
+    lesions = tuple(_measure_lesion(_lesion_image(labels, components, boxes[index], index + 1), spacing,
+                                    tolerance_deg, volume_ml=float(sizes[index]) * voxel_volume_ml(labels))
+                    for index in order)
+    return Rapno(region=region, lesions=lesions, sum_product_mm2=float(sum(lesion.product_mm2 for lesion in lesions)),
+                 lesions_total=int(n), max_lesions=max_lesions, tolerance_deg=tolerance_deg)
 
 
 def _lesion_image(labels: sitk.Image, components: np.ndarray, box: tuple[slice, ...], value: int) -> sitk.Image:
@@ -197,7 +144,8 @@ def _lesion_image(labels: sitk.Image, components: np.ndarray, box: tuple[slice, 
     return crop
 
 
-def _measure_lesion(lesion: sitk.Image, spacing: tuple[float, float, float], tolerance_deg: float) -> dict:
+def _measure_lesion(lesion: sitk.Image, spacing: tuple[float, float, float], tolerance_deg: float, *,
+                    volume_ml: float) -> Lesion:
     grid = lps_reference(lesion, spacing, margin=1)
     axial = sitk.GetArrayFromImage(
         sitk.Resample(lesion, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
@@ -207,21 +155,22 @@ def _measure_lesion(lesion: sitk.Image, spacing: tuple[float, float, float], tol
     k = int(ties[len(ties) // 2])
     z_mm = grid.TransformIndexToPhysicalPoint((0, 0, k))[2]
     if areas[k] == 0:  # only a lesion of a few oblique voxels can fall between the sample points
-        log.warning("a lesion vanished on axial resampling; reported with zero diameters")
-        return _lesion_entry(z_mm, 0.0, 0.0, [[0.0] * 3] * 2, [[0.0] * 3] * 2)
+        logger.warning("a lesion vanished on axial resampling; reported with zero diameters")
+        origin = (0.0, 0.0, 0.0)
+        return _lesion(z_mm, 0.0, 0.0, (origin, origin), (origin, origin), volume_ml)
     longest, perp, ends, perp_ends = bidimensional(axial[k].astype(bool), spacing[:2], tolerance_deg)
 
-    def to_lps(xy_mm: np.ndarray) -> list[float]:
+    def to_lps(xy_mm: np.ndarray) -> tuple[float, float, float]:
         point = grid.TransformContinuousIndexToPhysicalPoint((xy_mm[0] / spacing[0], xy_mm[1] / spacing[1], k))
-        return [float(v) for v in point]
+        return tuple(float(v) for v in point)
 
-    return _lesion_entry(z_mm, longest, perp, [to_lps(p) for p in ends], [to_lps(p) for p in perp_ends])
+    return _lesion(z_mm, longest, perp, tuple(to_lps(p) for p in ends), tuple(to_lps(p) for p in perp_ends), volume_ml)
 
 
-def _lesion_entry(z_mm: float, longest: float, perp: float, ends: list, perp_ends: list) -> dict:
-    return {"slice_z_mm": float(z_mm), "longest_mm": float(longest), "perpendicular_mm": float(perp),
-            "product_mm2": float(longest * perp), "measurable": bool(min(longest, perp) >= MEASURABLE_MM),
-            "endpoints_lps_mm": ends, "perp_endpoints_lps_mm": perp_ends}
+def _lesion(z_mm: float, longest: float, perp: float, ends: tuple, perp_ends: tuple, volume_ml: float) -> Lesion:
+    return Lesion(slice_z_mm=float(z_mm), longest_mm=float(longest), perpendicular_mm=float(perp),
+                  product_mm2=float(longest * perp), measurable=bool(min(longest, perp) >= MEASURABLE_MM),
+                  endpoints_lps_mm=ends, perp_endpoints_lps_mm=perp_ends, volume_ml=volume_ml)
 
 
 def bidimensional(mask: np.ndarray, spacing_xy: tuple[float, float], tolerance_deg: float = 5.0):

@@ -15,12 +15,18 @@ import SimpleITK as sitk
 from pedseg.pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
 from pedseg.pipeline.atomic import write_image
 from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.convert import convert_series
 from pedseg.pipeline.errors import UnsupportedDataError
-from pedseg.pipeline.ingest import convert_series
 from pedseg.pipeline.registration import (
-    bias_corrected, compose, inverse, register_rigid, resample, resample_labels, similarity_peak,
+    bias_corrected,
+    compose,
+    inverse,
+    register_rigid,
+    resample,
+    resample_labels,
+    similarity_peak,
 )
-from pedseg.pipeline.types import Identification, Preprocessed, Session
+from pedseg.pipeline.types import QC, Identification, Preprocessed, Session, Similarity
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ MIN_INSIDE_ATLAS_BRAIN = 0.75
 
 @dataclass
 class StepTimer:
-    """Seconds per preprocessing step, logged as each ends (the benchmark reads peak memory at these lines)."""
+    """Seconds per preprocessing step (the benchmark reads peak memory at the debug lines)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -50,10 +56,14 @@ class StepTimer:
         t0 = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 2)
-        logger.info("preprocess step %s: %.1f s", name, self.seconds[name])
+        logger.debug("preprocess step %s: %.1f s", name, self.seconds[name])
 
 
-def preprocess(session: Session, identification: Identification, workdir: Path, config: PipelineConfig) -> Preprocessed:
+def preprocess(session: Session, identification: Identification, workdir: Path, config: PipelineConfig, *,
+               patient_age_years: float | None = None) -> Preprocessed:
+    """Every chosen series converted, registered to the reference series (identification.reference_role), that
+    to the atlas, resampled once into BraTS space and skull-stripped. `patient_age_years` bounds the brain
+    volume check (None: no age, no check)."""
     roles = list(identification.chosen)
     native_dir, atlas_dir = workdir / "native", workdir / "atlas"
     atlas_dir.mkdir(parents=True, exist_ok=True)
@@ -62,9 +72,10 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
         native_paths = {role: convert_series(session.by_uid(identification.chosen[role]), native_dir) for role in roles}
         native = {role: _read_volume(path) for role, path in native_paths.items()}
     frames = {role: session.by_uid(identification.chosen[role]).header.frame_of_reference_uid for role in roles}
-    anchor = config.reference_role if config.reference_role in native else "t1c" if "t1c" in native else roles[0]
+    anchor = identification.reference_role
 
-    qc: dict = {"registration": {}, "flags": [], "step_seconds": step.seconds}
+    registration: dict[str, float] = {}
+    flags: list[str] = []
     driving = native
     if config.n4_for_registration:
         with step("bias correction"):  # drives registration only; outputs keep the scanner's intensities
@@ -72,7 +83,7 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
     atlas_t1 = load_atlas_t1()
     with step(f"register {anchor} to atlas"):
         atlas_to_anchor, metric = register_rigid(atlas_t1, driving[anchor], same_frame=False)
-    qc["registration"][f"{anchor}_to_atlas_mattes_mi"] = round(metric, 4)
+    registration[f"{anchor}_to_atlas_mattes_mi"] = round(metric, 4)
     transforms: dict[str, sitk.Transform] = {anchor: atlas_to_anchor}
     for role in roles:
         if role == anchor:
@@ -80,7 +91,7 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
         same_frame = bool(frames[role]) and frames[role] == frames[anchor]
         with step(f"register {role} to {anchor}"):
             anchor_to_role, metric = register_rigid(driving[anchor], driving[role], same_frame=same_frame)
-        qc["registration"][f"{role}_to_{anchor}_mattes_mi"] = round(metric, 4)
+        registration[f"{role}_to_{anchor}_mattes_mi"] = round(metric, 4)
         transforms[role] = compose(atlas_to_anchor, anchor_to_role)
 
     with step("resample"):
@@ -92,7 +103,7 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
             sitk.WriteTransform(transform, str(transform_paths[role]))
 
     with step("brain extraction"):
-        mask = _brain_mask(atlas_space[anchor], atlas_dir, qc)
+        mask, extraction = extract_brain(atlas_space[anchor], atlas_dir, flags)
     with step("write"):
         images = {}
         for role, image in atlas_space.items():
@@ -101,8 +112,11 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
         mask_path = atlas_dir / "brain_mask.nii.gz"
         write_image(mask, mask_path)
     with step("quality checks"):
-        _quality_checks(atlas_space, anchor, mask, qc, config)
-    return Preprocessed(images=images, brain_mask=mask_path, native=native_paths, atlas_to_native=transform_paths, qc=qc)
+        checks = quality_checks(atlas_space, anchor, mask, extraction, flags, patient_age_years)
+    qc = QC(registration=registration, flags=tuple(flags), step_seconds=step.seconds, brain_extraction=extraction,
+            **checks)
+    return Preprocessed(images=images, brain_mask=mask_path, native=native_paths, atlas_to_native=transform_paths,
+                        qc=qc)
 
 
 def _read_volume(path: Path) -> sitk.Image:
@@ -119,71 +133,75 @@ def _read_volume(path: Path) -> sitk.Image:
     return image
 
 
-def _brain_mask(t1c_atlas: sitk.Image, workdir: Path, qc: dict) -> sitk.Image:
-    """deepbet on atlas-space t1c; on failure, the atlas brain mask (flagged: it ignores the child's anatomy)."""
+def extract_brain(t1c_atlas: sitk.Image, workdir: Path, flags: list[str]) -> tuple[sitk.Image, str]:
+    """deepbet on atlas-space t1c; on failure, the atlas brain mask (flagged: it ignores the child's anatomy).
+    Returns the mask and which of the two it is."""
     src, dst = workdir / "t1c_for_bet.nii.gz", workdir / "deepbet_mask.nii.gz"
     write_image(t1c_atlas, src)
     try:
-        from deepbet import run_bet
-
         import torch
+        from deepbet import run_bet
 
         run_bet([str(src)], mask_paths=[str(dst)], threshold=0.5, n_dilate=0, no_gpu=not torch.cuda.is_available())
         mask = sitk.ReadImage(str(dst), sitk.sitkUInt8)
-        mask = sitk.Resample(mask, brats_reference_grid(), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        mask = sitk.Resample(mask, brats_reference_grid(), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                             sitk.sitkUInt8)
         if sitk.GetArrayViewFromImage(mask).sum() < 100_000:  # < 100 mL: extraction failed
             raise RuntimeError("deepbet mask implausibly small")
-        qc["brain_extraction"] = "deepbet"
+        extraction = "deepbet"
     except Exception as exc:  # any failure of the learned model falls back, loudly
         logger.warning("deepbet brain extraction failed (%s): using the atlas brain mask instead, which does not "
                        "follow this patient's anatomy; review the skull stripping", exc)
-        qc["brain_extraction"] = "atlas-mask-fallback"
-        qc["flags"].append(f"brain extraction failed ({exc}); the atlas brain mask was used: check the skull stripping")
+        extraction = "atlas-mask-fallback"
+        flags.append(f"brain extraction failed ({exc}); the atlas brain mask was used: check the skull stripping")
         mask = load_atlas_brain_mask()
     finally:
         src.unlink(missing_ok=True)
-    return mask > 0
+    return mask > 0, extraction
 
 
-def _quality_checks(atlas_space: dict, anchor: str, mask: sitk.Image, qc: dict, config: PipelineConfig) -> None:
-    """Similarity of every alignment inside the brain, brain volume against age, fraction of the head kept."""
-    qc["similarity_in_brain"] = {}
+def quality_checks(atlas_space: dict, anchor: str, mask: sitk.Image, extraction: str, flags: list[str],
+                   patient_age_years: float | None) -> dict:
+    """Similarity of every alignment inside the brain, brain volume against age, fraction of the head kept.
+    Appends to `flags`; returns the measured values (QC's remaining fields)."""
+    similarity = {}
     for role, image in atlas_space.items():
         if role == anchor:
             continue
         nmi, peak = similarity_peak(image, atlas_space[anchor], mask)
-        qc["similarity_in_brain"][f"{role}_vs_{anchor}"] = {"nmi": round(nmi, 4), "peak": round(peak, 2)}
+        similarity[f"{role}_vs_{anchor}"] = Similarity(nmi=round(nmi, 4), peak=round(peak, 2))
         if peak < MIN_SIMILARITY_PEAK:
-            qc["flags"].append(f"{role} to {anchor} alignment is not a clear similarity peak "
-                               f"({peak:.2f} < {MIN_SIMILARITY_PEAK}): check the registration")
+            flags.append(f"{role} to {anchor} alignment is not a clear similarity peak "
+                         f"({peak:.2f} < {MIN_SIMILARITY_PEAK}): check the registration")
     brain = sitk.GetArrayViewFromImage(mask) > 0
     # Another person's anatomy: no intensity similarity with the atlas separates right from wrong (the real BraTS
     # case correlates 0.16 with it when aligned), but a rigidly aligned brain lies inside the atlas brain.
     atlas_brain = sitk.GetArrayFromImage(load_atlas_brain_mask()) > 0  # a copy: a view of a temporary dangles
     inside = float((brain & atlas_brain).sum() / max(brain.sum(), 1))
-    qc["brain_inside_atlas_brain"] = round(inside, 3)
-    if inside < MIN_INSIDE_ATLAS_BRAIN and qc["brain_extraction"] == "deepbet":
-        qc["flags"].append(f"only {inside:.0%} of the brain lies inside the atlas brain after alignment "
-                           f"(expected >= {MIN_INSIDE_ATLAS_BRAIN:.0%}): check the registration to the atlas")
+    if inside < MIN_INSIDE_ATLAS_BRAIN and extraction == "deepbet":
+        flags.append(f"only {inside:.0%} of the brain lies inside the atlas brain after alignment "
+                     f"(expected >= {MIN_INSIDE_ATLAS_BRAIN:.0%}): check the registration to the atlas")
     brain_ml = float(brain.sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
-    qc["brain_volume_ml"] = round(brain_ml, 1)
     head = sitk.GetArrayFromImage(_head_mask(atlas_space[anchor])) > 0
     fraction = float((brain & head).sum() / head.sum()) if head.any() else 0.0
-    qc["mask_fraction_of_head"] = round(fraction, 3)
     lo, hi = HEAD_FRACTION_BOUNDS
     if not lo <= fraction <= hi:
-        qc["flags"].append(f"brain mask covers {fraction:.0%} of the head (expected {lo:.0%}-{hi:.0%}): "
-                           "check the skull stripping (or an input that was already skull-stripped)")
-    flag = brain_volume_flag(brain_ml, config.patient_age_years)
+        flags.append(f"brain mask covers {fraction:.0%} of the head (expected {lo:.0%}-{hi:.0%}): "
+                     "check the skull stripping (or an input that was already skull-stripped)")
+    flag = brain_volume_flag(brain_ml, patient_age_years)
     if flag:
-        qc["flags"].append(flag)
+        flags.append(flag)
+    return {"similarity_in_brain": similarity, "brain_inside_atlas_brain": round(inside, 3),
+            "brain_volume_ml": round(brain_ml, 1), "mask_fraction_of_head": round(fraction, 3)}
 
 
 def brain_volume_flag(brain_ml: float, age_years: float | None) -> str | None:
     if age_years is None:
         return None
     lo, hi = next((lo, hi) for max_age, lo, hi in BRAIN_ML_BOUNDS if age_years < max_age)
-    return None if lo <= brain_ml <= hi else f"brain volume {brain_ml:.0f} mL outside {lo}-{hi} mL expected at age {age_years:g}"
+    if lo <= brain_ml <= hi:
+        return None
+    return f"brain volume {brain_ml:.0f} mL outside {lo}-{hi} mL expected at age {age_years:g}"
 
 
 def _head_mask(image: sitk.Image) -> sitk.Image:
@@ -201,13 +219,3 @@ def labels_to_native(atlas_labels: sitk.Image, atlas_to_native_tfm: Path, native
         reference = sitk.Extract(reference, size[:3] + [0], [0, 0, 0, 0])
     native_to_atlas = inverse(sitk.ReadTransform(str(atlas_to_native_tfm)))
     return resample_labels(atlas_labels, reference, native_to_atlas, method=method)
-
-
-def labels_to_atlas(native_labels: sitk.Image, atlas_to_native_tfm: Path, *, method: str = "distance") -> sitk.Image:
-    """Map a label map drawn on a source series' native grid into BraTS space. "distance" by default: from thick
-    slices it puts boundaries where the shape crosses between slices rather than at the nearest slice."""
-    return resample_labels(native_labels, brats_reference_grid(), sitk.ReadTransform(str(atlas_to_native_tfm)), method=method)
-
-
-def native_point_to_atlas(point_lps_mm, atlas_to_native_tfm: Path) -> tuple[float, float, float]:
-    return inverse(sitk.ReadTransform(str(atlas_to_native_tfm))).TransformPoint(tuple(float(v) for v in point_lps_mm))

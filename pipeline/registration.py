@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import SimpleITK as sitk
+from skimage.metrics import normalized_mutual_information
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ SEARCH_STEPS = 2  # grid points each side of the start per rotation axis: 5 x 5 
 SEARCH_SAMPLES = 20_000
 
 
-def register_rigid(fixed: sitk.Image, moving: sitk.Image, *, same_frame: bool, seed: int = 17) -> tuple[sitk.Transform, float]:
+def register_rigid(fixed: sitk.Image, moving: sitk.Image, *, same_frame: bool, seed: int = 17) -> tuple[sitk.Transform,
+                                                                                                        float]:
     """Rigidly align `moving` to `fixed`; return (fixed->moving transform, final metric value).
 
     `same_frame`: both series come from one exam (same FrameOfReferenceUID), so scanner coordinates already
@@ -52,7 +54,8 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, *, same_frame: bool, s
     # A fixed number of samples per level (not a fraction): six rigid parameters need tens of thousands of
     # samples, not millions, whatever the image size; this keeps a 1 mm 3D series to seconds per level.
     n_voxels = float(np.prod(fixed_f.GetSize()))
-    reg.SetMetricSamplingPercentagePerLevel([min(1.0, SAMPLES_PER_LEVEL * s**3 / n_voxels) for s in SHRINK_FACTORS], seed)
+    reg.SetMetricSamplingPercentagePerLevel([min(1.0, SAMPLES_PER_LEVEL * s**3 / n_voxels) for s in SHRINK_FACTORS],
+                                            seed)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetMetricUseFixedImageGradientFilter(False)
     reg.SetMetricUseMovingImageGradientFilter(False)
@@ -98,7 +101,8 @@ def bias_corrected(image: sitk.Image, mm: float = 8.0) -> sitk.Image:
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([50, 50, 50])
     n4.Execute(small, sitk.OtsuThreshold(small, 0, 1))
-    log_field = sitk.Resample(n4.GetLogBiasFieldAsImage(small), image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    log_field = sitk.Resample(n4.GetLogBiasFieldAsImage(small), image, sitk.Transform(), sitk.sitkLinear, 0.0,
+                              sitk.sitkFloat32)
     return image / sitk.Exp(log_field)
 
 
@@ -159,7 +163,8 @@ def resample_labels(labels: sitk.Image, reference: sitk.Image, transform: sitk.T
         best = np.zeros(out.shape, np.float32)
         for value in (int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v != 0):
             distance = sitk.GetArrayFromImage(
-                sitk.Resample(_signed_distance(labels == value), reference, transform, sitk.sitkLinear, 1e6, sitk.sitkFloat32)
+                sitk.Resample(_signed_distance(labels == value), reference, transform, sitk.sitkLinear, 1e6,
+                              sitk.sitkFloat32)
             )
             inside = distance < best
             out[inside], best[inside] = value, distance[inside]
@@ -185,7 +190,7 @@ def _label_box(labels: sitk.Image, margin: int) -> tuple[list[int], list[int]] |
     dim = labels.GetDimension()
     lo = [max(0, bbox[i] - margin) for i in range(dim)]
     hi = [min(labels.GetSize()[i], bbox[i] + bbox[dim + i] + margin) for i in range(dim)]
-    return [h - l for l, h in zip(lo, hi)], lo
+    return [high - low for low, high in zip(lo, hi)], lo
 
 
 def similarity_peak(moving: sitk.Image, fixed: sitk.Image, mask: sitk.Image, shift_mm: float = 4.0,
@@ -211,13 +216,7 @@ def similarity_peak(moving: sitk.Image, fixed: sitk.Image, mask: sitk.Image, shi
 
 
 def _nmi(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
-    """Studholme's normalised mutual information (H(A) + H(B)) / H(A, B), intensities clipped to 0.5-99.5 %."""
+    """Studholme's normalised mutual information (H(A) + H(B)) / H(A, B) (scikit-image's), on intensities clipped
+    to their 0.5-99.5 % range so a few extreme voxels do not take most of the histogram bins."""
     clipped = [np.clip(v, *np.percentile(v, [0.5, 99.5])) for v in (a, b)]
-    joint, _, _ = np.histogram2d(clipped[0], clipped[1], bins)
-    p = joint / joint.sum()
-
-    def entropy(q: np.ndarray) -> float:
-        q = q[q > 0]
-        return float(-(q * np.log(q)).sum())
-
-    return (entropy(p.sum(1)) + entropy(p.sum(0))) / max(entropy(p), 1e-12)
+    return float(normalized_mutual_information(clipped[0], clipped[1], bins=bins))

@@ -1,12 +1,13 @@
 """Typed records passed between pipeline stages.
 
-Each stage (ingest → identify → preprocess → infer → postprocess → measure) takes and returns these,
-so adapters (CLI, Flywheel, PACS) and reporting never depend on a stage's internals.
+Each stage (ingest → identify → preprocess → infer → postprocess → measure) takes and returns these, so the
+runner, the writers and the adapters never depend on a stage's internals.
 Geometry convention: every image on disk is NIfTI read/written through SimpleITK (LPS physical space).
+Label maps are in the internal convention of `pipeline.labels` (BraTS-PEDs 2024).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROLES = ("t1n", "t1c", "t2w", "t2f")
@@ -34,6 +35,9 @@ class _NamedSeries:
     @property
     def label(self) -> str:
         return series_label(self.series_number, self.description, self.part)
+
+
+# ------------------------------------------------------------------------------------------- ingest
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,20 @@ class Session:
         raise KeyError(key)
 
 
+@dataclass(frozen=True)
+class StudyContext:
+    """Who and when, from the reference series' headers: what the report shows (pseudonymised unless configured
+    otherwise), the patient's age (for the brain-volume check) and the subject key for longitudinal tracking."""
+
+    display_id: str  # a pseudonym, or "NAME (ID)" when pseudonymisation is off
+    study_date: str  # YYYYMMDD or ""
+    age_years: float | None
+    subject_key: str  # salted SHA-256 of the PatientID; "" without one
+
+
+# ----------------------------------------------------------------------------------------- identify
+
+
 @dataclass
 class SeriesDecision(_NamedSeries):
     series_uid: str
@@ -115,16 +133,38 @@ class Identification:
     decisions: list[SeriesDecision]
     chosen: dict[str, str]  # role -> series key (the SeriesInstanceUID, or 'UID#part' for part of a split series)
     missing: list[str]
-
-    def to_dict(self) -> dict:
-        return {
-            "series": [vars(d) for d in self.decisions],
-            "chosen": dict(self.chosen),
-            "missing": list(self.missing),
-        }
+    # The role every other series is registered to, whose grid the native label map and the DICOM SEG take:
+    # the configured one when chosen, else t1c, else the first chosen (pipeline.identify.reference_role).
+    reference_role: str = "t1c"
 
 
-@dataclass
+# --------------------------------------------------------------------------------------- preprocess
+
+
+@dataclass(frozen=True)
+class Similarity:
+    nmi: float  # normalised mutual information inside the brain
+    peak: float  # how sharply it peaks at the alignment (registration.similarity_peak)
+
+
+@dataclass(frozen=True)
+class QC:
+    """Preprocessing quality checks; `flags` are the ones that ask a reader to look."""
+
+    registration: dict[str, float]  # "<moving>_to_<fixed>_mattes_mi" -> final metric value
+    flags: tuple[str, ...]
+    step_seconds: dict[str, float]
+    brain_extraction: str  # "deepbet", or "atlas-mask-fallback" when deepbet failed
+    similarity_in_brain: dict[str, Similarity]  # "<role>_vs_<reference>" -> similarity
+    brain_inside_atlas_brain: float
+    brain_volume_ml: float
+    mask_fraction_of_head: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Preprocessed:
     """Atlas-space (BraTS 240x240x155, 1 mm), skull-stripped images plus everything needed to go back."""
 
@@ -134,20 +174,50 @@ class Preprocessed:
     # role -> SimpleITK transform file mapping atlas points to that series' native points: resampling a native
     # image with it gives BraTS space; its inverse takes an atlas-space label map back to the native grid.
     atlas_to_native: dict[str, Path]
-    qc: dict = field(default_factory=dict)
+    qc: QC | None = None  # None only where a caller prepared the images itself (evaluation on atlas-space cases)
 
 
-@dataclass
+# -------------------------------------------------------------------------------------------- infer
+
+
+@dataclass(frozen=True)
+class EnsembleInfo:
+    weights: dict[str, float]  # model folder -> weight of its probabilities in the mean
+    preprocessing_runs: int  # nnU-Net preprocessings: one per group of models whose plans preprocess alike
+    seconds_per_model: dict[str, float]
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Prediction:
     labels: Path  # atlas-space label map in the internal (2024) label convention
     probabilities: dict[str, Path]  # bundle region name -> atlas-space float32 NIfTI of its ensemble probability
     uncertainty: Path | None  # atlas-space normalised entropy of the ensemble probabilities (0 certain, 1 uniform)
-    label_names: dict[int, str]  # label value -> region name ("ET", "NET", "CC", "ED")
     models_used: list[str]
     folds_used: list[str]
     tta: bool
     device: str
-    ensemble: dict = field(default_factory=dict)  # model weights, preprocessing runs, seconds per model
+    ensemble: EnsembleInfo | None = None
+
+
+# -------------------------------------------------------------------------------------- postprocess
+
+
+@dataclass(frozen=True)
+class PostprocessStep:
+    """One post-processing step as provenance records it; fields a step does not have stay None."""
+
+    step: str
+    voxels_changed: int
+    min_voxels: int | None = None
+    components_removed: int | None = None
+    applied: bool | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# ------------------------------------------------------------------------------------------ measure
 
 
 @dataclass
@@ -160,20 +230,43 @@ class RegionMeasure:
     bidimensional_mm2: float | None = None
 
 
+@dataclass(frozen=True)
+class Lesion:
+    """One RAPNO lesion: its two diameters on its axial slice of largest area (pipeline.measure)."""
+
+    slice_z_mm: float
+    longest_mm: float
+    perpendicular_mm: float
+    product_mm2: float
+    measurable: bool  # both diameters at least 10 mm
+    endpoints_lps_mm: tuple[tuple[float, float, float], tuple[float, float, float]]
+    perp_endpoints_lps_mm: tuple[tuple[float, float, float], tuple[float, float, float]]
+    volume_ml: float
+
+
+@dataclass(frozen=True)
+class Rapno:
+    region: str  # the region measured (TC by default)
+    lesions: tuple[Lesion, ...]  # largest first, at most max_lesions
+    sum_product_mm2: float
+    lesions_total: int  # lesions found, measured or not
+    max_lesions: int
+    tolerance_deg: float  # perpendicular within this many degrees
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    """The ensemble's uncertainty over the final labels (pipeline.infer.uncertainty_summary)."""
+
+    mean_entropy_WT: float | None  # noqa: N815 - region names are upper case everywhere
+    mean_entropy_TC: float | None  # noqa: N815
+    uncertain_volume_ml: float
+    measure: str  # what the numbers are, for readers of measurements.json
+
+
 @dataclass
 class Measurements:
     regions: dict[str, RegionMeasure]
-    rapno: dict  # longest diameter, perpendicular, product, slice index, per lesion
+    rapno: Rapno
     qc_flags: list[str]
-    uncertainty: dict = field(default_factory=dict)  # model uncertainty summary (pipeline.infer.uncertainty_summary)
-
-
-@dataclass
-class RunResult:
-    """What one pipeline run produced; adapters translate this into their world."""
-
-    outdir: Path
-    outputs: dict[str, Path]  # e.g. "seg", "sr", "pdf", "measurements_json", "measurements_csv", "provenance"
-    identification: Identification
-    measurements: Measurements
-    provenance: dict
+    uncertainty: Uncertainty | None = None

@@ -1,9 +1,10 @@
-"""Coded concepts, segment numbers and colours for the tumour regions: one table shared by SEG and SR.
+"""DICOM codes for the tumour regions, and the constants every DICOM output shares.
 
-Segment numbers 1-4 equal the internal BraTS-PEDs 2024 label values, so a SEG segment number, a label
-value and a region name always mean the same thing. TC and WT are composite, overlapping segments
-(5 and 6): the SR's TID 1411 groups reference exactly one segment each, so the composites need their
-own segments for their volumes to point at the voxels they were measured on.
+Region names, colours and label values come from the label table (pedseg.pipeline.labels); this module maps
+each region to its coded concept, in one place. Segment numbers follow the table's order (1 ET, 2 NET, 3 CC,
+4 ED, 5 TC, 6 WT), so for the four sub-regions a SEG segment number equals the internal label value. TC and WT
+are composite, overlapping segments: the SR's TID 1411 groups reference exactly one segment each, so the
+composites need their own segments for their volumes to point at the voxels they were measured on.
 
 Every concept is looked up by keyword in pydicom's copy of the DICOM code dictionary (a typo fails at
 import), and every segmented property type is a member of CID 7159 "Lesion Segmentation Types"
@@ -12,10 +13,12 @@ membership.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import MappingProxyType
 
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+
+from pedseg.pipeline.labels import REGIONS
 
 MANUFACTURER = "pedseg"
 # The tool is for research use only; viewers and archives can show or filter on this (SEG and SR).
@@ -30,27 +33,14 @@ PROCEDURE = codes.DCM.MultiparametricMRI  # 126020, CID 100: the model reads T1,
 VOLUME = codes.SCT.Volume  # 118565006, CID 7469
 MILLILITER = Code("ml", "UCUM", "milliliter")  # not in pydicom's dictionary; UCUM code "ml" is exact
 
-
-@dataclass(frozen=True)
-class Region:
-    name: str  # ET, NET, CC, ED, TC, WT
-    segment_number: int
-    label: str  # Segment Label shown by viewers
-    property_type: Code
-    rgb: tuple[int, int, int]  # recommended display colour
-    members: tuple[int, ...]  # label values that make up the region
-
-
-REGIONS: dict[str, Region] = {
-    r.name: r
-    for r in (
-        Region("ET", 1, "Enhancing tumor", codes.NCIt.EnhancingLesion, (230, 25, 25), (1,)),  # C113842
-        Region("NET", 2, "Non-enhancing tumor", codes.NCIt.NonEnhancingLesion, (255, 220, 0), (2,)),  # C81175
-        Region("CC", 3, "Cystic component", codes.SCT.Cyst, (0, 200, 255), (3,)),  # 367643001
-        Region("ED", 4, "Peritumoral edema", codes.SCT.Edema, (40, 200, 60), (4,)),  # 79654002
-        Region("TC", 5, "Tumor core", codes.SCT.Neoplasm, (255, 130, 0), (1, 2, 3)),  # 108369006
-        Region("WT", 6, "Whole tumor", codes.SCT.Lesion, (170, 80, 230), (1, 2, 3, 4)),  # 52988006
-    )
-}
-
-LABEL_VALUES = (1, 2, 3, 4)  # the mutually exclusive regions; the rest are unions of these
+# Segmented property type of each region (CID 7159).
+PROPERTY_TYPES: MappingProxyType[str, Code] = MappingProxyType({
+    "ET": codes.NCIt.EnhancingLesion,  # C113842
+    "NET": codes.NCIt.NonEnhancingLesion,  # C81175
+    "CC": codes.SCT.Cyst,  # 367643001
+    "ED": codes.SCT.Edema,  # 79654002
+    "TC": codes.SCT.Neoplasm,  # 108369006
+    "WT": codes.SCT.Lesion,  # 52988006
+})
+SEGMENT_NUMBERS: MappingProxyType[str, int] = MappingProxyType(
+    {name: number for number, name in enumerate(REGIONS, start=1)})

@@ -16,10 +16,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
 from pedseg.pipeline.atomic import atomic_path
-from pedseg.pipeline.errors import InputError
+from pedseg.pipeline.errors import InternalError
 from pedseg.reporting import codes
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Patient, General Study and Patient Study attributes: type 2 ones are written empty when the source lacks them.
 _COPIED_TYPE2 = (
@@ -48,14 +48,14 @@ def write_encapsulated_pdf(
     """
     document = Path(pdf_path).read_bytes()
     if not document.startswith(b"%PDF-"):
-        raise InputError("The report to encapsulate is not a PDF file.")
+        raise InternalError("The report to encapsulate is not a PDF file.")
     if not source_files:
-        raise InputError("No source images were given for the encapsulated PDF.")
+        raise InternalError("No source images were given for the encapsulated PDF.")
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
     ds = _dataset(sources, document, title, series_number, identifies_patient)
     with atomic_path(out_path) as tmp:
         pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-    log.info("Wrote encapsulated PDF (%d bytes)", len(document))
+    logger.debug("Wrote encapsulated PDF (%d bytes)", len(document))
     return Path(out_path)
 
 

@@ -5,9 +5,9 @@ resampled from it on exactly the plane of the source frame it belongs to (origin
 Position, axes from Image Orientation, spacing from Pixel Spacing), so frames match the source images
 pixel for pixel whatever the converter did, and irregular slice spacing is exact too.
 
-Segments (see reporting.codes): 1 ET, 2 NET, 3 CC, 4 ED, 5 TC, 6 WT. All six are always written, empty
-or not, so consumers see a stable numbering; an empty segment is legal in a SEG. TC and WT overlap the
-others, which BINARY allows (Segments Overlap = YES).
+Segments (reporting.codes): 1 ET, 2 NET, 3 CC, 4 ED, 5 TC, 6 WT, named and coloured from the label table.
+All six are always written, empty or not, so consumers see a stable numbering; an empty segment is legal in a
+SEG. TC and WT overlap the others, which BINARY allows (Segments Overlap = YES).
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from pedseg.pipeline.atomic import atomic_path
-from pedseg.pipeline.errors import InputError, PipelineError, UnsupportedDataError
+from pedseg.pipeline.errors import InternalError, UnsupportedDataError
+from pedseg.pipeline.labels import INTERNAL, LABEL_VALUES, REGIONS, region_values
 from pedseg.reporting import codes
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _ORIENTATION_TOLERANCE = 1e-3  # direction cosine difference still counted as the same orientation
 
@@ -33,7 +34,7 @@ def load_sources(source_files: list[Path]) -> list[Dataset]:
     """Source headers in SEG frame order: single-frame images sorted along the slice normal, or the one
     enhanced multi-frame image (its frames keep their stored order)."""
     if not source_files:
-        raise InputError("No source images were given for the DICOM outputs.")
+        raise InternalError("No source images were given for the DICOM outputs.")
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
     if any(_is_multiframe(ds) for ds in datasets):
         if len(datasets) != 1:
@@ -81,27 +82,8 @@ def write_seg(
     )
     with atomic_path(out_path) as tmp:
         pydicom.dcmwrite(tmp, seg, enforce_file_format=True)
-    log.info("Wrote DICOM SEG with %d frames (%d source frames)", seg.NumberOfFrames, len(label_frames))
+    logger.debug("Wrote DICOM SEG with %d frames (%d source frames)", seg.NumberOfFrames, len(label_frames))
     return Path(out_path)
-
-
-def read_seg_labels(seg_path: Path, source_files: list[Path]) -> np.ndarray:
-    """Label volume (frames, rows, columns) in the frame order of `load_sources(source_files)`."""
-    seg = hd.seg.segread(seg_path)
-    sources = load_sources(source_files)
-    segments = list(codes.LABEL_VALUES)  # disjoint, so combining them gives the label value back
-    if _is_multiframe(sources[0]):
-        return seg.get_pixels_by_source_frame(
-            source_sop_instance_uid=sources[0].SOPInstanceUID,
-            source_frame_numbers=range(1, int(sources[0].NumberOfFrames) + 1),
-            segment_numbers=segments,
-            combine_segments=True,
-        )
-    return seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=[ds.SOPInstanceUID for ds in sources],
-        segment_numbers=segments,
-        combine_segments=True,
-    )
 
 
 def _is_multiframe(ds: Dataset) -> bool:
@@ -115,7 +97,7 @@ def _series_name(ds: Dataset) -> str:
 def _sort_along_normal(datasets: list[Dataset]) -> list[Dataset]:
     name = _series_name(datasets[0])
     if len({ds.SeriesInstanceUID for ds in datasets}) != 1:
-        raise PipelineError(f"{name}: the source images for the DICOM outputs come from more than one series.")
+        raise InternalError(f"{name}: the source images for the DICOM outputs come from more than one series.")
     iop = np.asarray(datasets[0].ImageOrientationPatient, dtype=float)
     if any(np.abs(np.asarray(ds.ImageOrientationPatient, dtype=float) - iop).max() > _ORIENTATION_TOLERANCE
            for ds in datasets):
@@ -166,13 +148,14 @@ def _frame_planes(sources: list[Dataset]) -> list[sitk.Image]:
 
 def _checked_labels(labels: sitk.Image) -> sitk.Image:
     if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise PipelineError("The label map for the DICOM SEG must be a 3-D scalar image.")
+        raise InternalError("The label map for the DICOM SEG must be a 3-D scalar image.")
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(labels)
-    if stats.GetMinimum() < 0 or stats.GetMaximum() > max(codes.LABEL_VALUES):
-        raise PipelineError(
+    top = max(LABEL_VALUES[INTERNAL].values())
+    if stats.GetMinimum() < 0 or stats.GetMaximum() > top:
+        raise InternalError(
             f"The label map holds values {stats.GetMinimum():g}..{stats.GetMaximum():g}; "
-            f"the DICOM SEG expects the internal labels 0..{max(codes.LABEL_VALUES)}."
+            f"the DICOM SEG expects the internal labels 0..{top}."
         )
     return labels
 
@@ -192,27 +175,27 @@ def _warn_if_lost(labels: sitk.Image, label_frames: np.ndarray, sources: list[Da
     """A label map that misses the series entirely is a geometry bug, not an empty result: say so."""
     if label_frames.any() or not sitk.GetArrayViewFromImage(labels).any():
         return
-    log.warning("%s: the tumor label map does not overlap the reference series; the SEG is empty.",
+    logger.warning("%s: the tumor label map does not overlap the reference series; the SEG is empty.",
                 _series_name(sources[0]))
 
 
 def _segment_stack(label_frames: np.ndarray) -> np.ndarray:
     """(frames, rows, columns, segments) binary masks in segment-number order."""
-    ordered = sorted(codes.REGIONS.values(), key=lambda r: r.segment_number)
-    return np.stack([np.isin(label_frames, region.members) for region in ordered], axis=-1).astype(np.uint8)
+    ordered = sorted(REGIONS, key=codes.SEGMENT_NUMBERS.get)
+    return np.stack([np.isin(label_frames, region_values(name)) for name in ordered], axis=-1).astype(np.uint8)
 
 
 def _segment_descriptions(algorithm: hd.AlgorithmIdentificationSequence) -> list[hd.seg.SegmentDescription]:
     return [
         hd.seg.SegmentDescription(
-            segment_number=region.segment_number,
-            segment_label=region.label,
+            segment_number=codes.SEGMENT_NUMBERS[region.name],
+            segment_label=region.display_name,
             segmented_property_category=codes.CATEGORY,
-            segmented_property_type=region.property_type,
+            segmented_property_type=codes.PROPERTY_TYPES[region.name],
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             anatomic_regions=[codes.ANATOMY],
-            display_color=hd.color.CIELabColor.from_rgb(*region.rgb),
+            display_color=hd.color.CIELabColor.from_rgb(*region.colour),
         )
-        for region in sorted(codes.REGIONS.values(), key=lambda r: r.segment_number)
+        for region in sorted(REGIONS.values(), key=lambda r: codes.SEGMENT_NUMBERS[r.name])
     ]

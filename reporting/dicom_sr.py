@@ -3,8 +3,8 @@
 One TID 1411 volumetric group per region (ET, NET, CC, ED, TC, WT) that the measurements contain. Each
 group references exactly one SEG segment (highdicom's ReferencedSegment takes one segment number, and
 viewers expect one ROI per group), which is why TC and WT are composite segments of their own in the SEG
-(see reporting.codes). Volumes are `RegionMeasure.volume_ml` (atlas grid; the registration is rigid). Each group carries a Volume
-(SCT 118565006) in mL and a tracking identifier: the region name plus a Tracking UID, reused from
+(see reporting.codes). Volumes are `RegionMeasure.volume_ml` (atlas grid; the registration is rigid). Each group
+carries a Volume (SCT 118565006) in mL and a tracking identifier: the region name plus a Tracking UID, reused from
 `tracking_uids` when given so a longitudinal caller can follow one lesion across time points.
 The observer is the algorithm (a device observer); no person is named.
 """
@@ -20,11 +20,12 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
 from pedseg.pipeline.atomic import atomic_path
-from pedseg.pipeline.errors import PipelineError
+from pedseg.pipeline.errors import InternalError
+from pedseg.pipeline.labels import REGIONS
 from pedseg.pipeline.types import Measurements, RegionMeasure
 from pedseg.reporting import codes
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def write_sr(
@@ -41,13 +42,10 @@ def write_sr(
     """Write the measurement report; return its path and the Tracking UID used for each region."""
     seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
-    regions = [r for r in codes.REGIONS.values() if r.name in measurements.regions]
-    uids = {r.name: (tracking_uids or {}).get(r.name) or hd.UID() for r in regions}
+    regions = [name for name in REGIONS if name in measurements.regions]
+    uids = {name: (tracking_uids or {}).get(name) or hd.UID() for name in regions}
     algorithm = hd.sr.AlgorithmIdentification(name=algorithm_name, version=algorithm_version)
-    groups = [
-        _volume_group(region, measurements.regions[region.name], uids[region.name], seg, algorithm)
-        for region in regions
-    ]
+    groups = [_volume_group(name, measurements.regions[name], uids[name], seg, algorithm) for name in regions]
     report = hd.sr.MeasurementReport(
         observation_context=_device_observer(algorithm_name, algorithm_version),
         procedure_reported=codes.PROCEDURE,
@@ -67,20 +65,8 @@ def write_sr(
     )
     with atomic_path(out_path) as tmp:
         pydicom.dcmwrite(tmp, sr, enforce_file_format=True)
-    log.info("Wrote DICOM SR with %d measurement groups", len(groups))
+    logger.debug("Wrote DICOM SR with %d measurement groups", len(groups))
     return Path(out_path), uids
-
-
-def read_sr_volumes(sr_path: Path) -> dict[str, float]:
-    """Region name (the tracking identifier) → volume in mL, from a report written by `write_sr`."""
-    report = hd.sr.srread(sr_path).content
-    volumes = {}
-    for group in report.get_volumetric_roi_measurement_groups():
-        for measurement in group.get_measurements(name=codes.VOLUME):
-            if measurement.unit.value != codes.MILLILITER.value:
-                raise PipelineError(f"Unexpected volume unit {measurement.unit.value!r} in the SR.")
-            volumes[group.tracking_identifier] = float(measurement.value)
-    return volumes
 
 
 def _segment_numbers(seg: Dataset) -> set[int]:
@@ -88,24 +74,25 @@ def _segment_numbers(seg: Dataset) -> set[int]:
 
 
 def _volume_group(
-    region: codes.Region,
+    region: str,
     measure: RegionMeasure,
     tracking_uid: str,
     seg: Dataset,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    if region.segment_number not in _segment_numbers(seg):
-        raise PipelineError(f"The DICOM SEG has no segment {region.segment_number} for {region.name}.")
+    segment_number = codes.SEGMENT_NUMBERS[region]
+    if segment_number not in _segment_numbers(seg):
+        raise InternalError(f"The DICOM SEG has no segment {segment_number} for {region}.")
     referenced = hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
-        segment_number=region.segment_number,
+        segment_number=segment_number,
         source_series=hd.sr.SourceSeriesForSegmentation(seg.ReferencedSeriesSequence[0].SeriesInstanceUID),
     )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=region.name),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=region),
         referenced_segment=referenced,
-        finding_type=region.property_type,
+        finding_type=codes.PROPERTY_TYPES[region],
         finding_category=codes.CATEGORY,
         finding_sites=[hd.sr.FindingSite(codes.ANATOMY)],
         algorithm_id=algorithm,

@@ -21,18 +21,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from scipy import ndimage
 
+from pedseg.pipeline.labels import BASE_REGIONS, INTERNAL, LABEL_VALUES, REGIONS
 from pedseg.pipeline.longitudinal import Longitudinal
 from pedseg.pipeline.measure import lps_reference
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-# 2024 convention label -> (name, description, RGB)
-LABEL_STYLE = {
-    1: ("ET", "enhancing tumour", (1.0, 0.0, 0.0)),
-    2: ("NET", "non-enhancing tumour", (1.0, 0.9, 0.0)),
-    3: ("CC", "cystic component", (0.0, 0.9, 0.9)),
-    4: ("ED", "oedema", (0.0, 0.75, 0.0)),
-}
 ALPHA = 0.45
 DPI = 150
 MONTAGE_SLICES = 12
@@ -85,8 +79,9 @@ class DisplayData:
         return not self.labels.any()
 
 
-def load_display_data(images: dict[str, Path], labels: Path) -> DisplayData:
-    label_image = sitk.ReadImage(str(labels), sitk.sitkUInt8)
+def load_display_data(images: dict[str, Path], labels: sitk.Image) -> DisplayData:
+    """`labels`: internal convention (pedseg.pipeline.labels), on any grid."""
+    label_image = sitk.Cast(labels, sitk.sitkUInt8)
     grid = display_grid(label_image)
     label_vol = to_display(label_image, grid, label=True)
     bases = {role: to_display(sitk.ReadImage(str(path), sitk.sitkFloat32), grid, label=False)
@@ -127,10 +122,15 @@ def _window(volume: np.ndarray) -> tuple[float, float]:
 
 
 def overlay_rgba(labels2d: np.ndarray) -> np.ndarray:
+    """Each sub-region in its colour from the label table (the SEG's recommended display colours)."""
     rgba = np.zeros(labels2d.shape + (4,), dtype=float)
-    for value, (_, _, rgb) in LABEL_STYLE.items():
-        rgba[labels2d == value] = (*rgb, ALPHA)
+    for name in BASE_REGIONS:
+        rgba[labels2d == LABEL_VALUES[INTERNAL][name]] = (*_rgb(name), ALPHA)
     return rgba
+
+
+def _rgb(region: str) -> tuple[float, float, float]:
+    return tuple(channel / 255 for channel in REGIONS[region].colour)
 
 
 def _draw(ax, base2d: np.ndarray, labels2d: np.ndarray, window: tuple[float, float], view: str | None) -> None:
@@ -147,8 +147,8 @@ def _draw(ax, base2d: np.ndarray, labels2d: np.ndarray, window: tuple[float, flo
 
 
 def _legend(fig: Figure) -> None:
-    handles = [Patch(facecolor=(*rgb, ALPHA + 0.3), edgecolor="black", label=f"{name} {desc}")
-               for name, desc, rgb in LABEL_STYLE.values()]
+    handles = [Patch(facecolor=(*_rgb(name), ALPHA + 0.3), edgecolor="black",
+                     label=f"{name} {REGIONS[name].display_name.lower()}") for name in BASE_REGIONS]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
 
 
@@ -201,7 +201,7 @@ def montage_png(base: np.ndarray, labels: np.ndarray, indices: list[int], z_mm: 
     return _png(fig)
 
 
-def report_figures(images: dict[str, Path], labels: Path) -> dict[str, bytes]:
+def report_figures(images: dict[str, Path], labels: sitk.Image) -> dict[str, bytes]:
     """PNG figures keyed "triplanar_<role>" (t1c and t2f when given) and "montage" (absent without tumour)."""
     data = load_display_data(images, labels)
     roles = [r for r in ("t1c", "t2f") if r in data.bases] or list(data.bases)[:1]
@@ -214,7 +214,7 @@ def report_figures(images: dict[str, Path], labels: Path) -> dict[str, bytes]:
         role = roles[0]
         figures["montage"] = montage_png(data.bases[role], data.labels, indices, data.z_mm,
                                          f"Axial slices through the tumour extent ({role.upper()})")
-    log.info("rendered %d report figure(s)", len(figures))
+    logger.debug("rendered %d report figure(s)", len(figures))
     return figures
 
 

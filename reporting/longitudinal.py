@@ -8,8 +8,8 @@ import io
 from pathlib import Path
 
 from pedseg.pipeline.atomic import write_text
+from pedseg.pipeline.labels import REGIONS
 from pedseg.pipeline.longitudinal import Change, Longitudinal
-from pedseg.pipeline.measure import REGIONS
 from pedseg.reporting.tables import VOLUME_DECIMALS
 
 # No subject key: an unsalted hash of a short PatientID can be reversed by trying every ID, so it stays in the store.

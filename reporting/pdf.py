@@ -1,6 +1,7 @@
 """The PDF report (reportlab platypus): volumes, RAPNO, overlays, QC, series identification and provenance.
 
-The report carries no patient identifiers beyond what the caller puts in `subject` (already pseudonymised).
+The report carries no patient identifiers beyond the study context's display id (a pseudonym unless a user
+turned pseudonymisation off).
 Output is deterministic (`invariant`), so the same inputs give byte-identical PDFs.
 """
 from __future__ import annotations
@@ -10,23 +11,24 @@ import logging
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+import SimpleITK as sitk
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_RIGHT
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.lib.utils import ImageReader
-from reportlab.platypus import (Image, KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table,
-                                TableStyle)
+from reportlab.platypus import Image, KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from pedseg.pipeline.atomic import atomic_path
+from pedseg.pipeline.labels import REGIONS
 from pedseg.pipeline.longitudinal import RESPONSES, Longitudinal
-from pedseg.pipeline.types import Identification, Measurements
-from pedseg.reporting.figures import LABEL_STYLE, report_figures, trend_png
+from pedseg.pipeline.types import QC, Identification, Measurements, StudyContext
+from pedseg.reporting.figures import report_figures, trend_png
 from pedseg.reporting.longitudinal import format_change
 from pedseg.reporting.tables import VOLUME_DECIMALS, measurement_rows, rapno_block
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 TITLE = "Paediatric brain tumour MRI segmentation report"
 DISCLAIMER = ("For research use only. Not for clinical diagnosis or treatment decisions. "
@@ -34,8 +36,9 @@ DISCLAIMER = ("For research use only. Not for clinical diagnosis or treatment de
               "every result must be reviewed by a qualified radiologist.")
 FAST_MODE_LINE = "fast mode: fewer folds, no test-time augmentation"
 NO_TUMOUR = "No tumour detected"
-REGION_DESCRIPTIONS = {**{name: desc for name, desc, _ in LABEL_STYLE.values()},
-                       "TC": "tumour core (ET + NET + CC)", "WT": "whole tumour (TC + ED)"}
+REGION_DESCRIPTIONS = {name: region.display_name.lower() + (f" ({' + '.join(region.members)})"
+                                                              if region.is_composite else "")
+                       for name, region in REGIONS.items()}
 
 _styles = getSampleStyleSheet()
 _BODY = ParagraphStyle("body", parent=_styles["BodyText"], fontSize=9, leading=11.5)
@@ -51,18 +54,18 @@ _DISCLAIMER = ParagraphStyle("disclaimer", parent=_BODY, fontName="Helvetica-Bol
 _ALERT = ParagraphStyle("alert", parent=_BODY, fontName="Helvetica-Bold", fontSize=12, leading=15)
 
 
-def write_report_pdf(out_path: Path, *, images: dict[str, Path], labels: Path, measurements: Measurements,
-                     identification: Identification, qc: dict, provenance: dict, subject: dict,
+def write_report_pdf(out_path: Path, *, images: dict[str, Path], labels: sitk.Image, measurements: Measurements,
+                     identification: Identification, qc: QC, provenance: dict, context: StudyContext,
                      fast_mode: bool, longitudinal: Longitudinal | None = None) -> Path:
-    """Render the report. `images`: role -> atlas-space NIfTI; `labels`: atlas-space 2024-convention labels.
+    """Render the report. `images`: role -> atlas-space NIfTI; `labels`: atlas-space, internal convention.
 
-    `subject` keys used: "display_id", "study_date" (YYYYMMDD or already formatted). `qc` and `provenance`
-    are shown as flattened key/value tables; `qc["flags"]` joins `measurements.qc_flags` in the flag list.
-    `longitudinal` (a tracked run): a page with the trend and change table when earlier time points were compared.
+    `qc` and `provenance` are shown as flattened key/value tables; `qc.flags` joins `measurements.qc_flags` in
+    the flag list. `longitudinal` (a tracked run): a page with the trend and change table when earlier time
+    points were compared.
     """
     figures = report_figures(images, labels)
     story = [
-        *_header(subject, fast_mode),
+        *_header(context, fast_mode),
         *_volumes(measurements),
         *_rapno(measurements),
         *_figures(figures, measurements),
@@ -71,13 +74,13 @@ def write_report_pdf(out_path: Path, *, images: dict[str, Path], labels: Path, m
         *_identification(identification),
         *_provenance(provenance),
     ]
-    footer = _footer(str(subject.get("display_id") or ""))
+    footer = _footer(context.display_id)
     with atomic_path(out_path) as tmp:
         doc = SimpleDocTemplate(str(tmp), pagesize=A4, leftMargin=16 * mm, rightMargin=16 * mm,
                                 topMargin=14 * mm, bottomMargin=16 * mm, title=TITLE,
                                 subject="For research use only", creator="pedseg", invariant=1)
         doc.build(story, onFirstPage=footer, onLaterPages=footer)
-    log.info("wrote PDF report with %d figure(s)", len(figures))
+    logger.debug("wrote PDF report with %d figure(s)", len(figures))
     return Path(out_path)
 
 
@@ -125,9 +128,9 @@ def _table(rows: list[list[str]], widths: list[float], *, header: bool = True, n
     return table
 
 
-def _header(subject: dict, fast_mode: bool) -> list:
-    info = _table([["Subject", str(subject.get("display_id") or "—")],
-                   ["Study date", _date(subject.get("study_date", ""))]], [35, 60], header=False)
+def _header(context: StudyContext, fast_mode: bool) -> list:
+    info = _table([["Subject", context.display_id or "—"], ["Study date", _date(context.study_date)]], [35, 60],
+                  header=False)
     info.hAlign = "LEFT"
     disclaimer = Table([[Paragraph(_text(DISCLAIMER), _DISCLAIMER)]], colWidths=[178 * mm])
     disclaimer.setStyle(TableStyle([
@@ -164,10 +167,10 @@ def _volumes(measurements: Measurements) -> list:
                       f"{n} {volume.format(old[n]['volume_ml'])} mL" for n in ("NCR", "ED", "ET"))
                   + " (NCR = NET + CC).", _SMALL),
     ]
-    if measurements.uncertainty.get("mean_entropy_WT") is not None:
-        u = measurements.uncertainty
+    u = measurements.uncertainty
+    if u is not None and u.mean_entropy_WT is not None:
         flow.append(Paragraph(f"Model uncertainty (normalised entropy, 0 certain to 1 undecided): mean "
-                              f"{u['mean_entropy_WT']:.2f} inside WT; {u['uncertain_volume_ml']:.1f} mL of voxels "
+                              f"{u.mean_entropy_WT:.2f} inside WT; {u.uncertain_volume_ml:.1f} mL of voxels "
                               f"at 0.5 or above.", _SMALL))
     return flow
 
@@ -236,8 +239,8 @@ def _longitudinal(longitudinal: Longitudinal | None) -> list:
              f"{_date(longitudinal.priors[0].study_date)}, measured with the same model bundle unless noted below.")
     legend = (f"Response per region (RAPNO volumetric thresholds): PD progressive disease, volume ≥ "
               f"{t.progression_pct:+g} % vs nadir (the smallest earlier volume) or tumour back after none; PR partial "
-              f"response, ≤ {t.partial_response_pct:+g} % vs baseline; CR complete response, at most {t.absent_ml:g} mL "
-              f"left; SD stable disease otherwise; NE: {RESPONSES['NE']}. Atlas-space volumes.")
+              f"response, ≤ {t.partial_response_pct:+g} % vs baseline; CR complete response, at most "
+              f"{t.absent_ml:g} mL left; SD stable disease otherwise; NE: {RESPONSES['NE']}. Atlas-space volumes.")
     return [PageBreak(), Paragraph("Longitudinal change", _H2), Paragraph(_text(intro), _BODY), Spacer(1, 2 * mm),
             _image(trend_png(longitudinal), 178 * mm, 110 * mm), Spacer(1, 2 * mm),
             _table(rows, [16, 22, 32, 20, 32, 32, 24], numeric_from=1), Spacer(1, 1.5 * mm),
@@ -264,9 +267,9 @@ def _key_values(data: dict, empty: str) -> list:
     return [_table([["Item", "Value"], *[list(r) for r in rows]], [70, 108])]
 
 
-def _qc(qc: dict, flags: list[str]) -> list:
-    all_flags = list(dict.fromkeys([*flags, *qc.get("flags", [])]))
-    values = {k: v for k, v in qc.items() if k != "flags"}
+def _qc(qc: QC, flags: list[str]) -> list:
+    all_flags = list(dict.fromkeys([*flags, *qc.flags]))
+    values = {k: v for k, v in qc.as_dict().items() if k != "flags"}
     flag_text = "; ".join(_text(f) for f in all_flags) if all_flags else "none"
     return [Paragraph("Quality control", _H2), *_key_values(values, "No QC values recorded."), Spacer(1, 2 * mm),
             Paragraph(f"<b>Flags:</b> {flag_text}", _BODY)]

@@ -8,13 +8,14 @@ import csv
 import io
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from pedseg.pipeline.atomic import write_text
-from pedseg.pipeline.measure import COMPOSITES, LABELS_2023, LABELS_2024
-from pedseg.pipeline.types import Measurements
+from pedseg.pipeline.labels import COMPOSITES, INTERNAL, LABEL_VALUES, REGIONS_2023
+from pedseg.pipeline.types import Measurements, Rapno
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SCHEMA_NAME = "pedseg-measurements"
 SCHEMA_VERSION = "1.0"
@@ -50,16 +51,15 @@ def measurement_rows(measurements: Measurements) -> list[dict]:
     """
     regions = measurements.regions
     rows = []
-    for name, label in LABELS_2024.items():
+    for name, label in LABEL_VALUES[INTERNAL].items():
         rows.append(_row("2024", name, label, regions[name].voxels, regions[name].volume_ml,
                          regions[name].native_volume_ml, regions[name].components, None))
     for name in COMPOSITES:
         r = regions[name]
         rows.append(_row("composite", name, None, r.voxels, r.volume_ml, r.native_volume_ml, r.components,
                          r.bidimensional_mm2))
-    parts_2023 = {"NCR": ("NET", "CC"), "ED": ("ED",), "ET": ("ET",)}
-    for name, label in LABELS_2023.items():
-        parts = [regions[p] for p in parts_2023[name]]
+    for name, label in LABEL_VALUES["2023"].items():
+        parts = [regions[p] for p in REGIONS_2023[name]]
         rows.append(_row("2023", name, label, sum(p.voxels for p in parts), sum(p.volume_ml for p in parts),
                          _sum_or_none([p.native_volume_ml for p in parts]),
                          parts[0].components if len(parts) == 1 else None, None))
@@ -72,20 +72,20 @@ def _row(convention, region, label, voxels, volume, native, components, bidimens
             "bidimensional_mm2": _length(bidimensional)}
 
 
-def rapno_block(rapno: dict) -> dict:
-    """The RAPNO block with lengths rounded; method parameters are copied unchanged."""
+def rapno_block(rapno: Rapno) -> dict:
+    """The RAPNO measurement with lengths rounded; method parameters are copied unchanged."""
     lesions = [{
-        "slice_z_mm": _length(lesion["slice_z_mm"]),
-        "longest_mm": _length(lesion["longest_mm"]),
-        "perpendicular_mm": _length(lesion["perpendicular_mm"]),
-        "product_mm2": _length(lesion["product_mm2"]),
-        "measurable": lesion.get("measurable"),
-        "volume_ml": _volume(lesion.get("volume_ml")),
-        "endpoints_lps_mm": [[_length(v) for v in p] for p in lesion["endpoints_lps_mm"]],
-        "perp_endpoints_lps_mm": [[_length(v) for v in p] for p in lesion["perp_endpoints_lps_mm"]],
-    } for lesion in rapno.get("lesions", [])]
-    params = {k: v for k, v in rapno.items() if k not in ("lesions", "sum_product_mm2")}
-    return {**params, "lesions": lesions, "sum_product_mm2": _length(rapno.get("sum_product_mm2", 0.0))}
+        "slice_z_mm": _length(lesion.slice_z_mm),
+        "longest_mm": _length(lesion.longest_mm),
+        "perpendicular_mm": _length(lesion.perpendicular_mm),
+        "product_mm2": _length(lesion.product_mm2),
+        "measurable": lesion.measurable,
+        "volume_ml": _volume(lesion.volume_ml),
+        "endpoints_lps_mm": [[_length(v) for v in p] for p in lesion.endpoints_lps_mm],
+        "perp_endpoints_lps_mm": [[_length(v) for v in p] for p in lesion.perp_endpoints_lps_mm],
+    } for lesion in rapno.lesions]
+    return {"region": rapno.region, "lesions_total": rapno.lesions_total, "max_lesions": rapno.max_lesions,
+            "tolerance_deg": rapno.tolerance_deg, "lesions": lesions, "sum_product_mm2": _length(rapno.sum_product_mm2)}
 
 
 def _context(context: dict) -> dict:
@@ -106,14 +106,14 @@ def measurements_document(measurements: Measurements, *, context: dict) -> dict:
         "conventions": {"brats_peds_2024": by_convention["2024"], "brats_peds_2023": by_convention["2023"]},
         "rapno": rapno_block(measurements.rapno),
         "qc_flags": list(measurements.qc_flags),
-        "uncertainty": dict(measurements.uncertainty),
+        "uncertainty": asdict(measurements.uncertainty) if measurements.uncertainty else {},
     }
 
 
 def write_measurements_json(measurements: Measurements, path: Path | str, *, context: dict) -> Path:
     document = measurements_document(measurements, context=context)
     out = write_text(path, json.dumps(document, indent=2, default=str) + "\n")
-    log.info("wrote measurements JSON (schema %s)", SCHEMA_VERSION)
+    logger.debug("wrote measurements JSON (schema %s)", SCHEMA_VERSION)
     return out
 
 
@@ -135,5 +135,5 @@ def write_measurements_csv(measurements: Measurements, path: Path | str, *, cont
     for row in measurement_rows(measurements):
         writer.writerow({**shared, **row})
     out = write_text(path, buffer.getvalue())
-    log.info("wrote measurements CSV (schema %s)", SCHEMA_VERSION)
+    logger.debug("wrote measurements CSV (schema %s)", SCHEMA_VERSION)
     return out

@@ -28,7 +28,8 @@ def evaluate_holdout(bundle_dir: Path, dataset_dir: Path) -> dict:
         per_case[case] = region_dice(truth, pred)
         print(case, per_case[case], flush=True)
     mean = {
-        region: round(float(np.mean(values)), 4) if (values := [c[region] for c in per_case.values() if c[region] is not None]) else None
+        region: round(float(np.mean(values)),
+                      4) if (values := [c[region] for c in per_case.values() if c[region] is not None]) else None
         for region in REGIONS
     }
     return {"cases": len(per_case), "mean_dice": mean, "per_case": per_case}

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -107,7 +106,8 @@ def _demo_configuration(plans: dict, spec: DemoConfiguration) -> dict:
     config["patch_size"] = spec.patch_size
     config["batch_size"] = spec.batch_size
     config["data_identifier"] = f"{PLANS}_{DATA_CONFIGURATION}"
-    median_mm = [s * sp for s, sp in zip(config["median_image_size_in_voxels"], plans["original_median_spacing_after_transp"])]
+    median_mm = [s * sp for s, sp in zip(config["median_image_size_in_voxels"],
+                                         plans["original_median_spacing_after_transp"])]
     config["median_image_size_in_voxels"] = [round(m / d) for m, d in zip(median_mm, DEMO_SPACING)]
     n_stages = len(spec.features_per_stage)
     config["architecture"]["arch_kwargs"].update(
@@ -144,7 +144,8 @@ def train_fold(configuration: str, fold: int, epochs: int, iterations: int, devi
     tumour-free brain and calls ventricles and sulcal CSF tumour, so a second phase with nnU-Net's default
     sampling follows, continuing the poly learning-rate schedule as if it had been BALANCED_EPOCHS longer."""
     _train_until(configuration, fold, epochs, 1.0, iterations, device)
-    return _train_until(configuration, fold, epochs + BALANCED_EPOCHS, NNUNET_FOREGROUND_OVERSAMPLING, iterations, device)
+    return _train_until(configuration, fold, epochs + BALANCED_EPOCHS, NNUNET_FOREGROUND_OVERSAMPLING, iterations,
+                        device)
 
 
 def _train_until(configuration: str, fold: int, epochs: int, oversample: float, iterations: int, device: str) -> Path:
@@ -246,13 +247,15 @@ def write_bundle_json(out: Path, entries: list[BundleEntry], epochs: dict[str, i
             "script": "scripts/train_demo_bundle.py",
             "trainer": TRAINER,
             "iterations_per_epoch": iterations,
-            "oversample_foreground_percent": {"tumour-centred phase": 1.0, "balanced phase": NNUNET_FOREGROUND_OVERSAMPLING},
+            "oversample_foreground_percent": {"tumour-centred phase": 1.0,
+                                              "balanced phase": NNUNET_FOREGROUND_OVERSAMPLING},
             "plans": PLANS,
             "spacing_mm": DEMO_SPACING,
             "configurations": {e.configuration: {"epochs": epochs[e.configuration] + BALANCED_EPOCHS,
                                                  "tumour_centred_epochs": epochs[e.configuration],
                                                  "patch_size": CONFIGURATIONS[e.configuration].patch_size,
-                                                 "features_per_stage": CONFIGURATIONS[e.configuration].features_per_stage,
+                                                 "features_per_stage":
+                                                     CONFIGURATIONS[e.configuration].features_per_stage,
                                                  "batch_size": CONFIGURATIONS[e.configuration].batch_size}
                                for e in entries},
             "holdout_dice": holdout,
@@ -269,7 +272,8 @@ def main() -> None:
     parser.add_argument("--model", dest="models", type=BundleEntry.parse, action="append",
                         help="CONFIGURATION:FOLDS[:WEIGHT] to train and export (repeatable); "
                              f"default 3d_fullres:0,1; configurations: {list(CONFIGURATIONS)}")
-    parser.add_argument("--epochs", type=int, help="training epochs per fold for every model (default: per configuration)")
+    parser.add_argument("--epochs", type=int,
+                        help="training epochs per fold for every model (default: per configuration)")
     parser.add_argument("--iterations", type=int, default=50, help="training iterations per epoch")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")

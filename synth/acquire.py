@@ -42,7 +42,8 @@ def native_grid(geom: SeriesGeometry, head_scale: float, slice_spacing_mm: float
     """A reference image for the series' voxel grid, centred on the scanner isocentre."""
     spacing_z = slice_spacing_mm or geom.slice_spacing_mm
     extent = np.asarray(geom.fov_mm) * np.array([1.0, 1.0, head_scale])
-    size = [int(round(extent[0] / geom.in_plane_mm)), int(round(extent[1] / geom.in_plane_mm)), int(round(extent[2] / spacing_z))]
+    size = [int(round(extent[0] / geom.in_plane_mm)), int(round(extent[1] / geom.in_plane_mm)),
+            int(round(extent[2] / spacing_z))]
     spacing = np.array([geom.in_plane_mm, geom.in_plane_mm, spacing_z])
     direction = _plane_axes(geom.plane, geom.tilt_deg)
     origin = -direction @ ((np.asarray(size) - 1) * spacing / 2)
@@ -53,7 +54,8 @@ def native_grid(geom: SeriesGeometry, head_scale: float, slice_spacing_mm: float
     return ref
 
 
-def subject_pose(centre_mm, head_scale: float, rng: np.random.Generator, motion: bool = True) -> sitk.Similarity3DTransform:
+def subject_pose(centre_mm, head_scale: float, rng: np.random.Generator,
+                 motion: bool = True) -> sitk.Similarity3DTransform:
     """Scanner point -> phantom point. Motion: up to ~3 degrees and ~3 mm between series."""
     pose = sitk.Similarity3DTransform()
     pose.SetCenter((0.0, 0.0, 0.0))
@@ -116,7 +118,8 @@ def scale_about(centre_mm, head_scale: float) -> sitk.Similarity3DTransform:
     return t
 
 
-def ideal_atlas_view(native: sitk.Image, pose: sitk.Similarity3DTransform, atlas_centre_mm, head_scale: float) -> sitk.Image:
+def ideal_atlas_view(native: sitk.Image, pose: sitk.Similarity3DTransform, atlas_centre_mm,
+                     head_scale: float) -> sitk.Image:
     """The native image resampled once into BraTS space as a perfect rigid registration would place it."""
     to_native = sitk.CompositeTransform([pose.GetInverse(), scale_about(atlas_centre_mm, head_scale)])
     return sitk.Resample(native, brats_reference_grid(), to_native, sitk.sitkLinear, 0.0, sitk.sitkFloat32)

@@ -18,7 +18,15 @@ from pydicom.uid import generate_uid
 
 from pedseg.pipeline.atlas import brats_reference_grid
 from pedseg.pipeline.types import ROLES
-from pedseg.synth.acquire import SeriesGeometry, acquire, ideal_atlas_view, labels_on_grid, native_grid, scale_about, subject_pose
+from pedseg.synth.acquire import (
+    SeriesGeometry,
+    acquire,
+    ideal_atlas_view,
+    labels_on_grid,
+    native_grid,
+    scale_about,
+    subject_pose,
+)
 from pedseg.synth.dicom_writer import StudyInfo, write_series
 from pedseg.synth.phantom import Phantom, make_phantom
 from pedseg.synth.protocols import VENDORS, session_protocols
@@ -34,7 +42,8 @@ def _brain_centre(phantom: Phantom) -> tuple[float, float, float]:
     return stats.GetCentroid(1)
 
 
-def _study_info(rng: np.random.Generator, vendor: str, head_scale: float, study_date: dt.date, subject_seed: int) -> StudyInfo:
+def _study_info(rng: np.random.Generator, vendor: str, head_scale: float, study_date: dt.date,
+                subject_seed: int) -> StudyInfo:
     subject_rng = np.random.default_rng(subject_seed)
     age_years = int(subject_rng.integers(2, 6)) if head_scale < 0.9 else int(subject_rng.integers(6, 18))
     birth = study_date - dt.timedelta(days=int(365.25 * age_years) + int(subject_rng.integers(0, 300)))
@@ -75,7 +84,8 @@ def generate_session(outdir: Path, seed: int, *, vendor: str | None = None, grow
     phantom = make_phantom(subject_seed, growth=growth)
     scale = phantom.params.head_scale
     centre = _brain_centre(phantom)
-    study = _study_info(rng, vendor, scale, study_date or dt.date(2026, 1, 5) + dt.timedelta(days=seed % 300), subject_seed)
+    study = _study_info(rng, vendor, scale, study_date or dt.date(2026, 1, 5) + dt.timedelta(days=seed % 300),
+                        subject_seed)
     dicom_dir = outdir / "dicom"
     gt_dir = outdir / "ground_truth"
     gt_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +101,8 @@ def generate_session(outdir: Path, seed: int, *, vendor: str | None = None, grow
             b0 = acquire(phantom.images["t2w"], pose, proto.geometry, scale, rng, noise=0.05)
             b1000 = sitk.Cast(b0 * 0.35, sitk.sitkFloat32)
             volumes = [b0, b1000]
-            extras = [{"DiffusionBValue": 0, "SequenceName": "*ep_b0"}, {"DiffusionBValue": 1000, "SequenceName": "*ep_b1000t"}]
+            extras = [{"DiffusionBValue": 0, "SequenceName": "*ep_b0"}, {"DiffusionBValue": 1000,
+                                                                         "SequenceName": "*ep_b1000t"}]
         else:
             image = acquire(phantom.images[proto.role], pose, proto.geometry, scale, rng)
             volumes, extras = [image], None
@@ -110,7 +121,8 @@ def generate_session(outdir: Path, seed: int, *, vendor: str | None = None, grow
         "series_uids": series_uids,
         "tumour": asdict(phantom.params),
         "label_voxels_atlas": {
-            str(k): int(v) for k, v in zip(*np.unique(sitk.GetArrayViewFromImage(phantom.labels), return_counts=True)) if k
+            str(k): int(v) for k, v in zip(*np.unique(sitk.GetArrayViewFromImage(phantom.labels),
+                                                      return_counts=True)) if k
         },
     }
     (gt_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -134,7 +146,10 @@ def generate_training_case(seed: int) -> tuple[dict[str, sitk.Image], sitk.Image
     to_phantom = scale_about(centre, scale)
     brain = sitk.Resample(phantom.brain_mask, ref, to_phantom, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     # Brain extraction is never exact: jitter the mask border by a voxel or two, as deepbet's would vary.
-    brain = sitk.BinaryDilate(brain, [int(rng.integers(0, 3))] * 3) if rng.random() < 0.5 else sitk.BinaryErode(brain, [1] * 3)
+    if rng.random() < 0.5:
+        brain = sitk.BinaryDilate(brain, [int(rng.integers(0, 3))] * 3)
+    else:
+        brain = sitk.BinaryErode(brain, [1] * 3)
     images = {}
     for role in ROLES:
         pose = subject_pose(centre, scale, rng)

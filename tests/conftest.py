@@ -26,3 +26,4 @@ def bundle_copy(tmp_path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(DEFAULT_BUNDLE, dst)
     return dst
+

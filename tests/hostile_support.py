@@ -1,8 +1,7 @@
 """Shared by the hostile-input, PHI and fuzz tests: a tiny four-sequence session whose headers carry sentinel
-patient identifiers, a model bundle that loads without weights, and the checks every failed run must pass."""
+patient identifiers, and the checks every failed run must pass."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -65,23 +64,6 @@ def write_session(folder: Path, roles=tuple(NUMBERS)) -> Path:
 def copy_session(template: Path, folder: Path, *, without=()) -> Path:
     shutil.copytree(template, folder, ignore=shutil.ignore_patterns(*without))
     return folder
-
-
-def write_fake_bundle(root: Path, *, missing_fold: bool = False, channels: int = 4) -> Path:
-    """A bundle that passes load_bundle (files present, mappings consistent) but holds no real weights: enough
-    for every run that must stop before inference."""
-    model = root / "models" / "Dataset999_Test__nnUNetPlans__3d_fullres"
-    model.mkdir(parents=True)
-    (model / "dataset.json").write_text(json.dumps({"channel_names": {str(i): f"c{i}" for i in range(channels)}}))
-    (model / "plans.json").write_text("{}")
-    for fold in (0,) if missing_fold else (0, 1):
-        (model / f"fold_{fold}").mkdir()
-        (model / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
-    spec = {"name": "hostile-test", "version": "0", "inputs": {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3},
-            "label_convention": "2024", "labels": {"1": "ET", "2": "NET", "3": "CC", "4": "ED"},
-            "models": [{"path": str(model.relative_to(root)), "folds": [0, 1]}]}
-    (root / "bundle.json").write_text(json.dumps(spec))
-    return root
 
 
 def phi_found(text: str) -> list[str]:

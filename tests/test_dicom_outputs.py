@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +19,20 @@ import pydicom
 import pydicom.uid
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
+import skimage.color
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
-from pedseg.pipeline.errors import PipelineError
-from pedseg.pipeline.types import Measurements, RegionMeasure
+from pedseg.pipeline.errors import InternalError
+from pedseg.pipeline.labels import BASE_REGIONS, INTERNAL, LABEL_VALUES, REGIONS
+from pedseg.pipeline.types import Measurements, Rapno, RegionMeasure
 from pedseg.reporting import codes
 from pedseg.reporting.dicom_pdf import write_encapsulated_pdf
-from pedseg.reporting.dicom_seg import load_sources, read_seg_labels, write_seg
-from pedseg.reporting.dicom_sr import read_sr_volumes, write_sr
+from pedseg.reporting.dicom_seg import load_sources, write_seg
+from pedseg.reporting.dicom_sr import write_sr
+
+from factories import dicom_dataset, write_dicom
+from readers import read_seg_labels, read_sr_volumes
 
 ROWS, COLS, SLICES = 64, 56, 20  # not square, and anisotropic pixels: a transpose or swapped spacing shows
 PIXEL_SPACING = (2.5, 3.0)  # (between rows, between columns)
@@ -62,54 +66,19 @@ class Series:
 
 
 def _mr_slice(k: int, ipp: np.ndarray, iop: list[float], uids: dict[str, str], position: str = "HFS") -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = pydicom.uid.MRImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.PatientName = "Phantom^Test"
-    ds.PatientID = "PHANTOM-001"
-    ds.PatientBirthDate = "20150601"
-    ds.PatientSex = "F"
-    ds.StudyInstanceUID = uids["study"]
-    ds.SeriesInstanceUID = uids["series"]
-    ds.FrameOfReferenceUID = uids["frame"]
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240301"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
-    ds.StudyID = "1"
-    ds.AccessionNumber = "ACC1"
-    ds.ReferringPhysicianName = ""
-    ds.Modality = "MR"
-    ds.Manufacturer = "Synthetic"
-    ds.SeriesNumber = 7
-    ds.SeriesDescription = "T1 post contrast"
-    ds.InstanceNumber = k + 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-    ds.ScanningSequence = "GR"
-    ds.SequenceVariant = "SP"
-    ds.ScanOptions = ""
-    ds.MRAcquisitionType = "3D"
-    ds.RepetitionTime = 2000.0
-    ds.EchoTime = 3.0
-    ds.EchoTrainLength = 1
-    ds.MagneticFieldStrength = 3.0
-    ds.SliceThickness = SLICE_STEP
-    ds.PositionReferenceIndicator = ""
-    ds.PatientPosition = position
-    ds.BodyPartExamined = "BRAIN"
-    ds.ImagePositionPatient = [round(float(v), 6) for v in ipp]
-    ds.ImageOrientationPatient = [round(float(v), 6) for v in iop]
-    ds.PixelSpacing = list(PIXEL_SPACING)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = ROWS, COLS
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 110, 40
-    ds.PixelData = (np.full((ROWS, COLS), 100 + k, np.uint16)).tobytes()
-    return ds
+    return dicom_dataset(
+        pixels=np.full((ROWS, COLS), 100 + k), SpecificCharacterSet="ISO_IR 100", PatientName="Phantom^Test",
+        PatientID="PHANTOM-001", PatientBirthDate="20150601", PatientSex="F", StudyInstanceUID=uids["study"],
+        SeriesInstanceUID=uids["series"], FrameOfReferenceUID=uids["frame"], StudyDate="20240301",
+        SeriesDate="20240301", ContentDate="20240301", StudyTime="101500", SeriesTime="101500", ContentTime="101500",
+        StudyID="1", AccessionNumber="ACC1", ReferringPhysicianName="", Modality="MR", Manufacturer="Synthetic",
+        SeriesNumber=7, SeriesDescription="T1 post contrast", InstanceNumber=k + 1,
+        ImageType=["ORIGINAL", "PRIMARY", "OTHER"], ScanningSequence="GR", SequenceVariant="SP", ScanOptions="",
+        MRAcquisitionType="3D", RepetitionTime=2000.0, EchoTime=3.0, EchoTrainLength=1, MagneticFieldStrength=3.0,
+        SliceThickness=SLICE_STEP, PositionReferenceIndicator="", PatientPosition=position, BodyPartExamined="BRAIN",
+        ImagePositionPatient=[round(float(v), 6) for v in ipp],
+        ImageOrientationPatient=[round(float(v), 6) for v in iop],
+        PixelSpacing=list(PIXEL_SPACING), WindowCenter=110, WindowWidth=40)
 
 
 def make_series(folder: Path, geometry: str, seed: int = 0) -> Series:
@@ -130,7 +99,7 @@ def make_series(folder: Path, geometry: str, seed: int = 0) -> Series:
     for k in order:
         path = folder / f"{rng.getrandbits(32):08x}.dcm"
         position = "FFS" if geometry.endswith("feet_first") else "HFS"
-        pydicom.dcmwrite(path, _mr_slice(k, ipps[k], iop, uids, position), enforce_file_format=True)
+        write_dicom(_mr_slice(k, ipps[k], iop, uids, position), path)
         files.append(path)
     return Series(files, ipps, np.round(row_dir, 6), np.round(col_dir, 6))
 
@@ -224,7 +193,7 @@ def test_seg_frames_reference_their_source_images(written):
     series, seg_path = written
     seg = pydicom.dcmread(seg_path)
     sources = {ds.SOPInstanceUID: ds for ds in load_sources(series.files)}
-    assert seg.NumberOfFrames == len(sources) * len(codes.REGIONS)  # all frames of all segments, empty ones too
+    assert seg.NumberOfFrames == len(sources) * len(REGIONS)  # all frames of all segments, empty ones too
     seen = []
     for frame in seg.PerFrameFunctionalGroupsSequence:
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
@@ -232,26 +201,7 @@ def test_seg_frames_reference_their_source_images(written):
         position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
         np.testing.assert_allclose(position, [float(v) for v in sources[uid].ImagePositionPatient])
         seen.append((segment, uid))
-    assert sorted(seen) == sorted((r.segment_number, uid) for r in codes.REGIONS.values() for uid in sources)
-
-
-def test_seg_labels_keep_patient_coordinates_pydicom_seg(written, labels):
-    """An independent reader (pydicom-seg) puts every label where it was in patient space."""
-    # pydicom-seg 0.4.1 imports a module pydicom 3 renamed; the UIDs it wants now live in pydicom.uid.
-    sys.modules.setdefault("pydicom._storage_sopclass_uids", pydicom.uid)
-    pydicom_seg = pytest.importorskip("pydicom_seg")
-    series, seg_path = written
-    result = pydicom_seg.SegmentReader().read(pydicom.dcmread(seg_path))
-    expected = expected_on_dicom_grid(labels, series)
-    source_lps = sitk_index_to_lps(labels)
-    for value in (1, 2, 4):
-        image = result.segment_image(value)
-        mask = sitk.GetArrayFromImage(image).astype(bool)
-        assert mask.sum() == (expected == value).sum()
-        before = centroid_mm(sitk.GetArrayFromImage(labels) == value, source_lps)
-        after = centroid_mm(mask, sitk_index_to_lps(image))
-        assert np.linalg.norm(after - before) <= ONE_VOXEL_MM, (value, before, after)
-    assert not result.segment_data(3).any()  # CC: declared, empty
+    assert sorted(seen) == sorted((codes.SEGMENT_NUMBERS[name], uid) for name in REGIONS for uid in sources)
 
 
 def test_seg_labels_keep_patient_coordinates_highdicom(written, labels):
@@ -269,10 +219,13 @@ def test_seg_segments_are_coded_and_composites_are_unions(written):
     seg = hd.seg.segread(seg_path)
     assert seg.SegmentsOverlap == "YES"
     assert seg.ContentQualification == "RESEARCH"
-    for region in codes.REGIONS.values():
-        desc = seg.get_segment_description(region.segment_number)
-        assert desc.segment_label == region.label
-        assert desc.segmented_property_type == region.property_type
+    for region in REGIONS.values():
+        desc = seg.get_segment_description(codes.SEGMENT_NUMBERS[region.name])
+        assert desc.segment_label == region.display_name
+        assert desc.segmented_property_type == codes.PROPERTY_TYPES[region.name]
+        lab = hd.color.CIELabColor.from_dicom_value(desc.RecommendedDisplayCIELabValue).lab
+        rgb = skimage.color.lab2rgb(np.array([[lab]]))[0, 0] * 255  # the PDF overlays' colours too
+        np.testing.assert_allclose(rgb, region.colour, atol=2)
         assert desc.segmented_property_category == dcm_codes.SCT.MorphologicallyAbnormalStructure
         assert desc.anatomic_regions[0] == dcm_codes.SCT.Brain
         assert desc.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
@@ -283,10 +236,13 @@ def test_seg_segments_are_coded_and_composites_are_unions(written):
 
 
 def test_region_codes_come_from_the_segmentation_context_groups():
-    for region in codes.REGIONS.values():
-        assert region.property_type in dcm_codes.cid7159.concepts.values(), region.name
+    assert set(codes.PROPERTY_TYPES) == set(REGIONS)
+    for name, code in codes.PROPERTY_TYPES.items():
+        assert code in dcm_codes.cid7159.concepts.values(), name
     assert codes.CATEGORY in dcm_codes.cid7150.concepts.values()
-    assert [r.segment_number for r in codes.REGIONS.values()] == [1, 2, 3, 4, 5, 6]
+    assert [codes.SEGMENT_NUMBERS[name] for name in REGIONS] == [1, 2, 3, 4, 5, 6]
+    for name in BASE_REGIONS:  # a sub-region's segment number is its internal label value
+        assert codes.SEGMENT_NUMBERS[name] == LABEL_VALUES[INTERNAL][name]
 
 
 def test_seg_from_enhanced_multiframe_source(tmp_path, labels):
@@ -309,7 +265,7 @@ def test_seg_from_enhanced_multiframe_source(tmp_path, labels):
 def test_seg_rejects_labels_outside_the_convention(tmp_path):
     series = make_series(tmp_path / "mr", "axial")
     bad = sitk.Image(8, 8, 8, sitk.sitkUInt8) + 7
-    with pytest.raises(PipelineError):
+    with pytest.raises(InternalError, match=r"values 7..7; the DICOM SEG expects the internal labels 0..4"):
         write_seg(bad, series.files, tmp_path / "seg.dcm", **ALGORITHM)
     assert not (tmp_path / "seg.dcm").exists()
 
@@ -317,7 +273,7 @@ def test_seg_rejects_labels_outside_the_convention(tmp_path):
 def _measurements() -> Measurements:
     volumes = {"ET": 4.2, "NET": 3.1, "CC": 0.0, "ED": 12.75, "TC": 7.3, "WT": 20.05}
     regions = {name: RegionMeasure(name, int(ml * 1000), ml, 1 if ml else 0) for name, ml in volumes.items()}
-    return Measurements(regions=regions, rapno={}, qc_flags=[])
+    return Measurements(regions=regions, rapno=Rapno("TC", (), 0.0, 0, 5, 5.0), qc_flags=[])
 
 
 def test_sr_volumes_round_trip_and_tracking_uids(written, tmp_path):
@@ -326,7 +282,7 @@ def test_sr_volumes_round_trip_and_tracking_uids(written, tmp_path):
     sr_path, uids = write_sr(_measurements(), seg_path, series.files, tmp_path / "sr.dcm", tracking_uids=given,
                              **ALGORITHM)
     assert read_sr_volumes(sr_path) == pytest.approx({n: r.volume_ml for n, r in _measurements().regions.items()})
-    assert set(uids) == set(codes.REGIONS)
+    assert set(uids) == set(REGIONS)
     assert uids["WT"] == given["WT"] and uids["ET"] == given["ET"]
     assert len(set(uids.values())) == len(uids)
 
@@ -336,14 +292,14 @@ def test_sr_volumes_round_trip_and_tracking_uids(written, tmp_path):
     assert sr.ContentQualification == "RESEARCH"
     assert sr.content.get_observer_contexts(observer_type=dcm_codes.DCM.Device)
     assert not sr.content.get_observer_contexts(observer_type=dcm_codes.DCM.Person)
-    for name, region in codes.REGIONS.items():
+    for name in REGIONS:
         (group,) = sr.content.get_volumetric_roi_measurement_groups(tracking_uid=uids[name])
         assert group.tracking_identifier == name
-        assert group.finding_type == region.property_type
+        assert group.finding_type == codes.PROPERTY_TYPES[name]
         assert group.reference_type == dcm_codes.DCM.ReferencedSegment
         segment_item = group.referenced_segment[0]
         assert segment_item.referenced_sop_instance_uid == seg.SOPInstanceUID
-        assert segment_item.referenced_segment_numbers == [region.segment_number]
+        assert segment_item.referenced_segment_numbers == [codes.SEGMENT_NUMBERS[name]]
 
     _, again_uids = write_sr(_measurements(), seg_path, series.files, tmp_path / "sr2.dcm", tracking_uids=uids,
                                  **ALGORITHM)

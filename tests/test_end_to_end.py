@@ -3,24 +3,21 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from pedseg.evaluation import region_dice
 from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.reporting.dicom_seg import load_sources
 from pedseg.runner import run_pipeline
-from pedseg.reporting.dicom_seg import load_sources, read_seg_labels
-from pedseg.reporting.dicom_sr import read_sr_volumes
 from pedseg.synth.session import generate_session
+
+from readers import read_seg_labels, read_sr_volumes
 
 pytestmark = pytest.mark.slow
 SEED = 4  # GE-style session: sagittal 3D T1s, axial 2D T2, sagittal 3D FLAIR
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +64,9 @@ def test_segmentation_matches_ground_truth_on_native_t1c(demo_run):
     pred = sitk.ReadImage(str(root / "out" / "nifti" / "labels_t1c_native.nii.gz"))
     # Compare in physical space: dcm2niix may store the native grid with a different axis order.
     pred = sitk.Resample(pred, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    t, p = sitk.GetArrayFromImage(truth), sitk.GetArrayFromImage(pred)
-    wt = _dice(t > 0, p > 0)
-    tc = _dice(np.isin(t, (1, 2, 3)), np.isin(p, (1, 2, 3)))
-    assert wt >= 0.85, f"whole-tumour Dice {wt:.3f}"
-    assert tc >= 0.75, f"tumour-core Dice {tc:.3f}"
+    scores = region_dice(sitk.GetArrayFromImage(truth), sitk.GetArrayFromImage(pred), ("WT", "TC"))
+    assert scores["WT"] >= 0.85, f"whole-tumour Dice {scores['WT']:.3f}"
+    assert scores["TC"] >= 0.75, f"tumour-core Dice {scores['TC']:.3f}"
 
 
 def test_seg_reads_back_to_the_same_voxels(demo_run):
@@ -109,7 +104,8 @@ def test_volumes_agree_across_json_csv_and_sr(demo_run):
     for region in ("ET", "NET", "CC", "ED", "TC", "WT"):
         expected = round(result.measurements.regions[region].volume_ml, 3)
         json_value = doc["regions"][region]["volume_ml"]
-        csv_value = next(float(r["volume_ml"]) for r in rows if r["region"] == region and r["convention"] in ("2024", "composite"))
+        csv_value = next(float(r["volume_ml"]) for r in rows
+                         if r["region"] == region and r["convention"] in ("2024", "composite"))
         assert json_value == pytest.approx(expected, abs=1e-3)
         assert csv_value == pytest.approx(expected, abs=1e-3)
         if region in sr:
@@ -123,7 +119,8 @@ def test_provenance_and_pdf(demo_run):
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["inputs"]["series_instance_uids"]["t1c"] == summary["series_uids"]["t1c"]
     assert len(prov["bundle"]["sha256"]) == 64
-    assert {"ingest", "identify", "preprocess", "infer", "postprocess", "measure", "report"} <= set(prov["stage_seconds"])
+    assert {"ingest", "identify", "preprocess", "infer", "postprocess", "measure",
+            "report"} <= set(prov["stage_seconds"])
     pdf = (out / "report.pdf").read_bytes()
     assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") >= 2
     # The synthetic patient's name must not appear in any text output (report is pseudonymised by default).

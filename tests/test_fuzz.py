@@ -21,9 +21,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
 from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.convert import check_slice_spacing
 from pedseg.pipeline.errors import InputError, MissingSequenceError, ResourceError, UnsupportedDataError
 from pedseg.pipeline.identify import identify, session_to_json
-from pedseg.pipeline.ingest import _check_slice_spacing, ingest
+from pedseg.pipeline.ingest import ingest
 
 SERIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "siemens_skyra_mprage_pediatric_3y"
 SLICES = 12
@@ -98,7 +99,7 @@ def test_hostile_header_values_raise_only_documented_errors(originals, mutations
         try:
             session = ingest(Path(tmp) / "in", Path(tmp) / "work")
             for series in session.series:
-                _check_slice_spacing(series)  # what conversion checks first, from the same headers
+                check_slice_spacing(series)  # what conversion checks first, from the same headers
             session_to_json(identify(session, PipelineConfig(missing_policy="allow")))
         except DOCUMENTED as error:
             assert error.message and error.hint

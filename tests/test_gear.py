@@ -1,11 +1,10 @@
 """Flywheel gear adapter: config.json -> PipelineConfig, exit codes, error.json, outputs and .metadata.json.
 
-`run_pipeline` is replaced by a fake that writes the pipeline's output layout and returns a realistic
-RunResult, so these tests need no model and take seconds.
+The runner (`run_pipeline` for a 'dicom' input, `run_session` in session mode) is replaced by a fake that writes
+the pipeline's output layout and returns a realistic RunResult, so these tests need no model and take seconds.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import io
@@ -16,16 +15,17 @@ import shlex
 import shutil
 import tempfile
 import zipfile
+from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
+import numpy as np
 import pydicom
 import pytest
-from flywheel_gear_toolkit.interfaces import engine_metadata
-from flywheel_gear_toolkit.utils.manifest import Manifest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from fw_gear.manifest import Manifest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from pedseg.gear import context as gear_context
 from pedseg.gear.candidates import flywheel_header, rejection_reasons
@@ -37,13 +37,27 @@ from pedseg.pipeline.bundle import load_bundle
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import BundleError, InputError, MissingSequenceError
 from pedseg.pipeline.longitudinal import compare
-from pedseg.pipeline.types import Identification, Measurements, RegionMeasure, RunResult, SeriesDecision
+from pedseg.pipeline.types import Identification, Measurements, Rapno, RegionMeasure, SeriesDecision
+from pedseg.reporting.artifacts import BundleRecord, Provenance
 from pedseg.reporting.tables import write_measurements_json
+from pedseg.runner import RunResult
 from pedseg.tracking.flywheel import MEASUREMENTS_FILE, FlywheelStore
 from pedseg.tracking.records import time_point, to_dict
 
+from factories import (
+    FakeAcquisition,
+    FakeAnalysis,
+    FakeClient,
+    FakeSession,
+    dicom_dataset,
+    fake_bundle,
+    passing_qc,
+    write_dicom,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((REPO / "manifest.json").read_text())
+ENGINE_METADATA_SCHEMA = json.loads(resources.files("fw_gear").joinpath("engine_metadata_schema.json").read_text())
 SENTINELS = ("SENTINEL^PHI", "SENTINEL-ID-4711", "19010203", "Sentinel Childrens Hospital")
 API_KEY = "flywheel.example:SENTINEL-API-KEY-0000"
 UIDS = {"t1n": "1.2.826.0.1.3680043.8.498.11", "t1c": "1.2.826.0.1.3680043.8.498.12",
@@ -59,16 +73,10 @@ NON_DEFAULT = {"device": "cpu", "fast": True, "reference_role": "t2f", "missing_
 
 def sentinel_dicom_zip(path: Path) -> Path:
     """A one-image DICOM zip whose patient headers carry sentinel values that must never reach outputs."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.InstitutionName = SENTINELS
-    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "MR", UIDS["t1c"], generate_uid()
-    dcm = path.parent / "image.dcm"
-    pydicom.dcmwrite(dcm, ds, enforce_file_format=True)
+    name, patient_id, birth_date, institution = SENTINELS
+    ds = dicom_dataset(PatientName=name, PatientID=patient_id, PatientBirthDate=birth_date, InstitutionName=institution,
+                       Modality="MR", SeriesInstanceUID=UIDS["t1c"], StudyInstanceUID=generate_uid())
+    dcm = write_dicom(ds, path.parent / "image.dcm")
     with zipfile.ZipFile(path, "w") as zf:
         zf.write(dcm, "series/image.dcm")
     dcm.unlink()
@@ -77,8 +85,10 @@ def sentinel_dicom_zip(path: Path) -> Path:
 
 def write_gear_root(root: Path, config: dict | None = None, *, dicom: bool = True, api_key: bool = False,
                     bundle_zip: Path | None = None) -> Path:
-    """A gear folder with config.json exactly as the engine writes it (absolute /flywheel/v0 paths included)."""
+    """A gear folder with manifest.json, and config.json exactly as the engine writes it (absolute /flywheel/v0
+    paths included)."""
     root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "manifest.json", root / "manifest.json")
     inputs = {}
     if dicom:
         name = "SENTINEL^PHI_session.dicom.zip"
@@ -130,25 +140,33 @@ def fake_result(outdir: Path, config: PipelineConfig) -> RunResult:
         outputs[key] = path
     regions = {name: RegionMeasure(name, voxels, voxels / 1000, 1, native_volume_ml=voxels / 1000 * 1.01,
                                    bidimensional_mm2=531.75 if name in ("TC", "WT") else None)
-               for name, voxels in (("ET", 1215), ("NET", 4000), ("CC", 300), ("ED", 9000), ("TC", 5515), ("WT", 14515))}
+               for name, voxels in (("ET", 1215), ("NET", 4000), ("CC", 300), ("ED", 9000), ("TC", 5515),
+                                    ("WT", 14515))}
     regions["CC"] = dataclasses.replace(regions["CC"], native_volume_ml=float("nan"))  # must not reach the JSON as NaN
     decisions = [SeriesDecision(uid, number, f"series {number}", role, 0.95, ["rule"], chosen=True)
                  for number, (role, uid) in enumerate(UIDS.items(), start=2)]
     decisions.append(SeriesDecision("1.2.3.99", 1, "localizer", "other", 0.99, ["localizer"]))
-    provenance = {
-        "pedseg_version": "0.1.0",
-        "bundle": {"name": "pedseg-demo", "version": "0.1.0", "licence": "CC-BY-4.0", "sha256": BUNDLE_SHA},
-        "inputs": {"study_instance_uid": "1.2.3", "series_instance_uids": dict(UIDS)},
-        "device": "cpu", "fast_mode": config.fast, "tta": not config.fast, "models": ["m"], "folds": ["0"],
-        "reference_role": config.reference_role, "qc": {"flags": []},
-    }
+    provenance = Provenance(
+        pedseg_version="0.1.0", packages={},
+        bundle=BundleRecord("pedseg-demo", "0.1.0", "CC-BY-4.0", BUNDLE_SHA, "2024"),
+        study_instance_uid="1.2.3", series_instance_uids=dict(UIDS), device="cpu", fast_mode=config.fast,
+        tta=not config.fast, models=["m"], folds=["0"], ensemble=None, postprocessing=(), qc=passing_qc(),
+        reference_role=config.reference_role,
+    )
+    rapno = Rapno(region="TC", lesions=(), sum_product_mm2=531.75, lesions_total=1, max_lesions=5, tolerance_deg=5.0)
     return RunResult(
         outdir=outdir, outputs=outputs,
         identification=Identification(decisions=decisions, chosen=dict(UIDS), missing=[]),
         measurements=Measurements(regions=regions, qc_flags=["brain volume below the age norm: check skull stripping"],
-                                  rapno={"region": "TC", "lesions": [], "sum_product_mm2": 531.75, "lesions_total": 1}),
+                                  rapno=rapno),
         provenance=provenance,
     )
+
+
+def with_bundle_hash(result: RunResult, sha256: str) -> RunResult:
+    """The fake run as made with the bundle of this hash (so keys match as in a real run)."""
+    bundle = dataclasses.replace(result.provenance.bundle, sha256=sha256)
+    return dataclasses.replace(result, provenance=dataclasses.replace(result.provenance, bundle=bundle))
 
 
 @pytest.fixture
@@ -188,7 +206,8 @@ def assert_no_phi(text: str) -> None:
 def test_every_gear_config_key_reaches_the_pipeline_config(tmp_path):
     job = gear_context.load_job(write_gear_root(tmp_path, NON_DEFAULT))
     c = job.config
-    assert (c.device, c.fast, c.reference_role, c.missing_policy, c.label_convention) == ("cpu", True, "t2f", "allow", "2023")
+    assert (c.device, c.fast, c.reference_role, c.missing_policy, c.label_convention) == ("cpu", True, "t2f", "allow",
+                                                                                          "2023")
     assert (c.write_seg, c.write_sr, c.write_pdf, c.pseudonymize) == (False, False, False, False)
     assert c.compare_across_bundles
     assert (job.force_rerun, job.debug) == (True, True)
@@ -198,20 +217,22 @@ def test_every_gear_config_key_reaches_the_pipeline_config(tmp_path):
     assert job.job_id == "65f0c0ffee0000000000dddd" and job.api_key is None and job.bundle_zip is None
 
 
-def test_manifest_config_matches_the_adapter_and_the_pipeline_defaults():
-    handled = {*gear_context.CHOICES, *gear_context.PIPELINE_FLAGS, *gear_context.GEAR_FLAGS}
-    assert set(MANIFEST["config"]) == handled
-    pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-    assert {*gear_context.CHOICES, *gear_context.PIPELINE_FLAGS} <= pipeline_fields
+def test_manifest_config_matches_the_pipeline_config():
+    """Every manifest option is a PipelineConfig field (same default, the field's choices as its enum) or one of
+    the gear's own; the gear and the CLI therefore behave alike."""
+    pipeline_options = set(MANIFEST["config"]) - set(gear_context.GEAR_OPTIONS)
+    assert pipeline_options <= {f.name for f in dataclasses.fields(PipelineConfig)}
     defaults = PipelineConfig()
-    for key in (*gear_context.CHOICES, *gear_context.PIPELINE_FLAGS):  # the gear and the CLI behave alike
+    for key in pipeline_options:
         assert MANIFEST["config"][key]["default"] == getattr(defaults, key), key
-    for key, values in gear_context.CHOICES.items():
-        assert MANIFEST["config"][key]["enum"] == list(values), key
+        assert MANIFEST["config"][key].get("enum", []) == list(PipelineConfig.choices(key)), key
+    choice_fields = {f.name for f in dataclasses.fields(PipelineConfig) if PipelineConfig.choices(f.name)}
+    assert choice_fields <= pipeline_options  # every field with fixed choices is a gear option
 
 
 def test_omitted_config_keys_keep_the_pipeline_defaults(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"config": {}, "inputs": {}, "destination": {}}))
+    shutil.copy(REPO / "manifest.json", tmp_path / "manifest.json")
     job = gear_context.load_job(tmp_path)
     assert dataclasses.replace(job.config, bundle=PipelineConfig().bundle) == PipelineConfig()
     assert (job.force_rerun, job.debug, job.dicom) == (False, False, None)
@@ -231,7 +252,21 @@ def test_invalid_config_is_a_bad_input(tmp_path, pipeline_calls, config):
 
 def test_unreadable_config_json_is_a_bad_input(tmp_path, pipeline_calls):
     (tmp_path / "config.json").write_text("{not json")
-    assert run_gear(tmp_path) == 2 and not pipeline_calls
+    assert run_gear(tmp_path) == 2
+    assert not pipeline_calls
+
+
+def test_invalid_config_names_the_option_and_its_allowed_values(tmp_path, pipeline_calls):
+    assert run_gear(write_gear_root(tmp_path, {"device": "tpu"})) == 2
+    message = json.loads((tmp_path / "output" / "error.json").read_text())["message"]
+    assert message == "Gear config option 'device' is not valid: 'tpu' is not one of ['auto', 'cpu', 'cuda']."
+
+
+def test_a_gear_folder_without_its_manifest_is_a_bad_input(tmp_path, pipeline_calls):
+    (write_gear_root(tmp_path) / "manifest.json").unlink()
+    assert run_gear(tmp_path) == 2
+    error = json.loads((tmp_path / "output" / "error.json").read_text())
+    assert "No manifest.json in the gear folder" in error["message"]
 
 
 # -------------------------------------------------------------------------------- exit codes, error.json
@@ -321,11 +356,12 @@ def test_outputs_are_flat_for_the_engine_upload(finished):
 
 def test_metadata_is_valid_engine_metadata_with_the_summary(finished):
     _, metadata, _ = finished
-    jsonschema.Draft7Validator(engine_metadata).validate(metadata)
+    jsonschema.Draft7Validator(ENGINE_METADATA_SCHEMA).validate(metadata)
     summary = metadata["analysis"]["info"]["pedseg"]
     expected_key = hashlib.sha256("\n".join([*sorted(UIDS.values()), BUNDLE_SHA]).encode()).hexdigest()
     assert summary["idempotency_key"] == expected_key
-    assert summary["bundle"] == {"name": "pedseg-demo", "version": "0.1.0", "licence": "CC-BY-4.0", "sha256": BUNDLE_SHA}
+    assert summary["bundle"] == {"name": "pedseg-demo", "version": "0.1.0", "licence": "CC-BY-4.0",
+                                 "sha256": BUNDLE_SHA}
     assert summary["volumes_ml"]["WT"] == pytest.approx(14.515) and summary["native_volumes_ml"]["CC"] is None
     assert summary["series_numbers"] == {"t1n": 2, "t1c": 3, "t2w": 4, "t2f": 5}
     assert summary["rapno"] == {"region": "TC", "lesions_total": 1, "sum_product_mm2": 531.75}
@@ -369,10 +405,10 @@ def test_qc_passes_without_flags_and_lands_on_the_table_without_pdf(tmp_path, mo
     assert qc_file["info"]["qc"]["pedseg-brain-tumor"]["segmentation"]["state"] == "PASS"
 
 
-def test_idempotency_key_ignores_role_order_but_not_the_weights():
-    provenance = {"inputs": {"series_instance_uids": dict(UIDS)}, "bundle": {"sha256": BUNDLE_SHA}}
-    reordered = {"inputs": {"series_instance_uids": dict(reversed(UIDS.items()))}, "bundle": {"sha256": BUNDLE_SHA}}
-    retrained = {"inputs": {"series_instance_uids": dict(UIDS)}, "bundle": {"sha256": "cd" * 32}}
+def test_idempotency_key_ignores_role_order_but_not_the_weights(tmp_path):
+    provenance = fake_result(tmp_path, PipelineConfig()).provenance
+    reordered = dataclasses.replace(provenance, series_instance_uids=dict(reversed(UIDS.items())))
+    retrained = dataclasses.replace(provenance, bundle=dataclasses.replace(provenance.bundle, sha256="cd" * 32))
     assert idempotency_key(provenance) == idempotency_key(reordered) != idempotency_key(retrained)
     assert re.fullmatch(r"[0-9a-f]{64}", idempotency_key(provenance))
 
@@ -418,7 +454,6 @@ def test_unsafe_bundle_zip_is_refused(tmp_path, pipeline_calls):
 ANALYSIS_ID = "65f0c0ffee0000000000cccc"  # write_gear_root's destination
 SESSION_ID = "65f0c0ffee0000000000eeee"
 SUBJECT_ID = "65f0c0ffee0000000000ffff"  # the session's Flywheel subject: the subject key in session mode
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 # Scanner values as a Siemens writes them: number, description, TR, TE, TI, flip, sequence, variant, 2D/3D,
 # contrast agent, minutes after the first series.
@@ -439,15 +474,12 @@ def series_zip(uid: str, values: tuple, image_type: tuple[str, ...] = ("ORIGINAL
     buffer, first = io.BytesIO(), None
     with zipfile.ZipFile(buffer, "w") as zf:
         for k in range(slices):
-            ds = Dataset()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = MR_IMAGE, generate_uid()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE, ds.file_meta.MediaStorageSOPInstanceUID
+            ds = dicom_dataset(pixels=np.zeros((4, 4)))
             ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.InstitutionName = SENTINELS
             ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", STUDY_UID, uid, number
             ds.SeriesDescription = ds.ProtocolName = description
-            ds.ImageType, ds.ScanningSequence, ds.SequenceVariant = list(image_type), seq.split("\\"), variant.split("\\")
+            ds.ImageType = list(image_type)
+            ds.ScanningSequence, ds.SequenceVariant = seq.split("\\"), variant.split("\\")
             ds.MRAcquisitionType, ds.RepetitionTime, ds.EchoTime, ds.FlipAngle = kind, tr, te, flip
             if ti is not None:
                 ds.InversionTime = ti
@@ -456,10 +488,6 @@ def series_zip(uid: str, values: tuple, image_type: tuple[str, ...] = ("ORIGINAL
             ds.AcquisitionTime = f"10{20 + minutes:02d}00.000000"
             ds.InstanceNumber, ds.ImagePositionPatient = k + 1, [0.0, 0.0, 5.0 * k]
             ds.ImageOrientationPatient, ds.PixelSpacing, ds.SliceThickness = [1, 0, 0, 0, 1, 0], [1.0, 1.0], 5.0
-            ds.Rows = ds.Columns = 4
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-            ds.PixelData = bytes(32)
             file = io.BytesIO()
             pydicom.dcmwrite(file, ds, enforce_file_format=True)
             zf.writestr(f"{uid}/{k + 1:03d}.dcm", file.getvalue())
@@ -481,91 +509,9 @@ def importer_header(ds: Dataset) -> dict:
     return header
 
 
-class FakeFile:
-    def __init__(self, name: str, kind: str, info: dict):
-        self.name, self.type, self.info = name, kind, info
-
-
-class FakeAcquisition:
-    def __init__(self, files: dict[str, tuple[str, bytes, dict]], downloads: list[str]):
-        self._data = {name: data for name, (_, data, _) in files.items()}
-        self.files = [FakeFile(name, kind, info) for name, (kind, _, info) in files.items()]
-        self._downloads = downloads
-
-    def reload(self):
-        return self
-
-    def download_file(self, name: str, dest: str) -> None:
-        self._downloads.append(name)
-        Path(dest).write_bytes(self._data[name])
-
-
-class FakeAnalysis:
-    def __init__(self, analysis_id: str, gear_name: str, info: dict, parent_type: str = "session",
-                 files: dict[str, bytes] | None = None):
-        self.id, self.info = analysis_id, info
-        self.gear_info = SimpleNamespace(name=gear_name)
-        self.parent = SimpleNamespace(type=parent_type, id=SESSION_ID)
-        self._data = dict(files or {})
-        self.files = [FakeFile(name, "source code", {}) for name in self._data]
-
-    def reload(self):
-        return self
-
-    def download_file(self, name: str, dest: str) -> None:
-        Path(dest).write_bytes(self._data[name])
-
-
-class FakeSession:
-    def __init__(self, acquisitions, info: dict | None = None, tags: list[str] | None = None, analyses=(),
-                 session_id: str = SESSION_ID):
-        self.id, self._acquisitions = session_id, list(acquisitions)
-        self.info, self.tags, self.analyses = dict(info or {}), list(tags or []), list(analyses)
-        self.parents = SimpleNamespace(group="group", project="65f0c0ffee0000000000abcd", subject=SUBJECT_ID)
-        self.info_updates = 0
-
-    def acquisitions(self):
-        return self._acquisitions
-
-    def reload(self):
-        return self
-
-    def update_info(self, update: dict) -> None:
-        """Flywheel's set_session_info: each given top-level key is set, every other key stays."""
-        self.info_updates += 1
-        self.info.update(copy.deepcopy(update))
-
-    def replace_info(self, info: dict) -> None:
-        raise AssertionError("replace_info would drop every other gear's session info")
-
-    def add_tag(self, tag: str) -> None:
-        assert tag not in self.tags, "Flywheel refuses a tag the container already has"
-        self.tags.append(tag)
-
-
-class FakeClient:
-    """`others`: the subject's other sessions, which the measurement store reads earlier time points from."""
-
-    def __init__(self, session: FakeSession, parent_type: str = "session", others: tuple[FakeSession, ...] = ()):
-        self.session, self.others, self.api_keys = session, list(others), []
-        self.analysis = FakeAnalysis(ANALYSIS_ID, "pedseg-brain-tumor", {}, parent_type)
-
-    def get_analysis(self, analysis_id):
-        assert analysis_id == ANALYSIS_ID
-        return self.analysis
-
-    def get_session(self, session_id):
-        assert session_id == SESSION_ID, "only the analysed session is read by id"
-        return self.session
-
-    def get_subject(self, subject_id):
-        assert subject_id == SUBJECT_ID
-        return SimpleNamespace(id=subject_id, sessions=lambda: [*self.others, self.session])
-
-
 def flywheel_session(roles=tuple(SEQUENCES), *, header_info: bool = True, **session_kwargs) -> FakeSession:
-    """The four sequences (or `roles` of them), a localizer and a DWI, each one Flywheel acquisition.
-    The T2-FLAIR's file has no header information, as before the metadata importer has run."""
+    """The analysed session: the four sequences (or `roles` of them), a localizer and a DWI, each one Flywheel
+    acquisition. The T2-FLAIR's file has no header information, as before the metadata importer has run."""
     downloads: list[str] = []
     acquisitions = []
     series = [(f"{role}.dicom.zip", UIDS[role], SEQUENCES[role], ("ORIGINAL", "PRIMARY", "M", "ND")) for role in roles]
@@ -576,23 +522,14 @@ def flywheel_session(roles=tuple(SEQUENCES), *, header_info: bool = True, **sess
         info = {"header": {"dicom": header}} if header_info and name != "t2f.dicom.zip" else {}
         acquisitions.append(FakeAcquisition({name: ("dicom", data, info), name.replace(".dicom.zip", ".nii.gz"):
                                              ("nifti", b"not DICOM", {})}, downloads))
-    session = FakeSession(acquisitions, **session_kwargs)
+    session = FakeSession(SESSION_ID, SUBJECT_ID, acquisitions, **session_kwargs)
     session.downloads = downloads
     return session
 
 
-def tiny_bundle(folder: Path, weights: bytes = b"fold 0 weights") -> Path:
-    """The smallest folder `load_bundle` accepts: its sha256 is part of the idempotency key."""
-    model = folder / "models" / "m"
-    (model / "fold_0").mkdir(parents=True)
-    (folder / "bundle.json").write_text(json.dumps({
-        "name": "tiny", "version": "0.0.1", "inputs": {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3},
-        "label_convention": "2024", "labels": {"1": "ET", "2": "NET", "3": "CC", "4": "ED"},
-        "models": [{"path": "models/m", "folds": [0]}]}))
-    (model / "dataset.json").write_text(json.dumps({"channel_names": {str(i): f"c{i}" for i in range(4)}}))
-    (model / "plans.json").write_text("{}")
-    (model / "fold_0" / "checkpoint_final.pth").write_bytes(weights)
-    return folder
+def fake_client(session: FakeSession, parent_type: str = "session", others: tuple[FakeSession, ...] = ()):
+    """The SDK as this job sees it: its analysis (under `parent_type`), the session, the subject's other sessions."""
+    return FakeClient([session, *others], analyses=[FakeAnalysis(ANALYSIS_ID, parent=(parent_type, SESSION_ID))])
 
 
 @pytest.fixture
@@ -600,18 +537,17 @@ def fw(tmp_path, monkeypatch, pipeline_calls, caplog):
     """Session mode: a gear folder with the api-key and no 'dicom' input, the fake SDK behind it, a tiny bundle,
     and a fake pipeline whose provenance holds the real bundle hash (so keys match as in a real run)."""
     caplog.set_level(logging.INFO)
-    bundle = tiny_bundle(tmp_path / "bundle")
+    bundle = fake_bundle(tmp_path / "bundle")
     monkeypatch.setenv("PEDSEG_BUNDLE", str(bundle))
 
-    def fake_run_pipeline(input_path, outdir, config, store=None):
-        pipeline_calls.append({"input": Path(input_path), "outdir": Path(outdir), "config": config, "store": store})
-        result = fake_result(Path(outdir), config)
-        result.provenance["bundle"]["sha256"] = load_bundle(config.bundle).sha256()
-        return result
+    def fake_run_session(session, workspace, config, store=None, *, bundle=None, clock=None):
+        pipeline_calls.append({"input": session.root, "outdir": workspace.outdir, "config": config, "store": store,
+                               "series": len(session.series)})
+        return with_bundle_hash(fake_result(workspace.outdir, config), bundle.sha256)
 
-    monkeypatch.setattr("pedseg.runner.run_pipeline", fake_run_pipeline)
+    monkeypatch.setattr("pedseg.runner.run_session", fake_run_session)
     world = SimpleNamespace(client=None, root=tmp_path / "gear", bundle=bundle,
-                            key=series_key(UIDS, load_bundle(bundle).sha256()))
+                            key=series_key(UIDS, load_bundle(bundle).sha256))
 
     def client_for(api_key):
         world.client.api_keys.append(api_key)
@@ -620,7 +556,7 @@ def fw(tmp_path, monkeypatch, pipeline_calls, caplog):
     monkeypatch.setattr("pedseg.gear.session._client", client_for)
 
     def run(session: FakeSession, config: dict | None = None, others: tuple[FakeSession, ...] = ()) -> int:
-        world.client = FakeClient(session, others=others)
+        world.client = fake_client(session, others=others)
         shutil.rmtree(world.root / "output", ignore_errors=True)  # each job gets a fresh output folder
         return run_gear(write_gear_root(world.root, config, dicom=False, api_key=True))
 
@@ -637,7 +573,9 @@ def test_session_mode_downloads_only_candidate_series(fw, pipeline_calls, caplog
     assert "series 6 'ep2d_diff_3scan_trace' (ImageType DIFFUSION" in caplog.text
     assert "4 DICOM files downloaded (1 without Flywheel header information)" in caplog.text
     (call,) = pipeline_calls
-    assert call["input"] == fw.root / "work" / "session" and call["outdir"] == fw.root / "output"
+    assert call["input"] == fw.root / "work" / "session"  # the downloaded series, read once
+    assert call["series"] == 4
+    assert call["outdir"] == fw.root / "output"
     assert fw.client.api_keys == [API_KEY]
     assert_no_phi(caplog.text)
 
@@ -664,28 +602,27 @@ def test_session_mode_tracks_the_run_under_the_flywheel_subject(fw, pipeline_cal
     Used here as the runner uses it (history, then record) against the fake SDK: earlier time points come from
     the subject's other sessions (info.pedseg.timepoints, and an older analysis' measurements file), and the
     time point recorded survives the summary written after the run."""
-    bundle = {**fake_result(tmp_path / "x", PipelineConfig()).provenance["bundle"],
-              "sha256": load_bundle(fw.bundle).sha256()}
+    bundle = dataclasses.replace(fake_result(tmp_path / "x", PipelineConfig()).provenance.bundle,
+                                 sha256=load_bundle(fw.bundle).sha256).as_dict()
     measurements = fake_result(tmp_path / "y", PipelineConfig()).measurements
     document = write_measurements_json(measurements, tmp_path / "old.json", context={
         "study_instance_uid": "1.2.3.1", "study_date": "20250105", "bundle": bundle}).read_bytes()
     files = {MEASUREMENTS_FILE: document, "pedseg_report.pdf": b""}
-    older = FakeSession([], session_id="s-older", analyses=[FakeAnalysis("a-older", "pedseg-brain-tumor", {}, files=files)])
+    older = FakeSession("s-older", SUBJECT_ID, analyses=[FakeAnalysis("a-older", files=files)])
     earlier_tp = time_point(measurements, subject_key=SUBJECT_ID, study_uid="1.2.3.2", study_date="20250706",
                             bundle=bundle)
-    earlier = FakeSession([], session_id="s-earlier", info={"pedseg": {"timepoints": [to_dict(earlier_tp)]}})
+    earlier = FakeSession("s-earlier", SUBJECT_ID, info={"pedseg": {"timepoints": [to_dict(earlier_tp)]}})
     seen = {}
 
-    def tracking_pipeline(input_path, outdir, config, store=None):
-        result = fake_result(Path(outdir), config)
-        result.provenance["bundle"]["sha256"] = bundle["sha256"]
+    def tracking_pipeline(session, workspace, config, store=None, *, bundle=None, clock=None):
+        result = with_bundle_hash(fake_result(workspace.outdir, config), bundle.sha256)
         current = time_point(result.measurements, subject_key=config.subject_key, study_uid=STUDY_UID,
-                             study_date="20260105", bundle=result.provenance["bundle"])
+                             study_date="20260105", bundle=result.provenance.bundle.as_dict())
         seen.update(store=store, config=config, timeline=compare(current, store.history(config.subject_key)))
         store.record(current)
         return result
 
-    monkeypatch.setattr("pedseg.runner.run_pipeline", tracking_pipeline)
+    monkeypatch.setattr("pedseg.runner.run_session", tracking_pipeline)
     session = flywheel_session(info={"clinical": {"site": "A"}})
     assert fw.run(session, others=(older, earlier)) == 0
     assert isinstance(seen["store"], FlywheelStore) and seen["store"].session_id == SESSION_ID
@@ -711,7 +648,7 @@ def test_session_without_a_subject_runs_untracked(fw, pipeline_calls, caplog):
 def test_a_session_destination_opens_the_store_of_that_session(tmp_path):
     job = gear_context.load_job(write_gear_root(tmp_path, dicom=False, api_key=True))
     job = dataclasses.replace(job, destination={"type": "session", "id": SESSION_ID})
-    store, subject_id = open_session(job, client=FakeClient(FakeSession([]))).measurement_store()
+    store, subject_id = open_session(job, client=fake_client(flywheel_session())).measurement_store()
     assert (store.session_id, subject_id) == (SESSION_ID, SUBJECT_ID)
 
 
@@ -738,7 +675,7 @@ def test_earlier_pedseg_analysis_with_the_same_key_is_found(fw, pipeline_calls, 
 def test_other_model_weights_run_again(fw, pipeline_calls):
     session = flywheel_session()
     assert fw.run(session) == 0
-    tiny_bundle(fw.root.parent / "retrained", weights=b"retrained weights")
+    fake_bundle(fw.root.parent / "retrained", weights=b"retrained weights")
     shutil.copytree(fw.root.parent / "retrained", fw.bundle, dirs_exist_ok=True)
     assert fw.run(session) == 0
     assert len(pipeline_calls) == 2 and session.info["pedseg"]["idempotency_key"] != fw.key
@@ -771,20 +708,20 @@ def test_session_of_only_non_candidates_is_a_missing_sequence(fw, pipeline_calls
 
 
 def test_session_without_dicom_files_is_a_bad_input(fw, pipeline_calls):
-    assert fw.run(FakeSession([FakeAcquisition({"t1.nii.gz": ("nifti", b"x", {})}, [])])) == 2
+    assert fw.run(FakeSession(SESSION_ID, SUBJECT_ID, [FakeAcquisition({"t1.nii.gz": ("nifti", b"x", {})})])) == 2
     assert "no DICOM files" in json.loads((fw.root / "output" / "error.json").read_text())["message"]
 
 
 def test_session_mode_needs_a_session_level_analysis(tmp_path):
     job = gear_context.load_job(write_gear_root(tmp_path, dicom=False, api_key=True))
     with pytest.raises(InputError, match="subject analysis"):
-        open_session(job, client=FakeClient(FakeSession([]), parent_type="subject"))
+        open_session(job, client=fake_client(flywheel_session(), parent_type="subject"))
 
 
 def test_single_dicom_files_are_downloaded_as_they_are(tmp_path):
     data, _ = series_zip(UIDS["t1n"], SEQUENCES["t1n"], slices=1)
     single = zipfile.ZipFile(io.BytesIO(data)).read(f"{UIDS['t1n']}/001.dcm")
-    session = FakeSession([FakeAcquisition({"image.dcm": ("dicom", single, {})}, [])])
+    session = FakeSession(SESSION_ID, SUBJECT_ID, [FakeAcquisition({"image.dcm": ("dicom", single, {})})])
     folder = FlywheelSession(session, analysis_id=None).download_candidates(tmp_path / "session")
     assert [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()] == ["0001/image.dcm"]
 
@@ -854,7 +791,7 @@ def test_local_run_rejects_unknown_and_mistyped_options(tmp_path):
 
 
 def test_manifest_is_valid_for_flywheel():
-    Manifest(str(REPO / "manifest.json")).validate()  # the toolkit's schema plus defaults and image-tag checks
+    Manifest(REPO / "manifest.json").validate()  # fw-gear's schema plus its default and image-tag checks
 
 
 def test_manifest_declares_the_gear_contract():
@@ -865,7 +802,8 @@ def test_manifest_declares_the_gear_contract():
     assert m["custom"]["flywheel"]["classification"] == {
         "function": ["Image Processing - Segmentation"], "modality": ["MR"], "organ": ["Brain"],
         "therapeutic_area": ["Oncology"], "species": ["Human"]}
-    assert {k: v["base"] for k, v in m["inputs"].items()} == {"dicom": "file", "model_bundle": "file", "api-key": "api-key"}
+    assert {k: v["base"] for k, v in m["inputs"].items()} == {"dicom": "file", "model_bundle": "file",
+                                                              "api-key": "api-key"}
     assert m["inputs"]["dicom"]["optional"] and m["inputs"]["model_bundle"]["optional"]
     assert {"nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "OMP_NUM_THREADS"} <= set(m["environment"])
     assert m["source"].startswith("https://") and m["url"].startswith("https://")  # placeholders until published
@@ -875,7 +813,8 @@ def test_manifest_declares_the_gear_contract():
 def test_dockerfile_sets_the_manifest_environment():
     """Flywheel runs the gear with the manifest's environment; a plain `docker run` with the image's ENV."""
     instructions = (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
-    env = dict(token.split("=", 1) for line in instructions if line.startswith("ENV ") for token in shlex.split(line)[1:])
+    env = dict(token.split("=", 1) for line in instructions if line.startswith("ENV ")
+               for token in shlex.split(line)[1:])
     assert env == MANIFEST["environment"]
 
 

@@ -19,7 +19,6 @@ import tempfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pydicom
@@ -27,9 +26,14 @@ import pytest
 import SimpleITK as sitk
 from pypdf import PdfReader
 
-import pedseg.pipeline.ingest as ingest_module
+import pedseg.pipeline.archive as archive_module
+import pedseg.pipeline.convert as convert_module
+import pedseg.reporting.writers as writers_module
 import pedseg.runner as runner_module
+import pedseg.workspace as workspace_module
 from pedseg.cli.main import main
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.convert import convert_series
 from pedseg.pipeline.errors import (
     BundleError,
     InputError,
@@ -41,8 +45,9 @@ from pedseg.pipeline.errors import (
 )
 from pedseg.pipeline.identify import classify_session
 from pedseg.pipeline.identify_rules import ROLE_NAMES
-from pedseg.pipeline.ingest import convert_series, ingest
+from pedseg.pipeline.ingest import ingest
 
+from factories import fake_bundle, fake_model_stages, tiny_atlas_case
 from hostile_support import (
     NUMBERS,
     PROTOCOLS,
@@ -51,7 +56,6 @@ from hostile_support import (
     copy_session,
     phi_found,
     tiny_volume,
-    write_fake_bundle,
     write_role,
     write_session,
 )
@@ -66,7 +70,7 @@ def template(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return write_fake_bundle(tmp_path_factory.mktemp("bundle") / "bundle")
+    return fake_bundle(tmp_path_factory.mktemp("bundle") / "bundle")
 
 
 def edit_files(folder: Path, change) -> None:
@@ -185,13 +189,13 @@ def zip_bomb_ratio(tmp, template, mp):
 
 @case
 def zip_over_total_size(tmp, template, mp):
-    mp.setattr(ingest_module, "MAX_UNPACKED_BYTES", 50_000)
+    mp.setattr(archive_module, "MAX_UNPACKED_BYTES", 50_000)
     return [zipped(template, tmp / "in.zip")], InputError, ["allowed for one session"]
 
 
 @case
 def zip_too_many_entries(tmp, template, mp):
-    mp.setattr(ingest_module, "MAX_ARCHIVE_ENTRIES", 20)
+    mp.setattr(archive_module, "MAX_ARCHIVE_ENTRIES", 20)
     return [zipped(template, tmp / "in.zip")], InputError, ["entries, more than the 20 allowed"]
 
 
@@ -300,37 +304,33 @@ def non_ascii_and_very_long_description(tmp, template, mp):
 
 @case
 def dcm2niix_fails(tmp, template, mp):
-    mp.setattr(ingest_module.dcm2niix, "bin", shutil.which("false"))
+    mp.setattr(convert_module.dcm2niix, "bin", shutil.which("false"))
     return [copy_session(template, tmp / "in")], UnsupportedDataError, ["dcm2niix could not convert series "]
 
 
 @case
 def corrupt_nifti_from_dcm2niix(tmp, template, mp):
-    mp.setattr(ingest_module, "_run_dcm2niix", truncated_dcm2niix_output)
-    return [copy_session(template, tmp / "in")], UnsupportedDataError, ["dcm2niix wrote an unreadable image for series "]
+    mp.setattr(convert_module, "_run_dcm2niix", truncated_dcm2niix_output)
+    says = ["dcm2niix wrote an unreadable image for series "]
+    return [copy_session(template, tmp / "in")], UnsupportedDataError, says
 
 
 @case
 def dcm2niix_timeout(tmp, template, mp):
-    mp.setattr(ingest_module.subprocess, "run", raising(subprocess.TimeoutExpired("dcm2niix", 900)))
+    mp.setattr(convert_module.subprocess, "run", raising(subprocess.TimeoutExpired("dcm2niix", 900)))
     return [copy_session(template, tmp / "in")], ResourceError, ["dcm2niix took longer than 900 s on series "]
 
 
 @case
 def disk_full_while_unpacking(tmp, template, mp):
-    mp.setattr(ingest_module, "_copy_limited", raising(OSError(errno.ENOSPC, "No space left on device")))
+    mp.setattr(archive_module, "_copy_limited", raising(OSError(errno.ENOSPC, "No space left on device")))
     return [zipped(template, tmp / "in.zip")], ResourceError, ["The disk is full: unpacking 'in.zip' failed"]
 
 
 @case
 def disk_full_while_writing_outputs(tmp, template, mp):
-    real = runner_module.write_text
-
-    def write_text(target, text):
-        if Path(target).name != "error.json":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(target, text)
-    mp.setattr(runner_module, "write_text", write_text)
+    fake_model_stages(mp, *tiny_atlas_case(tmp / "atlas"))  # to where the writers start
+    mp.setattr(writers_module, "write_text", raising(OSError(errno.ENOSPC, "No space left on device")))
     return [copy_session(template, tmp / "in")], ResourceError, ["The disk is full: writing the work or output files"]
 
 
@@ -358,13 +358,13 @@ def leftovers_of_a_killed_run(tmp, template, mp):
 
 @case
 def bundle_missing_a_fold(tmp, template, mp):
-    bundle = write_fake_bundle(tmp / "bundle", missing_fold=True)
+    bundle = fake_bundle(tmp / "bundle", missing_fold=1)
     return [copy_session(template, tmp / "in")], BundleError, ["lacks fold 1"], bundle
 
 
 @case
 def bundle_channels_do_not_match(tmp, template, mp):
-    bundle = write_fake_bundle(tmp / "bundle", channels=2)
+    bundle = fake_bundle(tmp / "bundle", channels=2)
     return [copy_session(template, tmp / "in")], BundleError, ["takes 2 input channels but bundle.json maps 4"], bundle
 
 
@@ -376,7 +376,7 @@ def bundle_without_bundle_json(tmp, template, mp):
 
 @case
 def bundle_json_malformed(tmp, template, mp):
-    bundle = write_fake_bundle(tmp / "bundle")
+    bundle = fake_bundle(tmp / "bundle")
     (bundle / "bundle.json").write_text('{"name": "half')
     return [copy_session(template, tmp / "in")], BundleError, ["bundle.json in", "is malformed"], bundle
 
@@ -411,7 +411,7 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, template, bund
     # Root ignores file modes, so the refusal is simulated where the runner first writes into OUTDIR.
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(runner_module.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(workspace_module.tempfile, "NamedTemporaryFile", refuse)
     code, stderr, log = run_cli([template], tmp_path / "out", bundle, capsys, caplog)
     assert code == InputError.exit_code
     assert "Cannot write to the output folder" in stderr and "(Permission denied)" in stderr
@@ -503,36 +503,20 @@ def test_enhanced_multiframe_series_missing_a_frame_is_refused_by_name(shared_da
 # --------------------------------------------------------------------- after inference: empty segmentation
 
 
-def test_no_tumour_found_gives_a_report_that_says_so_and_no_seg(tmp_path, template, caplog):
+def test_no_tumour_found_gives_a_report_that_says_so_and_no_seg(tmp_path, template, monkeypatch, caplog):
     """An empty label map (the model found nothing): measurements, CSV, PDF saying so; no SEG, no SR."""
-    from pedseg.pipeline.config import PipelineConfig
-    from pedseg.pipeline.measure import measure
-    from pedseg.pipeline.types import Preprocessed
     from pedseg.reporting.pdf import NO_TUMOUR
+    from pedseg.runner import run_pipeline
 
-    session = ingest(template, tmp_path / "work")
-    identification = classify_session(session)
-    grid = tiny_volume()
-    images = {}
-    for role in identification.chosen:
-        images[role] = tmp_path / f"{role}.nii.gz"
-        sitk.WriteImage(grid, str(images[role]))
-    labels = sitk.Image(grid.GetSize(), sitk.sitkUInt8)
-    labels.CopyInformation(grid)
-    measurements = measure(labels, labels, qc_flags=[])
-    pre = Preprocessed(images=images, brain_mask=images["t1c"], native=images, atlas_to_native={}, qc={})
-    provenance = {"bundle": {"name": "hostile-test", "version": "0"}}
-    bundle = SimpleNamespace(**provenance["bundle"])
-    context = {"display": {"display_id": "subject-0000000000", "study_date": session.study_date}}
-    staging = tmp_path / "staging"
-    (staging / "nifti").mkdir(parents=True)
+    fake_model_stages(monkeypatch, *tiny_atlas_case(tmp_path / "atlas"))
     with caplog.at_level(logging.INFO):
-        outputs = runner_module._write_reports(staging, session, identification, pre, labels, labels, measurements,
-                                               provenance, context, "t1c", bundle, PipelineConfig(), None)
-    assert {"seg", "sr"}.isdisjoint(outputs) and {"measurements_json", "measurements_csv", "pdf"} <= set(outputs)
+        result = run_pipeline(template, tmp_path / "out", PipelineConfig(bundle=fake_bundle(tmp_path / "bundle")))
+    outputs = result.outputs
+    assert {"seg", "sr"}.isdisjoint(outputs)
+    assert {"measurements_json", "measurements_csv", "pdf"} <= set(outputs)
     assert json.loads(outputs["measurements_json"].read_text())["regions"]["WT"]["volume_ml"] == 0
     assert NO_TUMOUR in "".join(page.extract_text() for page in PdfReader(outputs["pdf"]).pages)
-    assert "no tumour found: the report says so, and no DICOM SEG or SR is written" in caplog.text
+    assert "no tumour found: the report says so, and no DICOM SEG or SR" in caplog.text
 
 
 # ------------------------------------------------------------------------------ out of GPU memory: CPU
@@ -544,7 +528,6 @@ def test_out_of_gpu_memory_falls_back_to_cpu_and_says_so(tmp_path, monkeypatch, 
 
     import pedseg.pipeline.infer as infer_module
     from pedseg.pipeline.bundle import load_bundle
-    from pedseg.pipeline.config import PipelineConfig
     from pedseg.pipeline.types import Preprocessed
 
     devices = []
@@ -566,7 +549,7 @@ def test_out_of_gpu_memory_falls_back_to_cpu_and_says_so(tmp_path, monkeypatch, 
         images[role] = tmp_path / f"{role}.nii.gz"
         sitk.WriteImage(tiny_volume(), str(images[role]))
     pre = Preprocessed(images=images, brain_mask=images["t1c"], native=images, atlas_to_native={})
-    bundle = load_bundle(write_fake_bundle(tmp_path / "bundle"))
+    bundle = load_bundle(fake_bundle(tmp_path / "bundle"))
     with caplog.at_level(logging.WARNING):
         prediction = infer_module.infer(pre, bundle, tmp_path, PipelineConfig(device="auto", threads=1))
     assert devices == ["cuda", "cpu"] and prediction.device == "cpu"  # provenance.json records the device

@@ -241,11 +241,11 @@ def session_cases():
 
 
 def test_every_rule_in_the_table_is_exercised():
-    from pedseg.pipeline.identify import _session_facts
+    from pedseg.pipeline.identify import session_facts
 
     fired = set()
     for headers in [[c[0]] for c in SINGLE_SERIES_CASES] + session_cases():
-        for facts in _session_facts(headers).values():
+        for facts in session_facts(headers).values():
             fired |= {rule.name for rule in RULES if rule.predicate(facts)}
     assert fired == {rule.name for rule in RULES}
 

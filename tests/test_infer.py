@@ -17,15 +17,14 @@ import torch
 
 import pedseg.pipeline.ensemble as ensemble
 import pedseg.pipeline.infer as infer_module
+from pedseg.evaluation import mask_dice, region_dice
 from pedseg.pipeline.bundle import load_bundle
 from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
 from pedseg.pipeline.ensemble import Member, nnunet_input, preprocessing_key, run_ensemble, tiles_per_batch
 from pedseg.pipeline.errors import ResourceError
 from pedseg.pipeline.infer import infer, normalised_entropy, uncertainty_summary
-from pedseg.pipeline.types import Preprocessed
-from pedseg.evaluation import mask_dice, region_dice
 from pedseg.pipeline.labels import region_mask
-from pedseg.pipeline.types import ROLES
+from pedseg.pipeline.types import ROLES, Preprocessed
 from pedseg.synth.session import HOLDOUT_SEEDS, generate_training_case
 
 ENSEMBLE_BUNDLE = DEFAULT_BUNDLE.parent / "pedseg-demo-ensemble"
@@ -107,8 +106,8 @@ def test_two_model_ensemble_matches_weighted_stock_predictions(case, tmp_path):
     assert prediction.tta is False and prediction.device == "cpu"
     fast = bundle.folds_to_run(fast=True)
     assert prediction.folds_used == [f"{m.path.name}/fold_{f}" for m, folds in fast for f in folds]
-    assert prediction.ensemble["preprocessing_runs"] == 1  # both models share the demo plans' preprocessing
-    assert prediction.ensemble["weights"] == {m.path.name: m.weight for m in bundle.models}
+    assert prediction.ensemble.preprocessing_runs == 1  # both models share the demo plans' preprocessing
+    assert prediction.ensemble.weights == {m.path.name: m.weight for m in bundle.models}
     assert set(prediction.probabilities) == {"ET", "NET", "CC", "ED"}
     reference = sitk.ReadImage(str(case["roles"]["t1n"]))
     for path in (prediction.labels, prediction.uncertainty, *prediction.probabilities.values()):
@@ -185,9 +184,10 @@ def test_uncertainty_summary_inside_final_regions(tmp_path):
     path = tmp_path / "u.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(entropy), str(path))
     summary = uncertainty_summary(path, image)
-    assert summary["mean_entropy_WT"] == pytest.approx(0.4) and summary["mean_entropy_TC"] == pytest.approx(0.2)
-    assert summary["uncertain_volume_ml"] == pytest.approx(400 * 2 / 1000)
-    assert uncertainty_summary(None, image) == {}
+    assert summary.mean_entropy_WT == pytest.approx(0.4)
+    assert summary.mean_entropy_TC == pytest.approx(0.2)
+    assert summary.uncertain_volume_ml == pytest.approx(400 * 2 / 1000)
+    assert uncertainty_summary(None, image) is None
 
 
 def test_out_of_gpu_memory_with_device_cuda_is_a_resource_error(case, tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 
+from pedseg.pipeline.convert import convert_series
 from pedseg.pipeline.errors import InputError, UnsupportedDataError
-from pedseg.pipeline.ingest import convert_series, ingest
+from pedseg.pipeline.ingest import ingest
 from pedseg.pipeline.types import Series
 from pedseg.synth.dicom_writer import StudyInfo, write_series
 from pedseg.synth.protocols import Protocol
@@ -322,7 +323,7 @@ def test_convert_series_matches_dicom_geometry(folder, tmp_path):
 @needs_data
 def test_convert_picks_magnitude_first_echo_among_several_outputs(tmp_path, caplog):
     series = only(ingest(DICOM / "philips_enhanced_multiframe", tmp_path / "work"), 2001)  # 2 echoes, mag + phase
-    with caplog.at_level("INFO", logger="pedseg.pipeline.ingest"):
+    with caplog.at_level("INFO", logger="pedseg.pipeline.convert"):
         out = convert_series(series, tmp_path / "nifti")
     assert out.name == "series2001.nii.gz"
     assert _nifti_info(out).GetSize() == (80, 80, 53)

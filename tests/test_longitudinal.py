@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import multiprocessing
 import shutil
 import sqlite3
@@ -19,15 +18,23 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pedseg.cli.main import main
+from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import InputError
-from pedseg.pipeline.longitudinal import (REGIONS_ACROSS_CONVENTIONS, BundleId, ResponseThresholds, TimePoint, compare,
-                                   subject_key, tracking_uids, trajectory)
-from pedseg.pipeline.measure import REGIONS, measure
-from pedseg.pipeline.types import Identification, Prediction, Preprocessed, SeriesDecision
+from pedseg.pipeline.labels import REGIONS
+from pedseg.pipeline.longitudinal import (
+    REGIONS_ACROSS_CONVENTIONS,
+    BundleId,
+    ResponseThresholds,
+    TimePoint,
+    compare,
+    subject_key,
+    tracking_uids,
+    trajectory,
+)
+from pedseg.pipeline.measure import measure
+from pedseg.pipeline.types import Identification, SeriesDecision, StudyContext
 from pedseg.reporting.longitudinal import HISTORY_COLUMNS, history_rows, history_table
 from pedseg.reporting.pdf import write_report_pdf
 from pedseg.reporting.tables import write_measurements_json
@@ -35,6 +42,17 @@ from pedseg.synth.phantom import make_phantom
 from pedseg.tracking.flywheel import MEASUREMENTS_FILE, NAMESPACE, FlywheelStore, store_for_session
 from pedseg.tracking.records import time_point
 from pedseg.tracking.sqlite import MIGRATIONS, SQLiteStore
+
+from factories import (
+    FakeAnalysis,
+    FakeClient,
+    FakeSession,
+    dicom_dataset,
+    fake_bundle,
+    fake_model_stages,
+    passing_qc,
+    write_dicom,
+)
 
 PATIENT_ID = "SYN000042"
 KEY = subject_key(PATIENT_ID)
@@ -237,7 +255,8 @@ def test_history_csv_to_stdout_and_to_a_file(db, points, capsys, tmp_path):
     assert [r["study_date"] for r in wt] == list(DATES)
     assert [r["response"] for r in wt] == ["", "SD", "PD"]
     assert float(wt[2]["nadir_ml"]) == points[1].volumes_ml["WT"]
-    assert float(wt[2]["change_vs_baseline_ml"]) == pytest.approx(points[2].volumes_ml["WT"] - points[0].volumes_ml["WT"], abs=1e-3)
+    change = points[2].volumes_ml["WT"] - points[0].volumes_ml["WT"]
+    assert float(wt[2]["change_vs_baseline_ml"]) == pytest.approx(change, abs=1e-3)
     assert main(["history", PATIENT_ID, "--db", str(db), "--csv", str(tmp_path / "h.csv")]) == 0
     assert list(csv.DictReader((tmp_path / "h.csv").open())) == rows
 
@@ -277,20 +296,29 @@ def longitudinal_page_png(pdf: Path, out: Path) -> Path:
     return next(out.parent.glob(f"{out.name}-*.png"))
 
 
+def tracked_report(phantoms, timeline, folder: Path) -> Path:
+    """The PDF report of the third time point with `timeline` as its longitudinal comparison."""
+    phantom, measurements = phantoms[2]
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {"t1c": folder / "t1c.nii.gz"}
+    sitk.WriteImage(phantom.images["t1c"], str(images["t1c"]))
+    return write_report_pdf(folder / "report.pdf", images=images, labels=phantom.labels, measurements=measurements,
+                            identification=Identification([], {}, []), qc=passing_qc(), provenance={},
+                            context=StudyContext("subject-x", DATES[2], None, KEY), fast_mode=False,
+                            longitudinal=timeline)
+
+
+def pdf_pages(pdf: Path) -> list[str]:
+    return subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True,
+                          check=True).stdout.split("\f")
+
+
 @pytest.mark.skipif(not shutil.which("pdftoppm") or not shutil.which("pdftotext"), reason="needs poppler-utils")
 def test_trend_page_renders(phantoms, points, tmp_path):
     from PIL import Image
 
-    phantom, measurements = phantoms[2]
-    images = {"t1c": tmp_path / "t1c.nii.gz"}
-    sitk.WriteImage(phantom.images["t1c"], str(images["t1c"]))
-    sitk.WriteImage(phantom.labels, str(tmp_path / "labels.nii.gz"))
-    timeline = compare(points[2], points)
-    pdf = write_report_pdf(tmp_path / "report.pdf", images=images, labels=tmp_path / "labels.nii.gz",
-                           measurements=measurements, identification=Identification([], {}, []), qc={},
-                           provenance={}, subject={"display_id": "subject-x", "study_date": DATES[2]},
-                           fast_mode=False, longitudinal=timeline)
-    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True).stdout
+    pdf = tracked_report(phantoms, compare(points[2], points), tmp_path)
+    text = "".join(pdf_pages(pdf))
     assert "Compared with 2 earlier time point(s)" in text and "baseline 2026-01-05" in text
     pixels = np.asarray(Image.open(longitudinal_page_png(pdf, tmp_path / "page")).convert("RGB")).astype(int)
     assert (pixels.min(axis=2) < 200).mean() > 0.03  # not a blank page
@@ -300,50 +328,19 @@ def test_trend_page_renders(phantoms, points, tmp_path):
     assert near((0x2e, 0x8b, 0x57)) > 20  # nadir marker
 
 
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="needs poppler-utils")
 def test_first_time_point_and_refused_comparison_get_a_note_not_a_page(phantoms, points, tmp_path):
-    from pedseg.reporting.pdf import _longitudinal
-
-    assert len(_longitudinal(compare(points[0], points))) == 2  # heading and "baseline for later runs"
+    alone = pdf_pages(tracked_report(phantoms, compare(points[2], []), tmp_path / "alone"))
     other = [dataclasses.replace(tp, bundle=BundleId(**OTHER_BUNDLE)) for tp in points[:2]]
-    flow = _longitudinal(compare(points[2], other))
-    assert any("not compared" in getattr(f, "text", "") for f in flow)
+    refused = pdf_pages(tracked_report(phantoms, compare(points[2], other), tmp_path / "refused"))
+    for pages in (alone, refused):
+        (section,) = [page for page in pages if "Longitudinal change" in page]
+        assert "this study is the baseline for later runs" in section
+        assert "Compared with" not in section  # no trend page, no change table
+    assert "2 earlier time point(s) not compared" in "".join(refused)
 
 
 # ------------------------------------------------------------------------------------------- Flywheel
-
-
-class FakeAnalysis:
-    def __init__(self, files: dict[str, bytes]):
-        self._files = files
-        self.files = [SimpleNamespace(name=name) for name in files]
-
-    def download_file(self, name: str, dest: str) -> None:
-        Path(dest).write_bytes(self._files[name])
-
-
-class FakeSession:
-    def __init__(self, session_id: str, subject: str, info: dict | None = None, analyses=()):
-        self.id, self.info, self.analyses = session_id, info or {}, list(analyses)
-        self.parents = SimpleNamespace(subject=subject)
-        self.update_calls = 0
-
-    def reload(self):
-        return self
-
-    def update_info(self, values: dict) -> None:  # Flywheel sets each given top-level key, as JSON
-        self.update_calls += 1
-        self.info.update(json.loads(json.dumps(values)))
-
-
-class FakeClient:
-    def __init__(self, sessions: list[FakeSession]):
-        self._sessions = {s.id: s for s in sessions}
-
-    def get_session(self, session_id):
-        return self._sessions[session_id]
-
-    def get_subject(self, subject_id):
-        return SimpleNamespace(sessions=lambda: [s for s in self._sessions.values() if s.parents.subject == subject_id])
 
 
 @pytest.fixture
@@ -354,8 +351,9 @@ def flywheel_subject(phantoms, tmp_path):
     write_measurements_json(phantoms[0][1], doc, context={"study_instance_uid": UIDS[0], "study_date": DATES[0],
                                                           "bundle": BUNDLE})
     subject = "65f0c0ffee00000000000042"
-    first = FakeSession("s1", subject, analyses=[FakeAnalysis({MEASUREMENTS_FILE: doc.read_bytes(), "x.pdf": b""}),
-                                                 FakeAnalysis({"other.csv": b""})])
+    first = FakeSession("s1", subject, analyses=[
+        FakeAnalysis("a1", files={MEASUREMENTS_FILE: doc.read_bytes(), "x.pdf": b""}),
+        FakeAnalysis("a2", files={"other.csv": b""})])
     second = FakeSession("s2", subject, info={"keep": 1, NAMESPACE: {"note": "kept"}})
     third = FakeSession("s3", subject)
     return FakeClient([first, second, third]), subject
@@ -381,7 +379,8 @@ def test_flywheel_store_with_a_fake_client(flywheel_subject, phantoms, tmp_path)
     sqlite = SQLiteStore(tmp_path / "m.db")  # the same subject's table through either back end
     for tp in fw_points:
         sqlite.record(tp)
-    assert history_table(history_rows(trajectory(history))) == history_table(history_rows(trajectory(sqlite.history(subject))))
+    from_sqlite = history_table(history_rows(trajectory(sqlite.history(subject))))
+    assert history_table(history_rows(trajectory(history))) == from_sqlite
 
 
 def test_flywheel_store_reads_an_analysis_only_once_and_skips_malformed_info(flywheel_subject, caplog):
@@ -417,14 +416,7 @@ def ball_case(folder: Path, growth: float) -> tuple[Path, Path]:
 
 
 def patient_dicom(path: Path) -> Path:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.PatientID, ds.PatientName, ds.PatientAge = PATIENT_ID, "SYNTHETIC^PHANTOM", "008Y"
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
+    return write_dicom(dicom_dataset(PatientID=PATIENT_ID, PatientName="SYNTHETIC^PHANTOM", PatientAge="008Y"), path)
 
 
 def test_runner_records_each_run_and_reports_the_change(tmp_path, monkeypatch):
@@ -433,8 +425,6 @@ def test_runner_records_each_run_and_reports_the_change(tmp_path, monkeypatch):
     from pedseg import runner
 
     dcm = patient_dicom(tmp_path / "patient.dcm")
-    bundle = SimpleNamespace(name="pedseg-demo", version="0.1.0", licence="CC0", sha256=lambda: "ab" * 32,
-                             label_convention="2024", required_inputs=("t1c",), postprocessing={})
     sr_uids = []
     study = {}
 
@@ -443,33 +433,30 @@ def test_runner_records_each_run_and_reports_the_change(tmp_path, monkeypatch):
         Path(out).write_bytes(b"fake")
         return Path(out)
 
-    monkeypatch.setattr(runner, "load_bundle", lambda path: bundle)
+    series = SimpleNamespace(files=[dcm], header=SimpleNamespace(series_number=3))
     monkeypatch.setattr(runner, "ingest", lambda path, work: SimpleNamespace(
-        study_uid=study["uid"], study_date=study["date"], by_uid=lambda key: SimpleNamespace(files=[dcm])))
+        study_uid=study["uid"], study_date=study["date"], series=[series], by_uid=lambda key: series))
     monkeypatch.setattr(runner, "identify", lambda session, config: Identification(
         [SeriesDecision("1.2.3", 3, "T1 post", "t1c", 0.9, [], chosen=True)], {"t1c": "1.2.3"}, []))
-    monkeypatch.setattr(runner, "session_to_json", lambda identification: "{}")
-    monkeypatch.setattr(runner, "preprocess", lambda session, ident, work, config: Preprocessed(
-        images={"t1c": study["image"]}, brain_mask=study["image"], native={"t1c": study["image"]},
-        atlas_to_native={"t1c": study["image"]}, qc={"flags": []}))
-    monkeypatch.setattr(runner, "infer", lambda pre, b, work, config: Prediction(
-        study["labels"], {}, None, {1: "ET", 2: "NET", 3: "CC", 4: "ED"}, ["m"], ["0"], False, "cpu"))
-    monkeypatch.setattr(runner, "labels_to_native", lambda labels, tfm, native: labels)
-    monkeypatch.setattr("pedseg.reporting.dicom_seg.write_seg", lambda labels, files, out, **kw: output(out))
-    monkeypatch.setattr("pedseg.reporting.dicom_sr.write_sr",
+    monkeypatch.setattr("pedseg.reporting.writers.write_seg", lambda labels, files, out, **kw: output(out))
+    monkeypatch.setattr("pedseg.reporting.writers.write_sr",
                         lambda m, seg, files, out, **kw: sr_uids.append(kw["tracking_uids"]) or (output(out), {}))
-    monkeypatch.setattr("pedseg.reporting.dicom_pdf.write_encapsulated_pdf", lambda pdf, files, out, **kw: output(out))
+    monkeypatch.setattr("pedseg.reporting.writers.write_encapsulated_pdf", lambda pdf, files, out, **kw: output(out))
     store = SQLiteStore(tmp_path / "m.db")
+    config = PipelineConfig(device="cpu", bundle=fake_bundle(tmp_path / "bundle", required=("t1c",)))
     for i, growth in enumerate(GROWTH):
         study.update(uid=UIDS[i], date=DATES[i])
-        study["image"], study["labels"] = ball_case(tmp_path / f"case{i}", growth)
-        result = runner.run_pipeline(tmp_path / "in", tmp_path / f"out{i}", runner.PipelineConfig(device="cpu"), store)
+        image, labels = ball_case(tmp_path / f"case{i}", growth)
+        fake_model_stages(monkeypatch, {"t1c": image}, labels)
+        result = runner.run_pipeline(tmp_path / "in", tmp_path / f"out{i}", config, store)
     assert [tp.study_uid for tp in store.history(KEY)] == list(UIDS)
     assert sr_uids == [tracking_uids(KEY)] * 3
     rows = list(csv.DictReader(result.outputs["longitudinal"].open()))
     wt = next(r for r in rows if r["region"] == "WT")
-    assert wt["response"] == "PD" and wt["study_date"] == DATES[2]
-    assert result.provenance["bundle"]["label_convention"] == "2024"
+    assert wt["response"] == "PD"
+    assert wt["study_date"] == DATES[2]
+    assert result.provenance.bundle.label_convention == "2024"
     text = subprocess.run(["pdftotext", str(result.outputs["pdf"]), "-"], capture_output=True, text=True).stdout
-    assert "Longitudinal change" in text and "Compared with 2 earlier time point(s)" in text
+    assert "Longitudinal change" in text
+    assert "Compared with 2 earlier time point(s)" in text
     assert PATIENT_ID.encode() not in (tmp_path / "m.db").read_bytes()

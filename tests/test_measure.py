@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pedseg.pipeline.errors import PipelineError
-from pedseg.pipeline.measure import convert_labels, measure, rapno
+from pedseg.pipeline.errors import InternalError
+from pedseg.pipeline.labels import convert_labels
+from pedseg.pipeline.measure import measure
+from pedseg.pipeline.types import Lesion, Rapno
 
 IDENTITY = np.eye(3)
 # Sagittal acquisition: rows run anterior->posterior, columns superior->inferior, slices right->left.
@@ -88,20 +90,25 @@ def test_components_use_26_connectivity():
     assert m.regions["CC"].components == 0
 
 
-def assert_ellipse_measure(lesion: dict, longest: float, perpendicular: float, z: float = 0.0):
-    assert lesion["longest_mm"] == pytest.approx(longest, abs=1.0)
-    assert lesion["perpendicular_mm"] == pytest.approx(perpendicular, abs=1.0)
-    assert lesion["product_mm2"] == pytest.approx(lesion["longest_mm"] * lesion["perpendicular_mm"])
-    assert lesion["slice_z_mm"] == pytest.approx(z, abs=1.0)
-    p0, p1 = np.asarray(lesion["endpoints_lps_mm"])
-    q0, q1 = np.asarray(lesion["perp_endpoints_lps_mm"])
-    assert p0[2] == p1[2] == q0[2] == q1[2] == pytest.approx(lesion["slice_z_mm"])
-    assert np.linalg.norm(p1 - p0) == pytest.approx(lesion["longest_mm"])
+def rapno(image, region: str) -> Rapno:
+    """The RAPNO measurement of one region, as `measure` reports it."""
+    return measure(image, None, qc_flags=[], rapno_region=region).rapno
+
+
+def assert_ellipse_measure(lesion: Lesion, longest: float, perpendicular: float, z: float = 0.0):
+    assert lesion.longest_mm == pytest.approx(longest, abs=1.0)
+    assert lesion.perpendicular_mm == pytest.approx(perpendicular, abs=1.0)
+    assert lesion.product_mm2 == pytest.approx(lesion.longest_mm * lesion.perpendicular_mm)
+    assert lesion.slice_z_mm == pytest.approx(z, abs=1.0)
+    p0, p1 = np.asarray(lesion.endpoints_lps_mm)
+    q0, q1 = np.asarray(lesion.perp_endpoints_lps_mm)
+    assert p0[2] == p1[2] == q0[2] == q1[2] == pytest.approx(lesion.slice_z_mm)
+    assert np.linalg.norm(p1 - p0) == pytest.approx(lesion.longest_mm)
     # The perpendicular chord is within 5 degrees of perpendicular and measured along the exact normal.
     axis = (p1 - p0) / np.linalg.norm(p1 - p0)
     chord = q1 - q0
     assert abs(chord @ axis) <= math.tan(math.radians(5.0)) * np.linalg.norm(chord) + 1e-9
-    assert np.linalg.norm(chord) * math.cos(math.radians(5.0)) <= lesion["perpendicular_mm"] + 1e-6
+    assert np.linalg.norm(chord) * math.cos(math.radians(5.0)) <= lesion.perpendicular_mm + 1e-6
 
 
 @pytest.mark.parametrize("size, spacing, direction, degrees", [
@@ -114,15 +121,15 @@ def assert_ellipse_measure(lesion: dict, longest: float, perpendicular: float, z
 def test_rapno_ellipsoid_is_grid_independent(size, spacing, direction, degrees):
     img = ellipsoids(size, spacing, direction, [((0.0, 0.0, 0.0), (20.0, 12.0, 8.0), degrees)])
     block = rapno(img, "ET")
-    assert block["region"] == "ET" and block["lesions_total"] == 1
-    (lesion,) = block["lesions"]
+    assert (block.region, block.lesions_total) == ("ET", 1)
+    (lesion,) = block.lesions
     assert_ellipse_measure(lesion, 40.0, 24.0)
-    assert block["sum_product_mm2"] == pytest.approx(lesion["product_mm2"])
+    assert block.sum_product_mm2 == pytest.approx(lesion.product_mm2)
 
 
 def test_rapno_rotated_longest_axis_follows_the_lesion():
     img = ellipsoids((56, 56, 30), (1.0, 1.0, 1.0), IDENTITY, [((0.0, 0.0, 0.0), (20.0, 12.0, 8.0), 30.0)])
-    p0, p1 = np.asarray(rapno(img, "ET")["lesions"][0]["endpoints_lps_mm"])
+    p0, p1 = np.asarray(rapno(img, "ET").lesions[0].endpoints_lps_mm)
     angle = math.degrees(math.atan2(p1[1] - p0[1], p1[0] - p0[0])) % 180.0
     assert angle == pytest.approx(30.0, abs=5.0)
 
@@ -134,14 +141,14 @@ def test_rapno_two_lesions_each_on_its_own_slice():
     ])
     m = measure(img, None, qc_flags=[])
     block = m.rapno
-    assert block["region"] == "TC" and block["lesions_total"] == 2
-    big, small = block["lesions"]
+    assert (block.region, block.lesions_total) == ("TC", 2)
+    big, small = block.lesions
     assert_ellipse_measure(big, 40.0, 24.0, z=-12.0)
     assert_ellipse_measure(small, 20.0, 12.0, z=10.0)
-    assert big["volume_ml"] > small["volume_ml"]
-    assert block["sum_product_mm2"] == pytest.approx(big["product_mm2"] + small["product_mm2"])
-    assert m.regions["TC"].bidimensional_mm2 == pytest.approx(block["sum_product_mm2"])
-    assert m.regions["WT"].bidimensional_mm2 == pytest.approx(block["sum_product_mm2"])
+    assert big.volume_ml > small.volume_ml
+    assert block.sum_product_mm2 == pytest.approx(big.product_mm2 + small.product_mm2)
+    assert m.regions["TC"].bidimensional_mm2 == pytest.approx(block.sum_product_mm2)
+    assert m.regions["WT"].bidimensional_mm2 == pytest.approx(block.sum_product_mm2)
     assert m.regions["ET"].bidimensional_mm2 is None
 
 
@@ -150,11 +157,11 @@ def test_rapno_measures_at_most_five_lesions_largest_first():
     for i, width in enumerate((2, 6, 3, 5, 4, 7)):
         arr[i * 9:i * 9 + width, 2:8, 2:8] = 1
     block = rapno(image_from(arr, (1, 1, 1)), "TC")
-    assert block["lesions_total"] == 6
-    assert [lesion["longest_mm"] for lesion in block["lesions"]] == sorted(
-        (lesion["longest_mm"] for lesion in block["lesions"]), reverse=True)
-    assert len(block["lesions"]) == 5
-    assert block["lesions"][0]["volume_ml"] == pytest.approx(7 * 36 / 1000)
+    assert block.lesions_total == 6
+    assert [lesion.longest_mm for lesion in block.lesions] == sorted(
+        (lesion.longest_mm for lesion in block.lesions), reverse=True)
+    assert len(block.lesions) == 5
+    assert block.lesions[0].volume_ml == pytest.approx(7 * 36 / 1000)
 
 
 def test_empty_segmentation_gives_zeros():
@@ -162,14 +169,15 @@ def test_empty_segmentation_gives_zeros():
                 qc_flags=[])
     for region in m.regions.values():
         assert (region.voxels, region.volume_ml, region.components, region.native_volume_ml) == (0, 0.0, 0, 0.0)
-    assert m.rapno["lesions"] == [] and m.rapno["sum_product_mm2"] == 0.0
+    assert m.rapno.lesions == ()
+    assert m.rapno.sum_product_mm2 == 0.0
     assert m.regions["TC"].bidimensional_mm2 == 0.0 and m.regions["WT"].bidimensional_mm2 == 0.0
 
 
 def test_labels_outside_the_convention_are_refused():
     arr = np.zeros((4, 4, 4), dtype=np.uint8)
     arr[0, 0, 0] = 7
-    with pytest.raises(PipelineError, match="outside"):
+    with pytest.raises(InternalError, match="outside"):
         measure(image_from(arr, (1, 1, 1)), None, qc_flags=[])
 
 

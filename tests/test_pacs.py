@@ -18,17 +18,29 @@ import pydicom
 import pytest
 
 from pedseg.cli.main import main
-from pedseg.pipeline.errors import NetworkError
 from pedseg.pacs.instances import list_instances
 from pedseg.pacs.journal import Journal, StudyRecord
 from pedseg.pacs.listener import Listener, ListenerConfig
 from pedseg.pacs.node import DicomNode, parse_destination, parse_node
 from pedseg.pacs.send import SendPolicy, send_files
 from pedseg.pipeline.config import PipelineConfig
-from pedseg.pipeline.errors import InputError, MissingSequenceError
+from pedseg.pipeline.errors import InputError, MissingSequenceError, NetworkError
 from pedseg.tracking.sqlite import SQLiteStore
-from pacs_support import (PATIENT_ID, PATIENT_NAME, Destination, FakePipeline, associate, free_port, make_study,
-                                state, status, store, study_uid_of, wait_for)
+
+from pacs_support import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    Destination,
+    FakePipeline,
+    associate,
+    free_port,
+    make_study,
+    state,
+    status,
+    store,
+    study_uid_of,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_SEND = SendPolicy(attempts=3, first_delay_s=0.05, max_delay_s=0.2, timeout_s=5)
@@ -47,8 +59,9 @@ def listen(tmp_path):
     started = []
 
     def start(runner, dest, *, quiet_s=0.3, spool=None, send=FAST_SEND, port=None, store=None) -> Listener:
-        config = ListenerConfig(aet="PEDSEG", port=port or free_port(), bind="127.0.0.1", spool=spool or tmp_path / "spool",
-                                destination=parse_node(str(dest)), quiet_s=quiet_s, send=send, poll_s=0.05)
+        config = ListenerConfig(aet="PEDSEG", port=port or free_port(), bind="127.0.0.1",
+                                spool=spool or tmp_path / "spool", destination=parse_node(str(dest)), quiet_s=quiet_s,
+                                send=send, poll_s=0.05)
         listener = Listener(config, PipelineConfig(), runner=runner, store=store)
         listener.start()
         started.append(listener)

@@ -26,6 +26,7 @@ from pedseg.cli.main import main
 from pedseg.pacs.listener import Listener, ListenerConfig
 from pedseg.pacs.node import DicomNode
 from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+
 from pacs_support import FakePipeline, free_port, make_study, state, study_uid_of, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,8 @@ def test_listener_receives_from_orthanc_and_stores_back_with_a_fake_pipeline(ort
     study_id = orthanc.upload(files)
     fake = FakePipeline()
     config = ListenerConfig(aet="PEDSEG", port=orthanc.listener_port, bind="127.0.0.1", spool=tmp_path / "spool",
-                            destination=DicomNode(orthanc.aet, "127.0.0.1", orthanc.dicom_port), quiet_s=0.5, poll_s=0.1)
+                            destination=DicomNode(orthanc.aet, "127.0.0.1", orthanc.dicom_port), quiet_s=0.5,
+                            poll_s=0.1)
     listener = Listener(config, PipelineConfig(), runner=fake)
     listener.start()
     try:
@@ -174,7 +176,8 @@ def test_orthanc_round_trip_with_the_real_pipeline(orthanc, tmp_path):
     summary = generate_session(tmp_path / "session", 7)
     study_id = orthanc.upload(sorted((tmp_path / "session" / "dicom").rglob("*.dcm")))
     spool, log_path = tmp_path / "spool", tmp_path / "listener.log"
-    command = [sys.executable, "-m", "pedseg.cli.main", "listen", "--aet", "PEDSEG", "--port", str(orthanc.listener_port),
+    command = [sys.executable, "-m", "pedseg.cli.main", "listen", "--aet", "PEDSEG",
+               "--port", str(orthanc.listener_port),
                "--bind", "127.0.0.1", "--dest", orthanc.node, "--spool", str(spool), "--quiet-seconds", "2",
                "--fast", "--device", "cpu", "--threads", "2"]
     with open(log_path, "wb") as log:

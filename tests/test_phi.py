@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -14,8 +13,9 @@ from pypdf import PdfReader
 
 from pedseg.cli.main import main
 from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.convert import convert_series
 from pedseg.pipeline.identify import classify_session, session_to_json
-from pedseg.pipeline.ingest import convert_series, ingest
+from pedseg.pipeline.ingest import ingest
 
 from hostile_support import SENTINELS, phi_found, text_files, write_session
 

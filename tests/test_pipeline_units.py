@@ -18,6 +18,7 @@ from pedseg.pipeline.registration import compose, inverse, working_copy
 from pedseg.synth.acquire import SeriesGeometry, native_grid
 from pedseg.synth.dicom_writer import StudyInfo, write_series
 from pedseg.synth.protocols import session_protocols
+from pedseg.workspace import Workspace
 
 
 def _centroid_mm(labels: sitk.Image, value: int = 1) -> np.ndarray:
@@ -34,7 +35,7 @@ def test_demo_bundle_loads_and_hashes(bundle_copy):
     assert bundle.inputs == {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3}
     assert bundle.labels == {1: "ET", 2: "NET", 3: "CC", 4: "ED"}
     assert len(bundle.models[0].folds) >= 2
-    assert len(bundle.sha256()) == 64
+    assert len(bundle.sha256) == 64
 
 
 def test_bundle_missing_fold_is_named(bundle_copy):
@@ -104,7 +105,7 @@ def test_small_et_speck_inside_net_becomes_net_and_far_speck_is_dropped():
     assert result[20, 20, 20] == 2
     assert result[2:4, 2:4, 2:4].max() == 0
     assert (result == 2).sum() == 20**3
-    assert [s["voxels_changed"] for s in steps] == [8, 1]
+    assert [s.voxels_changed for s in steps] == [8, 1]
 
 
 def test_redefine_small_et_as_net():
@@ -114,7 +115,7 @@ def test_redefine_small_et_as_net():
     arr[14:16, 14:16, 14:16] = 1
     rule = {"region": "ET", "below_fraction_of_wt": 0.01, "to": "NET"}
     out, steps = postprocess(_label_image(arr), {"redefine": [rule]})
-    assert (sitk.GetArrayFromImage(out) == 1).sum() == 0 and steps[0]["applied"]
+    assert (sitk.GetArrayFromImage(out) == 1).sum() == 0 and steps[0].applied
 
 
 def test_components_are_26_connected():
@@ -123,9 +124,9 @@ def test_components_are_26_connected():
     arr[2:8, 2:8, 2:8] = 4
     arr[4, 4, 4] = arr[5, 5, 5] = 1
     kept, steps = postprocess(_label_image(arr), {"min_component_voxels": {"ET": 2}})
-    assert (sitk.GetArrayFromImage(kept) == 1).sum() == 2 and steps[0]["components_removed"] == 0
+    assert (sitk.GetArrayFromImage(kept) == 1).sum() == 2 and steps[0].components_removed == 0
     absorbed, steps = postprocess(_label_image(arr), {"min_component_voxels": {"ET": 3}})
-    assert (sitk.GetArrayFromImage(absorbed) == 1).sum() == 0 and steps[0]["voxels_changed"] == 2
+    assert (sitk.GetArrayFromImage(absorbed) == 1).sum() == 0 and steps[0].voxels_changed == 2
     assert (sitk.GetArrayFromImage(absorbed) == 4).sum() == 6 ** 3
 
 
@@ -138,23 +139,25 @@ def test_keep_largest_whole_tumour_and_steps_in_order():
     out, steps = postprocess(_label_image(arr), settings)
     result = sitk.GetArrayFromImage(out)
     assert result[20:24, 20:24, 20:24].max() == 0 and (result > 0).sum() == 1000
-    assert [s["step"] for s in steps] == ["redefine ET as NET below 50% of WT", "keep largest whole-tumour component"]
-    assert steps[0]["applied"] is False and steps[1]["voxels_changed"] == 64
+    assert [s.step for s in steps] == ["redefine ET as NET below 50% of WT", "keep largest whole-tumour component"]
+    assert steps[0].applied is False and steps[1].voxels_changed == 64
 
 
 def test_redefine_leaves_enough_et_alone():
     arr = np.zeros((20, 20, 20), np.uint8)
     arr[5:15, 5:15, 5:15] = 2
     arr[5:15, 5:15, 5:10] = 1  # half of WT
-    out, steps = postprocess(_label_image(arr), {"redefine": [{"region": "ET", "below_fraction_of_wt": 0.2, "to": "NET"}]})
-    assert (sitk.GetArrayFromImage(out) == 1).sum() == 500 and not steps[0]["applied"]
+    out, steps = postprocess(_label_image(arr), {"redefine": [{"region": "ET", "below_fraction_of_wt": 0.2,
+                                                               "to": "NET"}]})
+    assert (sitk.GetArrayFromImage(out) == 1).sum() == 500 and not steps[0].applied
 
 
 # ---------------------------------------------------------------------------------------------- geometry
 
 
 def test_brats_grid_matches_shared_brats_case(shared_data):
-    case = sitk.ReadImage(str(shared_data / "nifti" / "brats_space_BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t1c.nii.gz"))
+    case_dir = shared_data / "nifti" / "brats_space_BraTS-GLI-00001-000"
+    case = sitk.ReadImage(str(case_dir / "BraTS-GLI-00001-000-t1c.nii.gz"))
     grid = brats_reference_grid()
     assert grid.GetSize() == case.GetSize() == BRATS_SIZE
     assert np.allclose(grid.GetOrigin(), case.GetOrigin()) and np.allclose(grid.GetOrigin(), BRATS_ORIGIN)
@@ -230,8 +233,6 @@ def test_synthetic_dicom_geometry_read_back_by_simpleitk(tmp_path):
 def test_rerun_removes_only_the_earlier_runs_outputs_it_no_longer_writes(tmp_path):
     """A re-run into OUTDIR that finds no tumour must not leave the earlier run's SEG beside its new report;
     files the earlier run did not list (the user's own) and paths outside OUTDIR are never touched."""
-    from pedseg.runner import _earlier_outputs, _remove_outputs
-
     out = tmp_path / "out"
     for name in ("report.pdf", "seg/segmentation.dcm", "notes.txt"):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -240,13 +241,21 @@ def test_rerun_removes_only_the_earlier_runs_outputs_it_no_longer_writes(tmp_pat
     listed = ["report.pdf", "seg/segmentation.dcm", "../outside.txt", "provenance.json"]
     (out / "provenance.json").write_text(json.dumps({"outputs": listed}))
 
-    earlier = _earlier_outputs(out)
-    assert earlier == set(listed)
-    _remove_outputs(out, earlier - {"report.pdf", "provenance.json"})
+    with Workspace(out) as workspace:
+        staged = {name: workspace.staging / name for name in ("report.pdf", "provenance.json")}
+        for path in staged.values():
+            path.write_text("new")
+        workspace.publish(staged)
     assert not (out / "seg").exists()  # the file and its emptied folder
-    assert (out / "report.pdf").is_file() and (out / "notes.txt").is_file() and (tmp_path / "outside.txt").is_file()
-    (out / "provenance.json").write_text("{not json")
-    assert _earlier_outputs(out) == set()
+    assert (out / "report.pdf").read_text() == "new"
+    assert (out / "notes.txt").is_file()
+    assert (tmp_path / "outside.txt").is_file()
+
+    (out / "provenance.json").write_text("{not json")  # an unreadable record removes nothing
+    with Workspace(out) as workspace:
+        (workspace.staging / "other.txt").write_text("new")
+        workspace.publish({"other": workspace.staging / "other.txt"})
+    assert (out / "report.pdf").is_file()
 
 
 def test_image_cut_short_by_a_full_disk_is_a_disk_full_error_and_leaves_no_file(tmp_path, monkeypatch):
@@ -267,7 +276,8 @@ def test_image_cut_short_by_a_full_disk_is_a_disk_full_error_and_leaves_no_file(
 
     image = sitk.GetImageFromArray(np.arange(32 * 32 * 32, dtype=np.float32).reshape(32, 32, 32))
     monkeypatch.setattr(atomic.sitk, "WriteImage", short_write)
-    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: collections.namedtuple("U", "total used free")(1, 1, 0))
+    monkeypatch.setattr(atomic.shutil, "disk_usage",
+                        lambda path: collections.namedtuple("U", "total used free")(1, 1, 0))
     with pytest.raises(OSError) as raised:
         atomic.write_image(image, tmp_path / "labels.nii.gz")
     assert raised.value.errno == errno.ENOSPC

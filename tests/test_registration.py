@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from pedseg.evaluation import mask_dice
 from pedseg.pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, load_atlas_t1
-from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.preprocess import (
-    HEAD_FRACTION_BOUNDS, MIN_SIMILARITY_PEAK, _brain_mask, _quality_checks, brain_volume_flag, labels_to_atlas,
+    HEAD_FRACTION_BOUNDS,
+    MIN_SIMILARITY_PEAK,
+    brain_volume_flag,
+    extract_brain,
     labels_to_native,
+    quality_checks,
 )
 from pedseg.pipeline.registration import bias_corrected, register_rigid, resample_labels, similarity_peak
 from pedseg.synth.acquire import SeriesGeometry, acquire, native_grid
@@ -90,8 +94,8 @@ def brats_case(shared_data):
 
 
 def _mprage(shared_data: Path, folder: str, outdir: Path) -> sitk.Image:
-    subprocess.run([dcm2niix.bin, "-z", "n", "-b", "n", "-f", "mprage", "-o", str(outdir), str(shared_data / "dicom" / folder)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run([dcm2niix.bin, "-z", "n", "-b", "n", "-f", "mprage", "-o", str(outdir),
+                    str(shared_data / "dicom" / folder)], check=True, capture_output=True, timeout=120)
     return sitk.ReadImage(str(outdir / "mprage.nii"), sitk.sitkFloat32)
 
 
@@ -153,36 +157,35 @@ def _tumour_labels() -> sitk.Image:
     return image
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
-
-
 @pytest.mark.parametrize("geometry,min_subregion_dice", [
     (SAGITTAL_3D, 0.97),
     (AXIAL_2D_4MM, 0.85),  # a 4 mm enhancing rim cannot survive 4 mm slices intact; the whole tumour does
     (OBLIQUE_2D_5MM, 0.85),
 ], ids=["sagittal-3d-1mm", "axial-2d-4mm", "oblique-axial-2d-5mm"])
-def test_label_round_trip_atlas_native_atlas_keeps_dice(tmp_path, geometry, min_subregion_dice):
+def test_label_round_trip_atlas_native_atlas_keepsmask_dice(tmp_path, geometry, min_subregion_dice):
     """Atlas -> native (nearest) -> atlas (shape-based) through a rigid pose, via NIfTI files (RAS on disk)."""
     labels = _tumour_labels()
     atlas_to_native = sitk.Euler3DTransform((120.0, -120.0, 77.0), 0.1, -0.15, 0.2, (-120.0, 118.0, -74.0))
     tfm, native_path = tmp_path / "atlas_to_native.tfm", tmp_path / "native.nii.gz"
     sitk.WriteTransform(atlas_to_native, str(tfm))
     sitk.WriteImage(sitk.Cast(native_grid(geometry, 1.0), sitk.sitkUInt8), str(native_path))
-    back = sitk.GetArrayFromImage(labels_to_atlas(labels_to_native(labels, tfm, native_path), tfm))
+    native = labels_to_native(labels, tfm, native_path)
+    back = sitk.GetArrayFromImage(resample_labels(native, brats_reference_grid(), atlas_to_native, method="distance"))
     before = sitk.GetArrayFromImage(labels)
-    assert _dice(before > 0, back > 0) >= 0.97
+    assert mask_dice(before > 0, back > 0) >= 0.97
     for value in (1, 2, 3, 4):
-        assert _dice(before == value, back == value) >= min_subregion_dice, f"label {value}"
+        assert mask_dice(before == value, back == value) >= min_subregion_dice, f"label {value}"
 
 
 def test_distance_resampling_beats_nearest_between_thick_slices():
     """From 5 mm slices back to 1 mm, shape-based interpolation keeps more of the shape than nearest."""
     labels = _tumour_labels()
-    thick = resample_labels(labels, native_grid(OBLIQUE_2D_5MM, 1.0), sitk.Euler3DTransform((0, 0, 0), 0, 0, 0, (120, -120, 77)))
+    thick = resample_labels(labels, native_grid(OBLIQUE_2D_5MM, 1.0), sitk.Euler3DTransform((0, 0, 0), 0, 0, 0,
+                                                                                            (120, -120, 77)))
     to_native = sitk.Euler3DTransform((0, 0, 0), 0, 0, 0, (-120, 120, -77))
     before = sitk.GetArrayFromImage(labels) > 0
-    scores = {method: _dice(before, sitk.GetArrayFromImage(resample_labels(thick, labels, to_native, method=method)) > 0)
+    scores = {method: mask_dice(before,
+                                sitk.GetArrayFromImage(resample_labels(thick, labels, to_native, method=method)) > 0)
               for method in ("nearest", "distance")}
     assert scores["distance"] > scores["nearest"] + 0.005, scores
 
@@ -226,10 +229,10 @@ def test_deepbet_failure_falls_back_to_the_atlas_mask_with_a_flag(tmp_path, monk
         raise RuntimeError("no weights")
 
     monkeypatch.setattr(deepbet, "run_bet", broken)
-    qc = {"flags": []}
-    mask = _brain_mask(sitk.Cast(brats_reference_grid(), sitk.sitkFloat32), tmp_path, qc)
-    assert qc["brain_extraction"] == "atlas-mask-fallback"
-    assert any("no weights" in flag and "atlas brain mask" in flag for flag in qc["flags"])
+    flags = []
+    mask, extraction = extract_brain(sitk.Cast(brats_reference_grid(), sitk.sitkFloat32), tmp_path, flags)
+    assert extraction == "atlas-mask-fallback"
+    assert any("no weights" in flag and "atlas brain mask" in flag for flag in flags)
     assert sitk.GetArrayViewFromImage(mask).sum() == (sitk.GetArrayFromImage(load_atlas_brain_mask()) > 0).sum()
 
 
@@ -241,10 +244,12 @@ def test_brain_volume_is_checked_against_age(ml, age, flagged):
 
 def test_quality_checks_on_the_atlas_report_volume_head_fraction_and_atlas_overlap():
     """The atlas head and brain, as a perfectly registered and skull-stripped adult would give them."""
-    t1 = sitk.Resample(load_atlas_t1(), brats_reference_grid(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    qc = {"flags": [], "brain_extraction": "deepbet"}
-    _quality_checks({"t1c": t1}, "t1c", load_atlas_brain_mask() > 0, qc, PipelineConfig(patient_age_years=0.3))
-    assert 1300 < qc["brain_volume_ml"] < 1600 and qc["brain_inside_atlas_brain"] > 0.99
+    t1 = sitk.Resample(load_atlas_t1(), brats_reference_grid(), sitk.Transform(), sitk.sitkLinear, 0.0,
+                       sitk.sitkFloat32)
+    flags = []
+    qc = quality_checks({"t1c": t1}, "t1c", load_atlas_brain_mask() > 0, "deepbet", flags, patient_age_years=0.3)
+    assert 1300 < qc["brain_volume_ml"] < 1600
+    assert qc["brain_inside_atlas_brain"] > 0.99
     lo, hi = HEAD_FRACTION_BOUNDS
     assert lo < qc["mask_fraction_of_head"] < hi
-    assert [flag for flag in qc["flags"] if "brain volume" in flag] == [brain_volume_flag(qc["brain_volume_ml"], 0.3)]
+    assert [flag for flag in flags if "brain volume" in flag] == [brain_volume_flag(qc["brain_volume_ml"], 0.3)]

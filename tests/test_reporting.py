@@ -10,13 +10,20 @@ import zlib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from pypdf import PdfReader
 from scipy import ndimage
 
+from pedseg.pipeline.config import PipelineConfig
+from pedseg.pipeline.labels import convert_labels
 from pedseg.pipeline.measure import measure
-from pedseg.pipeline.types import Identification, SeriesDecision
+from pedseg.pipeline.types import Identification, SeriesDecision, StudyContext
 from pedseg.reporting.figures import VIEWS, display_grid, radiological_plane, report_figures, to_display
 from pedseg.reporting.pdf import DISCLAIMER, FAST_MODE_LINE, NO_TUMOUR, write_report_pdf
 from pedseg.reporting.tables import CSV_COLUMNS, SCHEMA_VERSION, write_measurements_csv, write_measurements_json
+from pedseg.runner import run_pipeline
+
+from factories import fake_bundle, fake_model_stages, passing_qc, tiny_atlas_case
+from hostile_support import write_session
 
 CONTEXT = {"study_instance_uid": "1.2.826.0.1.3680043.2.1125.1",
            "series_instance_uids": {"t1c": "1.2.3", "t2f": "1.2.4"},
@@ -31,7 +38,10 @@ GRIDS = {
 }
 
 
-def phantom(direction=np.eye(3), size=64, spacing=2.0, blobs=((np.array([-20.0, 10.0, 5.0]), 14.0),)):
+ONE_BLOB = ((np.array([-20.0, 10.0, 5.0]), 14.0),)
+
+
+def phantom(direction=GRIDS["lps"], size=64, spacing=2.0, blobs=ONE_BLOB):
     """A head (sphere of radius 50 mm around the LPS origin) and labels in blobs (centre LPS mm, radius mm).
 
     Returns (image, labels) with ET core, NET shell, CC centre and ED halo in each blob.
@@ -154,23 +164,22 @@ def write_inputs(tmp_path, blobs):
     for role in ("t1c", "t2f"):
         images[role] = tmp_path / f"{role}.nii.gz"
         sitk.WriteImage(image, str(images[role]))
-    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
-    return images, tmp_path / "labels.nii.gz", labels
+    return images, labels
 
 
 def report(tmp_path, blobs, *, fast_mode):
-    images, label_path, labels = write_inputs(tmp_path, blobs)
+    images, labels = write_inputs(tmp_path, blobs)
     m = measure(labels, None, qc_flags=["example_flag"])
     identification = Identification(
         decisions=[SeriesDecision("1.2.3", 7, "AX T1 POST <GAD> & more", "t1c", 0.95, ["contrast agent"], True),
                    SeriesDecision("1.2.4", 9, "AX FLAIR", "t2f", 0.9, [], True)],
         chosen={"t1c": "1.2.3", "t2f": "1.2.4"}, missing=["t1n", "t2w"])
     out = write_report_pdf(
-        tmp_path / "report.pdf", images=images, labels=label_path, measurements=m, identification=identification,
-        qc={"registration": {"t2f": {"similarity": 0.81}}, "brain_volume_ml": 1234.5},
+        tmp_path / "report.pdf", images=images, labels=labels, measurements=m, identification=identification,
+        qc=passing_qc(registration={"t2f_to_t1c_mattes_mi": -0.81}, brain_volume_ml=1234.5),
         provenance={"bundle": {"name": "pedseg-demo", "version": "0.1.0", "hash": "abc"}, "device": "cpu",
                     "stage_seconds": {"infer": 12.5}},
-        subject={"display_id": "SUBJ-0001", "study_date": "20240102"}, fast_mode=fast_mode)
+        context=StudyContext("SUBJ-0001", "20240102", None, ""), fast_mode=fast_mode)
     return out, m
 
 
@@ -196,7 +205,31 @@ def test_pdf_report_without_tumour(tmp_path):
 
 
 def test_figures_skip_montage_without_tumour(tmp_path):
-    images, label_path, _ = write_inputs(tmp_path, ())
-    figures = report_figures(images, label_path)
+    images, labels = write_inputs(tmp_path, ())
+    figures = report_figures(images, labels)
     assert set(figures) == {"triplanar_t1c", "triplanar_t2f"}
     assert all(png.startswith(b"\x89PNG") for png in figures.values())
+
+
+def test_a_2023_run_draws_and_names_every_region_as_the_2024_run_does(tmp_path, monkeypatch):
+    """The label convention changes the values in the NIfTI label maps a run writes, and nothing else: the
+    report's overlays and legend come from the internal labels (a 2023 run once drew oedema as non-enhancing
+    tumour and enhancing tumour as cyst)."""
+    labels = np.zeros((16, 20, 24), np.uint8)
+    labels[2:14, 3:17, 3:21] = 4  # ED around a core of all three core sub-regions
+    labels[5:11, 6:14, 6:18] = 2
+    labels[6:10, 7:13, 7:10] = 1
+    labels[6:10, 7:13, 14:17] = 3
+    fake_model_stages(monkeypatch, *tiny_atlas_case(tmp_path / "atlas", labels))
+    session = write_session(tmp_path / "dicom")
+    runs = {convention: run_pipeline(session, tmp_path / convention, PipelineConfig(
+        bundle=fake_bundle(tmp_path / f"bundle{convention}"), label_convention=convention))
+        for convention in ("2024", "2023")}
+
+    written = {c: sitk.GetArrayFromImage(sitk.ReadImage(str(r.outputs["nifti_labels_atlas"]))) for c, r in runs.items()}
+    np.testing.assert_array_equal(written["2023"], convert_labels(written["2024"], "2024", "2023"))
+    assert set(np.unique(written["2023"])) == {0, 1, 2, 3}  # NCR, ED, ET: the conversion really happened
+    figures = {c: [image.data for page in PdfReader(r.outputs["pdf"]).pages for image in page.images]
+               for c, r in runs.items()}
+    assert len(figures["2024"]) >= 2  # the overlays (their legend is part of each figure)
+    assert figures["2023"] == figures["2024"]

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from pedseg.pipeline.labels import REGIONS, REGIONS_2023
 from pedseg.pipeline.longitudinal import BundleId, TimePoint
-from pedseg.pipeline.measure import REGIONS
 from pedseg.pipeline.types import Measurements
 from pedseg.reporting.tables import SCHEMA_NAME, measurements_document
-
-REGIONS_2023 = ("NCR", "ED", "ET")
 
 
 def time_point(measurements: Measurements, *, subject_key: str, study_uid: str, study_date: str,

@@ -83,7 +83,7 @@ class SQLiteStore:
 
     def record(self, time_point: TimePoint) -> None:
         tp, b = time_point, time_point.bundle
-        recorded_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        recorded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         with self._connect() as conn, _transaction(conn):
             (row_id,) = conn.execute(
                 """INSERT INTO time_points (subject_key, study_uid, study_date, bundle_name, bundle_version,
