@@ -63,7 +63,7 @@ class _StepLines(logging.Handler):
     """Turns preprocess's "preprocess step NAME: S s" log lines into Steps with the peak memory since the last."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.steps: list[Step] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -86,14 +86,14 @@ def run_ours(session_dir: Path, workdir: Path, out_json: Path, n4: bool) -> None
     steps = [Step("ingest + identify (not compared)", round(time.perf_counter() - t0, 2), round(_peak_mib(), 1))]
     lines = _StepLines()
     logging.getLogger("pedseg.pipeline.preprocess").addHandler(lines)
-    logging.getLogger("pedseg.pipeline.preprocess").setLevel(logging.INFO)
+    logging.getLogger("pedseg.pipeline.preprocess").setLevel(logging.DEBUG)  # the per-step lines
     _reset_peak()
     pre = preprocess(session, identification, workdir / "pre", config)
     out_json.write_text(json.dumps({
         "steps": [asdict(s) for s in steps + lines.steps],
         "native": {role: str(p) for role, p in pre.native.items()},
         "atlas_to_native": {role: [str(p)] for role, p in pre.atlas_to_native.items()},
-        "qc": pre.qc,
+        "qc": pre.qc.as_dict(),
     }, indent=2))
 
 

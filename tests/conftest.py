@@ -8,7 +8,7 @@ import pytest
 
 from pedseg.pipeline.config import DEFAULT_BUNDLE
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from factories import SHARED_DATA
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +27,10 @@ def bundle_copy(tmp_path) -> Path:
     shutil.copytree(DEFAULT_BUNDLE, dst)
     return dst
 
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that read the shared data carry its marker, so `-m "not shared_data"` runs without it."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)

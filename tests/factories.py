@@ -9,12 +9,23 @@ from types import SimpleNamespace
 
 import numpy as np
 import pydicom
+import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from pedseg.pipeline.labels import LABEL_VALUES
 from pedseg.pipeline.types import QC, ROLES, Prediction, Preprocessed
+
+# The shared test data beside the checkout (../shared/data/README.md says what each case is good for).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def needs_shared_data(test):
+    """Marks a test that reads the shared data (marker shared_data) and skips it where the folder is absent."""
+    return pytest.mark.shared_data(pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not "
+                                                      "beside the checkout")(test))
+
 
 # ------------------------------------------------------------------------------------------------- DICOM
 

@@ -7,8 +7,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import EncapsulatedPDFStorage, MRImageStorage
@@ -16,6 +17,8 @@ from pynetdicom.sop_class import EncapsulatedPDFStorage, MRImageStorage
 from pedseg.pacs.instances import list_instances
 from pedseg.pacs.scp import storage_ae
 from pedseg.reporting.dicom_pdf import write_encapsulated_pdf
+
+from factories import dicom_dataset, write_dicom
 
 PATIENT_NAME, PATIENT_ID = "SENTINEL^PACSPHI", "SENTINEL-MRN-0815"
 
@@ -42,19 +45,10 @@ def make_study(folder: Path, count: int, study_uid: str | None = None) -> list[P
     study_uid, series_uid = study_uid or generate_uid(), generate_uid()
     paths = []
     for i in range(count):
-        ds = Dataset()
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.PatientName, ds.PatientID, ds.Modality = PATIENT_NAME, PATIENT_ID, "MR"
-        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260105", 3, i + 1
-        ds.Rows = ds.Columns = 4
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = bytes(range(32))
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"{i:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        ds = dicom_dataset(pixels=np.arange(16).reshape(4, 4), StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
+                           PatientName=PATIENT_NAME, PatientID=PATIENT_ID, Modality="MR", StudyDate="20260105",
+                           SeriesNumber=3, InstanceNumber=i + 1)
+        path = write_dicom(ds, folder / f"{i:03d}.dcm")
         paths.append(path)
     return paths
 

@@ -112,10 +112,12 @@ def test_outside_the_repository_only_pedseg_imports_and_the_entry_points_run(tmp
         capture_output=True, text=True).stdout.strip()
     console = subprocess.run([Path(sys.executable).with_name("pedseg"), "--help"], cwd=tmp_path, capture_output=True,
                              text=True)
-    assert console.returncode == 0 and "identify" in console.stdout
+    assert console.returncode == 0
+    assert "identify" in console.stdout
     gear = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], cwd=tmp_path, capture_output=True,
                           text=True)
-    assert gear.returncode == 0 and "--root" in gear.stdout
+    assert gear.returncode == 0
+    assert "--root" in gear.stdout
 
 
 def test_the_manifest_version_is_the_package_version():

@@ -283,12 +283,14 @@ def test_sr_volumes_round_trip_and_tracking_uids(written, tmp_path):
                              **ALGORITHM)
     assert read_sr_volumes(sr_path) == pytest.approx({n: r.volume_ml for n, r in _measurements().regions.items()})
     assert set(uids) == set(REGIONS)
-    assert uids["WT"] == given["WT"] and uids["ET"] == given["ET"]
+    assert uids["WT"] == given["WT"]
+    assert uids["ET"] == given["ET"]
     assert len(set(uids.values())) == len(uids)
 
     sr = hd.sr.srread(sr_path)
     seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
-    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesInstanceUID != seg.SeriesInstanceUID
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID
+    assert sr.SeriesInstanceUID != seg.SeriesInstanceUID
     assert sr.ContentQualification == "RESEARCH"
     assert sr.content.get_observer_contexts(observer_type=dcm_codes.DCM.Device)
     assert not sr.content.get_observer_contexts(observer_type=dcm_codes.DCM.Person)
@@ -327,7 +329,8 @@ def test_encapsulated_pdf(tmp_path):
     ds = pydicom.dcmread(out)
     src = pydicom.dcmread(series.files[0], stop_before_pixels=True)
     assert ds.SOPClassUID == pydicom.uid.EncapsulatedPDFStorage
-    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+    assert ds.StudyInstanceUID == src.StudyInstanceUID
+    assert ds.PatientID == src.PatientID
     assert ds.SeriesInstanceUID != src.SeriesInstanceUID
     assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
     assert ds.DocumentTitle == "Tumor volumetry report"

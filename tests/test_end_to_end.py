@@ -49,13 +49,16 @@ def test_outputs_complete_and_no_staging_left(demo_run):
         "nifti/labels_atlas.nii.gz", "nifti/labels_t1c_native.nii.gz",
     ]
     for name in expected:
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert not list(out.glob(".pedseg-staging-*")) and not (out / "error.json").exists()
+        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".pedseg-staging-*"))
+    assert not (out / "error.json").exists()
     # provenance lists every file the run wrote, so a later run into OUTDIR can remove the ones it no longer writes
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert set(json.loads((out / "provenance.json").read_text())["outputs"]) == written
     atlas = sitk.ReadImage(str(out / "nifti" / "t1c.nii.gz"))
-    assert atlas.GetSize() == (240, 240, 155) and atlas.GetSpacing() == (1.0, 1.0, 1.0)
+    assert atlas.GetSize() == (240, 240, 155)
+    assert atlas.GetSpacing() == (1.0, 1.0, 1.0)
 
 
 def test_segmentation_matches_ground_truth_on_native_t1c(demo_run):
@@ -122,7 +125,8 @@ def test_provenance_and_pdf(demo_run):
     assert {"ingest", "identify", "preprocess", "infer", "postprocess", "measure",
             "report"} <= set(prov["stage_seconds"])
     pdf = (out / "report.pdf").read_bytes()
-    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") >= 2
+    assert pdf.startswith(b"%PDF")
+    assert pdf.count(b"/Type /Page") >= 2
     # The synthetic patient's name must not appear in any text output (report is pseudonymised by default).
     for path in [out / "measurements.json", out / "measurements.csv", out / "provenance.json", out / "identify.json"]:
         assert "SYNTHETIC^PHANTOM" not in path.read_text()

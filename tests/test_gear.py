@@ -214,7 +214,9 @@ def test_every_gear_config_key_reaches_the_pipeline_config(tmp_path):
     # The engine resolves the input under /flywheel/v0; a local gear folder holds it under ROOT/input/dicom.
     assert job.dicom == tmp_path / "input" / "dicom" / "SENTINEL^PHI_session.dicom.zip"
     assert job.destination == {"type": "analysis", "id": "65f0c0ffee0000000000cccc"}
-    assert job.job_id == "65f0c0ffee0000000000dddd" and job.api_key is None and job.bundle_zip is None
+    assert job.job_id == "65f0c0ffee0000000000dddd"
+    assert job.api_key is None
+    assert job.bundle_zip is None
 
 
 def test_manifest_config_matches_the_pipeline_config():
@@ -275,15 +277,19 @@ def test_a_gear_folder_without_its_manifest_is_a_bad_input(tmp_path, pipeline_ca
 def test_no_dicom_input_and_no_api_key_is_a_clear_input_error(tmp_path, pipeline_calls, caplog):
     assert run_gear(write_gear_root(tmp_path, dicom=False)) == 2
     error = json.loads((tmp_path / "output" / "error.json").read_text())
-    assert error["error"] == "bad_input" and "'dicom'" in error["message"] and error["hint"]
-    assert "No 'dicom' input" in caplog.text and not pipeline_calls
+    assert error["error"] == "bad_input"
+    assert "'dicom'" in error["message"]
+    assert error["hint"]
+    assert "No 'dicom' input" in caplog.text
+    assert not pipeline_calls
 
 
 def test_input_listed_but_missing_is_a_bad_input(tmp_path, pipeline_calls):
     root = write_gear_root(tmp_path)
     for path in (root / "input" / "dicom").iterdir():
         path.unlink()
-    assert run_gear(root) == 2 and not pipeline_calls
+    assert run_gear(root) == 2
+    assert not pipeline_calls
 
 
 @pytest.mark.parametrize("error", [
@@ -295,7 +301,8 @@ def test_pipeline_error_becomes_its_exit_code_and_error_json(tmp_path, monkeypat
     raise_from_pipeline(monkeypatch, error)
     assert run_gear(write_gear_root(tmp_path)) == error.exit_code
     assert json.loads((tmp_path / "output" / "error.json").read_text()) == error.to_dict()
-    assert f"exit code {error.exit_code}" in caplog.text and error.message in caplog.text
+    assert f"exit code {error.exit_code}" in caplog.text
+    assert error.message in caplog.text
     assert not (tmp_path / "output" / ".metadata.json").exists()
 
 
@@ -307,14 +314,16 @@ def test_unexpected_exception_exits_1_without_its_message(tmp_path, monkeypatch,
     assert "Traceback" not in caplog.text
     assert_no_phi(caplog.text)
     error = json.loads((tmp_path / "output" / "error.json").read_text())
-    assert error["error"] == "internal_error" and error["exit_code"] == 1
+    assert error["error"] == "internal_error"
+    assert error["exit_code"] == 1
     assert_no_phi(json.dumps(error))
 
 
 def test_unexpected_exception_traceback_only_with_debug(tmp_path, monkeypatch, caplog):
     raise_from_pipeline(monkeypatch, RuntimeError("boom"))
     assert run_gear(write_gear_root(tmp_path, {"debug": True})) == 1
-    assert "Traceback" in caplog.text and "boom" in caplog.text
+    assert "Traceback" in caplog.text
+    assert "boom" in caplog.text
 
 
 # ------------------------------------------------------------------------------ outputs and .metadata.json
@@ -340,7 +349,8 @@ def test_run_calls_the_pipeline_once_with_the_translated_job(finished, pipeline_
 def test_a_dicom_input_run_is_not_tracked_and_says_so_once(finished, pipeline_calls):
     _, _, log_text = finished
     (call,) = pipeline_calls
-    assert call["store"] is None and call["config"].subject_key is None
+    assert call["store"] is None
+    assert call["config"].subject_key is None
     assert log_text.count("longitudinal tracking off: runs on a 'dicom' input are not tracked") == 1
 
 
@@ -362,7 +372,8 @@ def test_metadata_is_valid_engine_metadata_with_the_summary(finished):
     assert summary["idempotency_key"] == expected_key
     assert summary["bundle"] == {"name": "pedseg-demo", "version": "0.1.0", "licence": "CC-BY-4.0",
                                  "sha256": BUNDLE_SHA}
-    assert summary["volumes_ml"]["WT"] == pytest.approx(14.515) and summary["native_volumes_ml"]["CC"] is None
+    assert summary["volumes_ml"]["WT"] == pytest.approx(14.515)
+    assert summary["native_volumes_ml"]["CC"] is None
     assert summary["series_numbers"] == {"t1n": 2, "t1c": 3, "t2w": 4, "t2f": 5}
     assert summary["rapno"] == {"region": "TC", "lesions_total": 1, "sum_product_mm2": 531.75}
 
@@ -379,7 +390,8 @@ def test_file_entries_carry_type_modality_classification_tags_and_qc(finished):
     assert files["pedseg_t2f.nii.gz"]["classification"] == {"Intent": ["Structural"], "Measurement": ["T2"]}
     assert all(f["tags"] == ["pedseg"] for f in files.values())
     qc = files["pedseg_report.pdf"]["info"]["qc"]["pedseg-brain-tumor"]
-    assert qc["segmentation"]["state"] == "FAIL" and qc["segmentation"]["flags"]  # a QC flag asks for review
+    assert qc["segmentation"]["state"] == "FAIL"
+    assert qc["segmentation"]["flags"]  # a QC flag asks for review
     assert qc["job_info"]["job_id"] == "65f0c0ffee0000000000dddd"
 
 
@@ -445,7 +457,8 @@ def test_unsafe_bundle_zip_is_refused(tmp_path, pipeline_calls):
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("../../escape/bundle.json", "{}")
     assert run_gear(write_gear_root(tmp_path / "gear", bundle_zip=evil)) == 2
-    assert not (tmp_path / "escape").exists() and not pipeline_calls
+    assert not (tmp_path / "escape").exists()
+    assert not pipeline_calls
 
 
 # --------------------------------------------------------------------------------------- session mode
@@ -589,8 +602,10 @@ def test_session_results_land_in_session_info_without_touching_other_keys(fw):
     assert session.info_updates == 1
     assert {k: session.info[k] for k in other} == other  # merged, never replaced
     summary = session.info["pedseg"]
-    assert summary.pop("timepoints") == timepoints and summary["idempotency_key"] == fw.key
-    assert summary["volumes_ml"]["WT"] == pytest.approx(14.515) and summary["series_numbers"]["t1c"] == 3
+    assert summary.pop("timepoints") == timepoints
+    assert summary["idempotency_key"] == fw.key
+    assert summary["volumes_ml"]["WT"] == pytest.approx(14.515)
+    assert summary["series_numbers"]["t1c"] == 3
     assert session.tags == ["reviewed", "pedseg"]
     metadata = json.loads((fw.root / "output" / ".metadata.json").read_text())
     assert metadata["analysis"]["info"]["pedseg"] == summary
@@ -625,23 +640,27 @@ def test_session_mode_tracks_the_run_under_the_flywheel_subject(fw, pipeline_cal
     monkeypatch.setattr("pedseg.runner.run_session", tracking_pipeline)
     session = flywheel_session(info={"clinical": {"site": "A"}})
     assert fw.run(session, others=(older, earlier)) == 0
-    assert isinstance(seen["store"], FlywheelStore) and seen["store"].session_id == SESSION_ID
+    assert isinstance(seen["store"], FlywheelStore)
+    assert seen["store"].session_id == SESSION_ID
     assert seen["config"].subject_key == SUBJECT_ID
     assert [tp.study_uid for tp in seen["timeline"].priors] == ["1.2.3.1", "1.2.3.2"]
     namespace = session.info["pedseg"]
     (recorded,) = namespace.pop("timepoints")
     assert (recorded["subject_key"], recorded["study_uid"]) == (SUBJECT_ID, STUDY_UID)
     assert recorded["study_date"] == "20260105"
-    assert namespace["idempotency_key"] == fw.key and session.info["clinical"] == {"site": "A"}
+    assert namespace["idempotency_key"] == fw.key
+    assert session.info["clinical"] == {"site": "A"}
     assert session.info_updates == 2  # the store's time point, then the summary merged beside it
-    assert older.info == {} and earlier.info["pedseg"]["timepoints"] == [to_dict(earlier_tp)]  # only read
+    assert older.info == {}
+    assert earlier.info["pedseg"]["timepoints"] == [to_dict(earlier_tp)]  # only read
 
 
 def test_session_without_a_subject_runs_untracked(fw, pipeline_calls, caplog):
     session = flywheel_session()
     session.parents.subject = None
     assert fw.run(session) == 0
-    assert pipeline_calls[-1]["store"] is None and pipeline_calls[-1]["config"].subject_key is None
+    assert pipeline_calls[-1]["store"] is None
+    assert pipeline_calls[-1]["config"].subject_key is None
     assert "longitudinal tracking off: the session belongs to no Flywheel subject" in caplog.text
 
 
@@ -657,7 +676,8 @@ def test_rerun_with_the_same_series_and_bundle_is_skipped(fw, pipeline_calls, ca
     assert fw.run(session) == 0
     caplog.clear()
     assert fw.run(session) == 0  # e.g. a gear rule firing again when a file is added
-    assert len(pipeline_calls) == 1 and session.info_updates == 1
+    assert len(pipeline_calls) == 1
+    assert session.info_updates == 1
     assert not list((fw.root / "output").iterdir())  # nothing for the engine to upload
     assert "the session (info.pedseg) already holds the pedseg result" in caplog.text
     assert "force_rerun=true" in caplog.text
@@ -666,10 +686,12 @@ def test_rerun_with_the_same_series_and_bundle_is_skipped(fw, pipeline_calls, ca
 def test_earlier_pedseg_analysis_with_the_same_key_is_found(fw, pipeline_calls, caplog):
     others = [FakeAnalysis("a-other-gear", "mriqc", {"pedseg": {"idempotency_key": fw.key}}),
               FakeAnalysis("a-old-bundle", "pedseg-brain-tumor", {"pedseg": {"idempotency_key": "1" * 64}})]
-    assert fw.run(flywheel_session(analyses=others)) == 0 and len(pipeline_calls) == 1  # neither counts
+    assert fw.run(flywheel_session(analyses=others)) == 0
+    assert len(pipeline_calls) == 1  # neither counts
     earlier = FakeAnalysis("a-earlier", "pedseg-brain-tumor", {"pedseg": {"idempotency_key": fw.key}})
     assert fw.run(flywheel_session(analyses=[*others, earlier])) == 0
-    assert len(pipeline_calls) == 1 and "analysis a-earlier already holds" in caplog.text
+    assert len(pipeline_calls) == 1
+    assert "analysis a-earlier already holds" in caplog.text
 
 
 def test_other_model_weights_run_again(fw, pipeline_calls):
@@ -678,13 +700,15 @@ def test_other_model_weights_run_again(fw, pipeline_calls):
     fake_bundle(fw.root.parent / "retrained", weights=b"retrained weights")
     shutil.copytree(fw.root.parent / "retrained", fw.bundle, dirs_exist_ok=True)
     assert fw.run(session) == 0
-    assert len(pipeline_calls) == 2 and session.info["pedseg"]["idempotency_key"] != fw.key
+    assert len(pipeline_calls) == 2
+    assert session.info["pedseg"]["idempotency_key"] != fw.key
 
 
 def test_force_rerun_runs_again(fw, pipeline_calls, caplog):
     session = flywheel_session(info={"pedseg": {"idempotency_key": fw.key}})
     assert fw.run(session, {"force_rerun": True}) == 0
-    assert len(pipeline_calls) == 1 and session.info_updates == 1
+    assert len(pipeline_calls) == 1
+    assert session.info_updates == 1
     assert (fw.root / "output" / ".metadata.json").is_file()
     assert "force_rerun: running again although the session (info.pedseg) holds a result" in caplog.text
 
@@ -694,16 +718,21 @@ def test_two_missing_dicom_acquisitions_fail_naming_the_sequences(fw, pipeline_c
     assert fw.run(session) == MissingSequenceError.exit_code == 3
     error = json.loads((fw.root / "output" / "error.json").read_text())
     assert error["error"] == "missing_sequence"
-    assert "T2 (t2w)" in error["message"] and "T2-FLAIR (t2f)" in error["message"]
-    assert "exit code 3" in caplog.text and "T2-FLAIR (t2f)" in caplog.text
-    assert not pipeline_calls and session.info == {"clinical": {"site": "A"}} and not session.tags
+    assert "T2 (t2w)" in error["message"]
+    assert "T2-FLAIR (t2f)" in error["message"]
+    assert "exit code 3" in caplog.text
+    assert "T2-FLAIR (t2f)" in caplog.text
+    assert not pipeline_calls
+    assert session.info == {"clinical": {"site": "A"}}
+    assert not session.tags
     assert_no_phi(caplog.text + json.dumps(error))
 
 
 def test_session_of_only_non_candidates_is_a_missing_sequence(fw, pipeline_calls):
     assert fw.run(flywheel_session(roles=())) == 3
     message = json.loads((fw.root / "output" / "error.json").read_text())["message"]
-    assert "series 1 'localizer'" in message and "series 6 'ep2d_diff_3scan_trace'" in message
+    assert "series 1 'localizer'" in message
+    assert "series 6 'ep2d_diff_3scan_trace'" in message
     assert not pipeline_calls
 
 
@@ -728,7 +757,8 @@ def test_single_dicom_files_are_downloaded_as_they_are(tmp_path):
 
 def test_api_key_never_shows_in_the_job_repr(tmp_path):
     job = gear_context.load_job(write_gear_root(tmp_path, api_key=True))
-    assert job.api_key == API_KEY and API_KEY not in repr(job)
+    assert job.api_key == API_KEY
+    assert API_KEY not in repr(job)
 
 
 # ------------------------------------------------------------------------- candidates from Flywheel headers
@@ -758,7 +788,8 @@ def test_importer_header_forms_are_read_alike():
     assert flywheel_header(listed) == flywheel_header(joined)
     header = flywheel_header(listed)
     assert (header.scanning_sequence, header.inversion_time, header.series_number) == (("SE", "IR"), 2500.0, 4)
-    assert flywheel_header({"Modality": "CT"}) is None and flywheel_header(None) is None
+    assert flywheel_header({"Modality": "CT"}) is None
+    assert flywheel_header(None) is None
     assert rejection_reasons(flywheel_header({"SeriesInstanceUID": "1.2.3", "Modality": "CT"})) == [
         "modality CT: not an MR series"]
 
@@ -773,11 +804,13 @@ def test_local_run_lays_out_a_gear_folder_the_gear_runs(tmp_path, pipeline_calls
     zipfile.ZipFile(tmp_path / "s.zip").extractall(dicom)
     root = make_gear_root(dicom, tmp_path / "gear", {"fast": "true", "label_convention": "2023"})
     config_json = json.loads((root / "config.json").read_text())
-    assert config_json["config"]["fast"] is True and config_json["config"]["label_convention"] == "2023"
+    assert config_json["config"]["fast"] is True
+    assert config_json["config"]["label_convention"] == "2023"
     assert config_json["config"]["write_pdf"] is True  # manifest default
     assert zipfile.is_zipfile(config_json["inputs"]["dicom"]["location"]["path"])
     assert run_gear(root) == 0
-    assert pipeline_calls[0]["config"].fast and pipeline_calls[0]["config"].label_convention == "2023"
+    assert pipeline_calls[0]["config"].fast
+    assert pipeline_calls[0]["config"].label_convention == "2023"
 
 
 def test_local_run_rejects_unknown_and_mistyped_options(tmp_path):
@@ -804,9 +837,11 @@ def test_manifest_declares_the_gear_contract():
         "therapeutic_area": ["Oncology"], "species": ["Human"]}
     assert {k: v["base"] for k, v in m["inputs"].items()} == {"dicom": "file", "model_bundle": "file",
                                                               "api-key": "api-key"}
-    assert m["inputs"]["dicom"]["optional"] and m["inputs"]["model_bundle"]["optional"]
+    assert m["inputs"]["dicom"]["optional"]
+    assert m["inputs"]["model_bundle"]["optional"]
     assert {"nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "OMP_NUM_THREADS"} <= set(m["environment"])
-    assert m["source"].startswith("https://") and m["url"].startswith("https://")  # placeholders until published
+    assert m["source"].startswith("https://")
+    assert m["url"].startswith("https://")  # placeholders until published
     assert "networking" in m["capabilities"]  # session mode talks to the Flywheel API
 
 
@@ -823,15 +858,19 @@ def test_dockerfile_contract():
     in (and kept in the build context), /flywheel/v0 layout, a non-root user. Built where Docker runs; linted here."""
     text = (REPO / "Dockerfile").read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.MULTILINE))
-    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:") and args["VARIANT"] == "gpu"
-    assert "FROM ${CUDA_IMAGE} AS base-gpu" in text and "FROM ${PYTHON_IMAGE} AS base-cpu" in text
+    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:")
+    assert args["VARIANT"] == "gpu"
+    assert "FROM ${CUDA_IMAGE} AS base-gpu" in text
+    assert "FROM ${PYTHON_IMAGE} AS base-cpu" in text
     assert "download.pytorch.org/whl/cpu" in text  # the CPU variant's torch has no CUDA libraries
     constraints = (REPO / "constraints-cpu.txt").read_text()
     assert f"torch=={args['TORCH_VERSION']}" in constraints.split()
     assert "COPY bundles/pedseg-demo /opt/pedseg/bundles/pedseg-demo" in text
     assert MANIFEST["environment"]["PEDSEG_BUNDLE"] == "/opt/pedseg/bundles/pedseg-demo"
     assert "!bundles/pedseg-demo" in (REPO / ".dockerignore").read_text().split()
-    assert "WORKDIR /flywheel/v0" in text and "manifest.json run.py ./" in text
+    assert "WORKDIR /flywheel/v0" in text
+    assert "manifest.json run.py ./" in text
     user = re.findall(r"^USER (\S+)$", text, flags=re.MULTILINE)
-    assert user and not user[-1].startswith(("0", "root"))
+    assert user
+    assert not user[-1].startswith(("0", "root"))
 

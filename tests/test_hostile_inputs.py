@@ -414,7 +414,8 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, template, bund
     monkeypatch.setattr(workspace_module.tempfile, "NamedTemporaryFile", refuse)
     code, stderr, log = run_cli([template], tmp_path / "out", bundle, capsys, caplog)
     assert code == InputError.exit_code
-    assert "Cannot write to the output folder" in stderr and "(Permission denied)" in stderr
+    assert "Cannot write to the output folder" in stderr
+    assert "(Permission denied)" in stderr
     assert "Choose a writable output folder." in stderr
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -422,7 +423,8 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, template, bund
 def test_interrupted_run_leaves_nothing_behind(tmp_path, template, bundle, monkeypatch, capsys, caplog):
     monkeypatch.setattr(runner_module, "identify", raising(KeyboardInterrupt()))
     code, stderr, _ = run_cli([template], tmp_path / "out", bundle, capsys, caplog)
-    assert code == 130 and "interrupted" in stderr
+    assert code == 130
+    assert "interrupted" in stderr
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -486,7 +488,8 @@ def test_unusual_but_valid_series_convert_with_their_geometry(name, tmp_path, ca
     if size:
         assert image.GetSize() == size
     else:  # dcm2niix's tilt-corrected volume is chosen: it grows along the sheared axis
-        assert "using series3_Tilt_1.nii.gz" in caplog.text and image.GetSize()[1] > 16
+        assert "using series3_Tilt_1.nii.gz" in caplog.text
+        assert image.GetSize()[1] > 16
 
 
 def test_enhanced_multiframe_series_missing_a_frame_is_refused_by_name(shared_data, tmp_path):
@@ -552,8 +555,10 @@ def test_out_of_gpu_memory_falls_back_to_cpu_and_says_so(tmp_path, monkeypatch, 
     bundle = load_bundle(fake_bundle(tmp_path / "bundle"))
     with caplog.at_level(logging.WARNING):
         prediction = infer_module.infer(pre, bundle, tmp_path, PipelineConfig(device="auto", threads=1))
-    assert devices == ["cuda", "cpu"] and prediction.device == "cpu"  # provenance.json records the device
-    assert "out of GPU memory" in caplog.text and "on the CPU instead" in caplog.text
+    assert devices == ["cuda", "cpu"]
+    assert prediction.device == "cpu"  # provenance.json records the device
+    assert "out of GPU memory" in caplog.text
+    assert "on the CPU instead" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ documentation

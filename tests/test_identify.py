@@ -22,7 +22,9 @@ from pedseg.pipeline.types import Series, SeriesHeader, Session
 from pedseg.synth.dicom_writer import StudyInfo, write_series
 from pedseg.synth.protocols import Protocol
 
-DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+from factories import SHARED_DATA, needs_shared_data
+
+DICOM = SHARED_DATA / "dicom"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 T0 = 10 * 3600.0  # 10:00:00
 
@@ -149,7 +151,8 @@ def test_single_series_rules(header, role, words):
     assert any(words in r for r in d.reasons), d.reasons
     assert 0.0 <= d.confidence <= 1.0
     if role != "other":
-        assert d.chosen and d.confidence > 0.5
+        assert d.chosen
+        assert d.confidence > 0.5
 
 
 def full_session() -> list[SeriesHeader]:
@@ -183,7 +186,8 @@ def test_two_flairs_the_3d_one_wins_and_the_other_says_why():
     ident = classify_session(session_of(flair_2d(4, "Ax T2 FLAIR"), flair_3d(6, "Sag 3D FLAIR")))
     assert ident.chosen["t2f"] == "1.2.3.6"
     loser = decision(ident, 4)
-    assert loser.role == "t2f" and not loser.chosen
+    assert loser.role == "t2f"
+    assert not loser.chosen
     assert loser.reasons[-1] == ("not chosen: series 6 'Sag 3D FLAIR' is preferred for T2-FLAIR (t2f): "
                                  "3D (this one is 2D); finer voxels (1 × 1 × 1 mm vs 0.9 × 0.9 × 5 mm); "
                                  "more complete (176 vs 30 images)")
@@ -200,7 +204,8 @@ def test_same_quality_t1c_prefers_the_latest_and_others_the_lowest_number():
 def test_post_contrast_mprage_named_only_mprage_is_told_apart_by_the_agent():
     ident = classify_session(session_of(mprage(3, "MPRAGE"), mprage(9, "MPRAGE", contrast_agent="Gadovist")))
     assert (decision(ident, 3).role, decision(ident, 9).role) == ("t1n", "t1c")
-    assert decision(ident, 3).chosen and decision(ident, 9).chosen
+    assert decision(ident, 3).chosen
+    assert decision(ident, 9).chosen
 
 
 def test_identical_later_t1_without_any_agent_is_the_likely_post_contrast_repeat():
@@ -390,10 +395,9 @@ def test_split_parts_are_identified_on_their_own_and_the_chosen_part_is_converte
 
 # ------------------------------------------------------------------------------------ real series
 
-needs_data = pytest.mark.skipif(not DICOM.is_dir(), reason="shared DICOM data not available")
 
 
-@needs_data
+@needs_shared_data
 @pytest.mark.parametrize("folder, number", [
     ("siemens_skyra_mprage_pediatric_3y", 5),
     ("philips_ingenia_adni_mprage", 1301),
@@ -409,7 +413,7 @@ def test_real_t1_series_are_pre_contrast_t1(folder, number, tmp_path):
     assert ident.missing == ["t1c", "t2w", "t2f"]
 
 
-@needs_data
+@needs_shared_data
 def test_real_philips_ffe_enhanced_and_classic_pair_both_pre_contrast(tmp_path):
     # Same study: 401 (enhanced multi-frame, CS2) then 501 (classic, CS4) a minute later. Not a pre/post pair.
     src = tmp_path / "in"
@@ -421,7 +425,7 @@ def test_real_philips_ffe_enhanced_and_classic_pair_both_pre_contrast(tmp_path):
     assert "equal quality" in decision(ident, 501).reasons[-1]
 
 
-@needs_data
+@needs_shared_data
 def test_real_philips_session_mprage_is_t1_and_perfusion_and_field_map_are_not(tmp_path):
     # The ADNI MPRAGE (classic) and the enhanced multi-frame series come from one study: two inputs, one session.
     ident = classify_session(ingest([DICOM / "philips_ingenia_adni_mprage", DICOM / "philips_enhanced_multiframe"],
@@ -432,7 +436,7 @@ def test_real_philips_session_mprage_is_t1_and_perfusion_and_field_map_are_not(t
     assert any("field map" in r for r in decision(ident, 2001).reasons)
 
 
-@needs_data
+@needs_shared_data
 @pytest.mark.parametrize("folder, words", [("siemens_trio_epi_mosaic", "MOSAIC"), ("ge_mr750_epi", "FMRI")])
 def test_real_epi_series_are_never_structural(folder, words, tmp_path):
     ident = classify_session(ingest(DICOM / folder, tmp_path))

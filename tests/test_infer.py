@@ -52,11 +52,12 @@ def case(tmp_path_factory) -> dict:
     return {"files": files, "roles": roles, "data": data, "spacing": spacing, "truth": sitk.GetArrayFromImage(truth)}
 
 
-def _stock_predictor(model, folds: tuple[str, ...], tta: bool):
+def _stock_predictor(model, folds: tuple[str, ...], tta: bool, device: torch.device = CPU):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
-                                perform_everything_on_device=False, device=CPU, verbose=False, allow_tqdm=False)
+                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                                allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model.path), tuple(int(f) for f in folds), model.checkpoint)
     return predictor
 
@@ -71,11 +72,19 @@ def _assert_parity(ours: np.ndarray, stock: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------------ parity with nnU-Net
 
 
-def test_labels_equal_stock_nnunet_one_fold_no_tta(case):
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="no CUDA GPU on this machine")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_labels_equal_stock_nnunet_one_fold_no_tta(case, device):
+    """On the CPU, and on CUDA where there is a GPU (the engine's autocast and on-device accumulation)."""
     bundle = _bundle(DEFAULT_BUNDLE)
     model = bundle.models[0]
-    ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds[:1])], CPU, tta=False)
-    stock = _stock_predictor(model, model.folds[:1], tta=False).predict_from_files_sequential(
+    device = torch.device(device)
+    ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds[:1])], device, tta=False)
+    stock = _stock_predictor(model, model.folds[:1], tta=False, device=device).predict_from_files_sequential(
         [case["files"]], None, save_probabilities=False)[0]
     _assert_parity(ours.labels, stock)
     assert ours.preprocessing_runs == 1
@@ -99,11 +108,13 @@ def test_two_model_ensemble_matches_weighted_stock_predictions(case, tmp_path):
     the written probability maps and labels are stock nnU-Net's per-model probabilities averaged with the
     bundle's weights."""
     bundle = _bundle(ENSEMBLE_BUNDLE)
-    assert len(bundle.models) == 2 and len({m.weight for m in bundle.models}) == 2
+    assert len(bundle.models) == 2
+    assert len({m.weight for m in bundle.models}) == 2
     pre = Preprocessed(images=case["roles"], brain_mask=Path(), native={}, atlas_to_native={})
     prediction = infer(pre, bundle, tmp_path, PipelineConfig(device="cpu", fast=True, threads=2))
 
-    assert prediction.tta is False and prediction.device == "cpu"
+    assert prediction.tta is False
+    assert prediction.device == "cpu"
     fast = bundle.folds_to_run(fast=True)
     assert prediction.folds_used == [f"{m.path.name}/fold_{f}" for m, folds in fast for f in folds]
     assert prediction.ensemble.preprocessing_runs == 1  # both models share the demo plans' preprocessing
@@ -112,7 +123,8 @@ def test_two_model_ensemble_matches_weighted_stock_predictions(case, tmp_path):
     reference = sitk.ReadImage(str(case["roles"]["t1n"]))
     for path in (prediction.labels, prediction.uncertainty, *prediction.probabilities.values()):
         image = sitk.ReadImage(str(path))
-        assert image.GetSize() == reference.GetSize() and image.GetOrigin() == reference.GetOrigin()
+        assert image.GetSize() == reference.GetSize()
+        assert image.GetOrigin() == reference.GetOrigin()
 
     expected = 0
     for model, folds in fast:

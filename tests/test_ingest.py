@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import MediaStorageDirectoryStorage
 
 from pedseg.pipeline.convert import convert_series
 from pedseg.pipeline.errors import InputError, UnsupportedDataError
@@ -18,8 +18,9 @@ from pedseg.pipeline.types import Series
 from pedseg.synth.dicom_writer import StudyInfo, write_series
 from pedseg.synth.protocols import Protocol
 
-DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
-needs_data = pytest.mark.skipif(not DICOM.is_dir(), reason="shared DICOM data not available")
+from factories import SHARED_DATA, dicom_dataset, needs_shared_data, write_dicom
+
+DICOM = SHARED_DATA / "dicom"
 PHILIPS = DICOM / "philips_t1_multiframe_and_classic"
 
 
@@ -59,10 +60,11 @@ def dual_echo(folder: Path, number: int = 3) -> str:
 # ------------------------------------------------------------------------------------- headers
 
 
-@needs_data
+@needs_shared_data
 def test_classic_siemens_mprage_header(tmp_path):
     session = ingest(DICOM / "siemens_skyra_mprage_pediatric_3y", tmp_path)
-    assert len(session.series) == 1 and session.study_date == "20130308"
+    assert len(session.series) == 1
+    assert session.study_date == "20130308"
     s = session.series[0]
     h = s.header
     assert (h.series_number, h.description, h.modality, h.manufacturer) == (5, "SAG MPRAGE 220 FOV", "MR", "SIEMENS")
@@ -70,25 +72,28 @@ def test_classic_siemens_mprage_header(tmp_path):
     assert (h.scanning_sequence, h.sequence_variant, h.sequence_name) == (("GR", "IR"), ("SK", "SP", "MP"),
                                                                           "*tfl3d1_16ns")
     assert (h.mr_acquisition_type, h.num_images, len(s.files), h.rows, h.columns) == ("3D", 192, 192, 256, 256)
-    assert h.pixel_spacing == (0.859375, 0.859375) and h.slice_thickness == pytest.approx(0.9)
+    assert h.pixel_spacing == (0.859375, 0.859375)
+    assert h.slice_thickness == pytest.approx(0.9)
     assert h.image_type[:2] == ("ORIGINAL", "PRIMARY")
     assert h.acquisition_time == pytest.approx(8 * 3600 + 6 * 60 + 16.1625)  # AcquisitionTime 080616.1625
     assert (h.num_echoes, h.num_temporal_positions, h.num_orientations) == (1, 1, 1)
-    assert session.study_uid == h.study_uid and h.contrast_agent == ""
+    assert session.study_uid == h.study_uid
+    assert h.contrast_agent == ""
 
 
-@needs_data
+@needs_shared_data
 def test_enhanced_multiframe_values_come_from_functional_groups(tmp_path):
     h = ingest(PHILIPS / "401_T1W_FFE_Sno_CS2", tmp_path).series[0].header
     assert h.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.1"
-    assert h.repetition_time == pytest.approx(256.4448) and h.echo_time == pytest.approx(3.568)
+    assert h.repetition_time == pytest.approx(256.4448)
+    assert h.echo_time == pytest.approx(3.568)
     assert (h.flip_angle, h.inversion_time, h.num_images) == (80.0, None, 24)  # frames; the Raw object is skipped
     assert (h.pixel_spacing, h.slice_thickness, h.orientation) == ((1.0, 1.0), 5.0, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
     assert (h.scanning_sequence, h.sequence_name, h.mr_acquisition_type) == (("GR",), "FFE", "2D")
     assert h.acquisition_time == pytest.approx(12 * 3600 + 29 * 60 + 16.89)  # AcquisitionDateTime
 
 
-@needs_data
+@needs_shared_data
 def test_gzipped_enhanced_objects_echoes_and_temporal_positions(tmp_path):
     session = ingest(DICOM / "philips_enhanced_multiframe", tmp_path)
     # Raw-data objects (ExamCard, and the raw parts of every series) hold no image and are skipped.
@@ -99,13 +104,13 @@ def test_gzipped_enhanced_objects_echoes_and_temporal_positions(tmp_path):
     assert all(f.is_relative_to(tmp_path) for s in session.series for f in s.files)  # decompressed copies
 
 
-@needs_data
+@needs_shared_data
 def test_time_series_is_counted(tmp_path):
     h = ingest(DICOM / "ge_mr750_epi", tmp_path).series[0].header  # README-Series.txt beside the images
     assert (h.num_images, h.num_temporal_positions, h.scanning_sequence) == (150, 10, ("EP", "GR"))
 
 
-@needs_data
+@needs_shared_data
 def test_two_studies_in_one_input_are_refused(tmp_path):
     with pytest.raises(InputError, match=r"2 different studies.*series 201 'T1W_TSE_Sno_CSno_CSAIno'"):
         ingest(PHILIPS, tmp_path)
@@ -121,7 +126,8 @@ def test_dual_echo_series_is_split_into_one_part_per_echo_each_converted(tmp_pat
     assert [(h.series_uid, h.part, h.key) for h in headers] == [(uid, "e1", f"{uid}#e1"), (uid, "e2", f"{uid}#e2")]
     assert [(h.echo_time, h.num_images, h.num_echoes) for h in headers] == [(12.0, 12, 1), (95.0, 12, 1)]
     files = [set(s.files) for s in session.series]
-    assert not files[0] & files[1] and len(files[0] | files[1]) == 24
+    assert not files[0] & files[1]
+    assert len(files[0] | files[1]) == 24
     assert all(pydicom.dcmread(f, stop_before_pixels=True).EchoTime == 95 for f in files[1])
     assert session.by_uid(f"{uid}#e2") is session.series[1]
     outputs = [convert_series(s, tmp_path / "nifti") for s in session.series]
@@ -223,17 +229,10 @@ def test_missing_and_non_archive_inputs_are_refused(tmp_path):
 
 def _dicomdir(path: Path) -> None:
     """A minimal DICOMDIR-like file: a DICOM object of the Media Storage Directory class."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
-    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.1.3.10"
-    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(dicom_dataset(MediaStorageDirectoryStorage, SeriesInstanceUID=pydicom.uid.generate_uid()), path)
 
 
-@needs_data
+@needs_shared_data
 def test_zip_with_nested_folders_and_junk(tmp_path):
     archive = tmp_path / "session.zip"
     _dicomdir(tmp_path / "DICOMDIR")
@@ -274,7 +273,8 @@ def test_unsafe_zip_entries_are_refused(tmp_path, name, symlink, message):
     archive = _zip_with(tmp_path / "bad.zip", name, b"/etc/passwd" if symlink else b"x", symlink=symlink)
     with pytest.raises(InputError, match=message):
         ingest(archive, tmp_path / "work")
-    assert not (tmp_path / "evil").exists() and not (tmp_path / "evil.dcm").exists()
+    assert not (tmp_path / "evil").exists()
+    assert not (tmp_path / "evil.dcm").exists()
 
 
 def test_zip_bomb_is_refused(tmp_path):
@@ -300,7 +300,7 @@ def _nifti_info(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
-@needs_data
+@needs_shared_data
 @pytest.mark.parametrize("folder", ["siemens_skyra_mprage_pediatric_3y", "philips_t1_multiframe_and_classic/"
                                     "501_T1W_FFE_Sno_CS4", "philips_t1_multiframe_and_classic/401_T1W_FFE_Sno_CS2"])
 def test_convert_series_matches_dicom_geometry(folder, tmp_path):
@@ -320,7 +320,7 @@ def test_convert_series_matches_dicom_geometry(folder, tmp_path):
     assert sorted(p.name for p in (tmp_path / "nifti").iterdir()) == sorted([out.name, f"series{h.series_number}.json"])
 
 
-@needs_data
+@needs_shared_data
 def test_convert_picks_magnitude_first_echo_among_several_outputs(tmp_path, caplog):
     series = only(ingest(DICOM / "philips_enhanced_multiframe", tmp_path / "work"), 2001)  # 2 echoes, mag + phase
     with caplog.at_level("INFO", logger="pedseg.pipeline.convert"):
@@ -330,7 +330,7 @@ def test_convert_picks_magnitude_first_echo_among_several_outputs(tmp_path, capl
     assert "using series2001_e1.nii.gz (magnitude, echo 1" in caplog.text
 
 
-@needs_data
+@needs_shared_data
 def test_convert_failure_names_the_series(tmp_path):
     header = ingest(PHILIPS / "501_T1W_FFE_Sno_CS4", tmp_path / "work").series[0].header
     junk = tmp_path / "0001.dcm"

@@ -91,10 +91,13 @@ def volumes_tp(uid: str, date: str, volumes: dict[str, float], bundle: dict = BU
 
 def test_three_time_points_give_baseline_nadir_changes_and_flags(points):
     first, second, third = trajectory(reversed(points))  # the store may return them in any order
-    assert first.current is points[0] and not first.priors and not first.changes
+    assert first.current is points[0]
+    assert not first.priors
+    assert not first.changes
     assert [tp.study_uid for tp in third.priors] == list(UIDS[:2])
     wt = [tp.volumes_ml["WT"] for tp in points]
-    assert wt[1] < 0.6 * wt[0] and wt[1] < wt[2] < wt[0]  # shrinks, then grows back
+    assert wt[1] < 0.6 * wt[0]
+    assert wt[1] < wt[2] < wt[0]  # shrinks, then grows back
     for region in REGIONS:
         v = [tp.volumes_ml[region] for tp in points]
         change = third.changes[region]
@@ -109,7 +112,8 @@ def test_three_time_points_give_baseline_nadir_changes_and_flags(points):
     assert second.changes["WT"].vs_baseline.pct == pytest.approx(-50, abs=6)
     assert second.changes["WT"].response == "SD"  # −50 % volume is not yet a partial response (−65 %)
     assert third.changes["WT"].nadir_study_uid == UIDS[1]
-    assert third.changes["WT"].vs_nadir.pct > 40 and third.changes["WT"].response == "PD"
+    assert third.changes["WT"].vs_nadir.pct > 40
+    assert third.changes["WT"].response == "PD"
 
 
 @pytest.mark.parametrize("volumes, response", [
@@ -137,12 +141,16 @@ def test_a_run_with_a_different_bundle_is_not_compared_and_says_why(other):
     earlier = [volumes_tp(UIDS[0], DATES[0], {"WT": 10.0}, bundle=other)]
     current = volumes_tp(UIDS[1], DATES[1], {"WT": 20.0})
     result = compare(current, earlier)
-    assert not result.priors and not result.changes
+    assert not result.priors
+    assert not result.changes
     (note,) = result.notes
-    assert "1 earlier time point(s) not compared" in note and "--compare-across-bundles" in note
-    assert BundleId(**other).describe() in note and BundleId(**BUNDLE).describe() in note
+    assert "1 earlier time point(s) not compared" in note
+    assert "--compare-across-bundles" in note
+    assert BundleId(**other).describe() in note
+    assert BundleId(**BUNDLE).describe() in note
     forced = compare(current, earlier, across_bundles=True)
-    assert forced.changes["WT"].response == "PD" and "Compared across bundles as asked" in forced.notes[0]
+    assert forced.changes["WT"].response == "PD"
+    assert "Compared across bundles as asked" in forced.notes[0]
 
 
 def test_across_label_conventions_only_regions_both_can_express_are_compared():
@@ -160,12 +168,15 @@ def test_only_earlier_dated_studies_of_the_subject_are_priors():
               dataclasses.replace(current, study_date=DATES[0])]  # the same study, recorded with another date
     assert not compare(current, [current, *others]).priors
     undated = compare(dataclasses.replace(current, study_date=""), [volumes_tp(UIDS[0], DATES[0], {"WT": 1.0})])
-    assert not undated.priors and "no StudyDate" in undated.notes[0]
+    assert not undated.priors
+    assert "no StudyDate" in undated.notes[0]
 
 
 def test_tracking_uids_are_stable_per_subject_and_region():
     uids = tracking_uids(KEY)
-    assert uids == tracking_uids(KEY) and set(uids) == set(REGIONS) and len(set(uids.values())) == len(REGIONS)
+    assert uids == tracking_uids(KEY)
+    assert set(uids) == set(REGIONS)
+    assert len(set(uids.values())) == len(REGIONS)
     assert uids["WT"] != tracking_uids(subject_key(PATIENT_ID, "site salt"))["WT"]
     assert all(pydicom.uid.UID(uid).is_valid for uid in uids.values())
 
@@ -182,7 +193,9 @@ def test_sqlite_round_trip_replaces_a_rerun_and_keeps_no_patient_id(tmp_path, po
     store.record(rerun)  # same study, same bundle: replaces
     store.record(dataclasses.replace(points[1], bundle=BundleId(**OTHER_BUNDLE)))  # another bundle: kept beside
     history = store.history(KEY)
-    assert len(history) == 4 and rerun in history and store.history("nobody") == []
+    assert len(history) == 4
+    assert rerun in history
+    assert store.history("nobody") == []
     assert PATIENT_ID.encode() not in (tmp_path / "m.db").read_bytes()
     with sqlite3.connect(tmp_path / "m.db") as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
@@ -237,20 +250,25 @@ def db(tmp_path, points):
 def test_history_prints_the_table(db, points, capsys):
     assert main(["history", PATIENT_ID, "--db", str(db)]) == 0  # by PatientID, hashed as run hashes it
     out = capsys.readouterr().out
-    assert out.startswith("date") and PATIENT_ID not in out and KEY not in out
+    assert out.startswith("date")
+    assert PATIENT_ID not in out
+    assert KEY not in out
     for date in ("2026-01-05", "2026-04-06", "2026-07-07"):
         assert date in out
     blocks = out.split("\n\n")  # header and first time point, then one block per later time point
     assert len(blocks) == 3
     third_wt = next(line for line in blocks[2].splitlines() if line.split()[:1] == ["WT"])
-    assert f"{points[2].volumes_ml['WT']:.3f}" in third_wt and third_wt.split()[-1] == "PD"
-    assert main(["history", KEY, "--db", str(db)]) == 0 and capsys.readouterr().out == out  # by key
+    assert f"{points[2].volumes_ml['WT']:.3f}" in third_wt
+    assert third_wt.split()[-1] == "PD"
+    assert main(["history", KEY, "--db", str(db)]) == 0
+    assert capsys.readouterr().out == out  # by key
 
 
 def test_history_csv_to_stdout_and_to_a_file(db, points, capsys, tmp_path):
     assert main(["history", PATIENT_ID, "--db", str(db), "--csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert tuple(rows[0]) == HISTORY_COLUMNS and len(rows) == 3 * len(REGIONS)
+    assert tuple(rows[0]) == HISTORY_COLUMNS
+    assert len(rows) == 3 * len(REGIONS)
     wt = [r for r in rows if r["region"] == "WT"]
     assert [r["study_date"] for r in wt] == list(DATES)
     assert [r["response"] for r in wt] == ["", "SD", "PD"]
@@ -278,9 +296,11 @@ def test_run_options_reach_the_pipeline(tmp_path, monkeypatch):
                  "--compare-across-bundles"]) == 0
     config, store = calls[0]
     assert (config.subject_key, config.compare_across_bundles) == ("child-7", True)
-    assert isinstance(store, SQLiteStore) and store.path == tmp_path / "m.db"
+    assert isinstance(store, SQLiteStore)
+    assert store.path == tmp_path / "m.db"
     monkeypatch.delenv("PEDSEG_DB", raising=False)
-    assert main(["run", "in", str(tmp_path / "out")]) == 0 and calls[1][1] is None  # no store: not tracked
+    assert main(["run", "in", str(tmp_path / "out")]) == 0
+    assert calls[1][1] is None  # no store: not tracked
 
 
 # ------------------------------------------------------------------------------------------- trend page
@@ -319,7 +339,8 @@ def test_trend_page_renders(phantoms, points, tmp_path):
 
     pdf = tracked_report(phantoms, compare(points[2], points), tmp_path)
     text = "".join(pdf_pages(pdf))
-    assert "Compared with 2 earlier time point(s)" in text and "baseline 2026-01-05" in text
+    assert "Compared with 2 earlier time point(s)" in text
+    assert "baseline 2026-01-05" in text
     pixels = np.asarray(Image.open(longitudinal_page_png(pdf, tmp_path / "page")).convert("RGB")).astype(int)
     assert (pixels.min(axis=2) < 200).mean() > 0.03  # not a blank page
     near = lambda rgb: (np.abs(pixels - rgb).sum(axis=2) < 60).sum()  # noqa: E731
@@ -365,14 +386,16 @@ def test_flywheel_store_with_a_fake_client(flywheel_subject, phantoms, tmp_path)
                  for (_, m), uid, date in zip(phantoms, UIDS, DATES)]
     FlywheelStore(client, "s2").record(fw_points[1])
     FlywheelStore(client, "s2").record(fw_points[1])  # a re-run replaces its entry
-    assert client.get_session("s2").info["keep"] == 1 and client.get_session("s2").info[NAMESPACE]["note"] == "kept"
+    assert client.get_session("s2").info["keep"] == 1
+    assert client.get_session("s2").info[NAMESPACE]["note"] == "kept"
     assert len(client.get_session("s2").info[NAMESPACE]["timepoints"]) == 1
     store, key = store_for_session(client, "s3")
     assert key == subject
     timeline = compare(fw_points[2], store.history(key))
     assert [tp.study_uid for tp in timeline.priors] == list(UIDS[:2])
     assert timeline.priors[0] == fw_points[0]  # read back from the earlier analysis' measurements file
-    assert timeline.changes["WT"].nadir_study_uid == UIDS[1] and timeline.changes["WT"].response == "PD"
+    assert timeline.changes["WT"].nadir_study_uid == UIDS[1]
+    assert timeline.changes["WT"].response == "PD"
     store.record(timeline.current)
     history = FlywheelStore(client).history(subject)
     assert sorted(tp.study_uid for tp in history) == list(UIDS)

@@ -171,7 +171,8 @@ def test_empty_segmentation_gives_zeros():
         assert (region.voxels, region.volume_ml, region.components, region.native_volume_ml) == (0, 0.0, 0, 0.0)
     assert m.rapno.lesions == ()
     assert m.rapno.sum_product_mm2 == 0.0
-    assert m.regions["TC"].bidimensional_mm2 == 0.0 and m.regions["WT"].bidimensional_mm2 == 0.0
+    assert m.regions["TC"].bidimensional_mm2 == 0.0
+    assert m.regions["WT"].bidimensional_mm2 == 0.0
 
 
 def test_labels_outside_the_convention_are_refused():

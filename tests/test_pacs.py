@@ -89,15 +89,18 @@ def test_duplicates_are_filed_once_and_the_study_runs_once(listen, destination, 
     assert fake.calls == [(uid, 4)]
     assert len(_spooled(listener, uid)) == 4
     [result] = destination.received
-    assert result.Modality == "DOC" and result.StudyInstanceUID == uid
+    assert result.Modality == "DOC"
+    assert result.StudyInstanceUID == uid
     # A whole study sent again, and our own result routed back to us, change nothing.
     store(files, listener.config.port)
     output = listener.journal.output_dir(listener.records()[uid]) / "report" / "report_pdf.dcm"
     store([output], listener.config.port)
-    assert len(_spooled(listener, uid)) == 4 and state(listener.config.spool, uid) == "sent"
+    assert len(_spooled(listener, uid)) == 4
+    assert state(listener.config.spool, uid) == "sent"
     # Never PHI in the log or the status file.
     text = caplog.text + (listener.config.spool / "status.json").read_text()
-    assert PATIENT_NAME not in text and PATIENT_ID not in text
+    assert PATIENT_NAME not in text
+    assert PATIENT_ID not in text
 
 
 def test_each_study_run_gets_the_measurement_store(listen, destination, tmp_path):
@@ -134,10 +137,14 @@ def test_listen_db_option_and_pedseg_db_default_open_the_store(tmp_path, monkeyp
     monkeypatch.delenv("PEDSEG_DB")
     assert main(common) == 0
     [(config, env_store), (across, flag_store), (_, no_store)] = started
-    assert isinstance(env_store, SQLiteStore) and env_store.path == tmp_path / "env.db"
-    assert isinstance(flag_store, SQLiteStore) and flag_store.path == tmp_path / "flag.db"
+    assert isinstance(env_store, SQLiteStore)
+    assert env_store.path == tmp_path / "env.db"
+    assert isinstance(flag_store, SQLiteStore)
+    assert flag_store.path == tmp_path / "flag.db"
     assert no_store is None
-    assert config.subject_key is None and not config.compare_across_bundles and across.compare_across_bundles
+    assert config.subject_key is None
+    assert not config.compare_across_bundles
+    assert across.compare_across_bundles
 
 
 def test_aborted_association_keeps_what_was_acknowledged(listen, destination, tmp_path):
@@ -163,7 +170,8 @@ def test_study_completes_after_quiet_period_and_only_once_the_association_closed
     for path in files:
         assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
     threading.Event().wait(1.2)  # three quiet periods, association still open
-    assert state(listener.config.spool, uid) == "receiving" and fake.calls == []
+    assert state(listener.config.spool, uid) == "receiving"
+    assert fake.calls == []
     assoc.release()
     wait_for(lambda: state(listener.config.spool, uid) == "sent", what="study sent")
     assert fake.calls == [(uid, 3)]
@@ -182,7 +190,8 @@ def test_second_study_waits_while_one_is_processed(listen, destination, tmp_path
     assert state(listener.config.spool, uid_a) == "running"
     release.set()
     wait_for(lambda: state(listener.config.spool, uid_b) == "sent", what="second study sent")
-    assert fake.calls == [(uid_a, 2), (uid_b, 3)] and fake.max_running == 1
+    assert fake.calls == [(uid_a, 2), (uid_b, 3)]
+    assert fake.max_running == 1
     assert {ds.StudyInstanceUID for ds in destination.received} == {uid_a, uid_b}
 
 
@@ -232,7 +241,8 @@ def test_a_study_that_keeps_killing_the_listener_is_given_up(listen, destination
     fake = FakePipeline()
     listen(fake, destination, spool=spool)
     wait_for(lambda: state(spool, "1.2.3.4") == "failed", what="study given up")
-    assert fake.calls == [] and "after 3 interrupted runs" in status(spool)["studies"]["1.2.3.4"]["message"]
+    assert fake.calls == []
+    assert "after 3 interrupted runs" in status(spool)["studies"]["1.2.3.4"]["message"]
 
 
 _HANGING_LISTENER = textwrap.dedent("""
@@ -284,7 +294,8 @@ def test_destination_down_retries_then_keeps_results_and_says_so(listen, tmp_pat
     store(files, listener.config.port)
     wait_for(lambda: state(listener.config.spool, uid) == "send_failed", what="send failed")
     entry = status(listener.config.spool)["studies"][uid]
-    assert "after 3 attempts" in entry["message"] and f"pedseg push {entry['output_dir']}" in entry["message"]
+    assert "after 3 attempts" in entry["message"]
+    assert f"pedseg push {entry['output_dir']}" in entry["message"]
     assert caplog.text.count("retrying in") == 2
     outdir = Path(entry["output_dir"])
     assert (outdir / "report" / "report_pdf.dcm").is_file()
@@ -306,7 +317,8 @@ def test_send_backs_off_exponentially_and_fails_with_the_network_exit_code(tmp_p
         send_files([pdf], DicomNode("NOBODY", "127.0.0.1", free_port()), calling_aet="PEDSEG", policy=policy,
                    sleep=delays.append)
     assert delays == [1.0, 2.0, 3.0]
-    assert caught.value.exit_code == 7 and "1 of 1 instances" in str(caught.value)
+    assert caught.value.exit_code == 7
+    assert "1 of 1 instances" in str(caught.value)
     assert main(["push", str(tmp_path / "out"), "--to", f"NOBODY@127.0.0.1:{free_port()}", "--send-attempts", "1"]) == 7
 
 

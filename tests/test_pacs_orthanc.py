@@ -29,6 +29,7 @@ from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
 
 from pacs_support import FakePipeline, free_port, make_study, state, study_uid_of, wait_for
 
+pytestmark = pytest.mark.orthanc
 REPO = Path(__file__).resolve().parents[1]
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 

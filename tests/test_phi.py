@@ -30,7 +30,8 @@ def test_ingest_identify_and_conversion_never_show_patient_identifiers(tmp_path,
         assert main(["identify", str(dicom), "--json"]) == 0
         assert main(["identify", str(dicom)]) == 0
     console = capsys.readouterr()
-    assert identification.missing == [] and "t1c" in console.out
+    assert identification.missing == []
+    assert "t1c" in console.out
     produced = {**text_files(tmp_path / "nifti"), tmp_path / "identify.json": session_to_json(identification)}
     assert any(p.suffix == ".json" for p in produced)  # dcm2niix's sidecar is among them
     # The NIfTI header's free-text fields (descrip, intent name) come from dcm2niix as well.

@@ -115,7 +115,8 @@ def test_redefine_small_et_as_net():
     arr[14:16, 14:16, 14:16] = 1
     rule = {"region": "ET", "below_fraction_of_wt": 0.01, "to": "NET"}
     out, steps = postprocess(_label_image(arr), {"redefine": [rule]})
-    assert (sitk.GetArrayFromImage(out) == 1).sum() == 0 and steps[0].applied
+    assert (sitk.GetArrayFromImage(out) == 1).sum() == 0
+    assert steps[0].applied
 
 
 def test_components_are_26_connected():
@@ -124,9 +125,11 @@ def test_components_are_26_connected():
     arr[2:8, 2:8, 2:8] = 4
     arr[4, 4, 4] = arr[5, 5, 5] = 1
     kept, steps = postprocess(_label_image(arr), {"min_component_voxels": {"ET": 2}})
-    assert (sitk.GetArrayFromImage(kept) == 1).sum() == 2 and steps[0].components_removed == 0
+    assert (sitk.GetArrayFromImage(kept) == 1).sum() == 2
+    assert steps[0].components_removed == 0
     absorbed, steps = postprocess(_label_image(arr), {"min_component_voxels": {"ET": 3}})
-    assert (sitk.GetArrayFromImage(absorbed) == 1).sum() == 0 and steps[0].voxels_changed == 2
+    assert (sitk.GetArrayFromImage(absorbed) == 1).sum() == 0
+    assert steps[0].voxels_changed == 2
     assert (sitk.GetArrayFromImage(absorbed) == 4).sum() == 6 ** 3
 
 
@@ -138,9 +141,11 @@ def test_keep_largest_whole_tumour_and_steps_in_order():
     settings = {"keep_largest_wt": True, "redefine": [{"region": "ET", "below_fraction_of_wt": 0.5, "to": "NET"}]}
     out, steps = postprocess(_label_image(arr), settings)
     result = sitk.GetArrayFromImage(out)
-    assert result[20:24, 20:24, 20:24].max() == 0 and (result > 0).sum() == 1000
+    assert result[20:24, 20:24, 20:24].max() == 0
+    assert (result > 0).sum() == 1000
     assert [s.step for s in steps] == ["redefine ET as NET below 50% of WT", "keep largest whole-tumour component"]
-    assert steps[0].applied is False and steps[1].voxels_changed == 64
+    assert steps[0].applied is False
+    assert steps[1].voxels_changed == 64
 
 
 def test_redefine_leaves_enough_et_alone():
@@ -149,7 +154,8 @@ def test_redefine_leaves_enough_et_alone():
     arr[5:15, 5:15, 5:10] = 1  # half of WT
     out, steps = postprocess(_label_image(arr), {"redefine": [{"region": "ET", "below_fraction_of_wt": 0.2,
                                                                "to": "NET"}]})
-    assert (sitk.GetArrayFromImage(out) == 1).sum() == 500 and not steps[0].applied
+    assert (sitk.GetArrayFromImage(out) == 1).sum() == 500
+    assert not steps[0].applied
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -160,7 +166,8 @@ def test_brats_grid_matches_shared_brats_case(shared_data):
     case = sitk.ReadImage(str(case_dir / "BraTS-GLI-00001-000-t1c.nii.gz"))
     grid = brats_reference_grid()
     assert grid.GetSize() == case.GetSize() == BRATS_SIZE
-    assert np.allclose(grid.GetOrigin(), case.GetOrigin()) and np.allclose(grid.GetOrigin(), BRATS_ORIGIN)
+    assert np.allclose(grid.GetOrigin(), case.GetOrigin())
+    assert np.allclose(grid.GetOrigin(), BRATS_ORIGIN)
     assert np.allclose(grid.GetDirection(), case.GetDirection())
 
 
@@ -172,7 +179,8 @@ def test_atlas_brain_is_oriented_like_the_brats_case(shared_data):
     dice = 2 * (case & atlas).sum() / (case.sum() + atlas.sum())
     flipped_ap = atlas[:, ::-1, :]
     dice_flipped = 2 * (case & flipped_ap).sum() / (case.sum() + flipped_ap.sum())
-    assert dice > 0.85 and dice > dice_flipped + 0.05
+    assert dice > 0.85
+    assert dice > dice_flipped + 0.05
 
 
 def test_compose_and_inverse_round_trip():
@@ -189,7 +197,8 @@ def test_working_copy_keeps_physical_extent_and_orientation():
     img = sitk.Image(ref.GetSize(), sitk.sitkFloat32)
     img.CopyInformation(ref)
     small = working_copy(img, 2.0)
-    assert small.GetSpacing() == (2.0, 2.0, 2.0) and small.GetDirection() == img.GetDirection()
+    assert small.GetSpacing() == (2.0, 2.0, 2.0)
+    assert small.GetDirection() == img.GetDirection()
     assert np.allclose(small.GetOrigin(), img.GetOrigin())
 
 

@@ -84,7 +84,8 @@ def test_json_and_csv_share_volumes_and_schema(measured, tmp_path):
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
 
-    assert doc["schema_version"] == SCHEMA_VERSION and doc["schema"] == "pedseg-measurements"
+    assert doc["schema_version"] == SCHEMA_VERSION
+    assert doc["schema"] == "pedseg-measurements"
     assert set(doc) >= {"units", "context", "regions", "conventions", "rapno", "qc_flags"}
     assert doc["context"] == CONTEXT
     assert doc["qc_flags"] == ["t2f_registration_low_similarity"]
@@ -105,7 +106,8 @@ def test_json_and_csv_share_volumes_and_schema(measured, tmp_path):
         assert float(row["volume_ml"]) == entry["volume_ml"]
         assert float(row["native_volume_ml"]) == entry["native_volume_ml"]
         assert int(row["voxels"]) == entry["voxels"]
-        assert row["study_instance_uid"] == CONTEXT["study_instance_uid"] and row["fast_mode"] == "true"
+        assert row["study_instance_uid"] == CONTEXT["study_instance_uid"]
+        assert row["fast_mode"] == "true"
         assert (row["bundle_name"], row["bundle_sha256"], row["study_date"]) == ("pedseg-demo", "abc123", "20250131")
         assert row["qc_flags"] == "t2f_registration_low_similarity"
     wt = doc["regions"]["WT"]
@@ -119,7 +121,8 @@ def test_json_and_csv_share_volumes_and_schema(measured, tmp_path):
 
 def test_context_keys_always_present(measured, tmp_path):
     doc = json.loads(write_measurements_json(measured, tmp_path / "m.json", context={"extra": 1}).read_text())
-    assert doc["context"]["study_instance_uid"] is None and doc["context"]["bundle"] is None
+    assert doc["context"]["study_instance_uid"] is None
+    assert doc["context"]["bundle"] is None
     assert doc["context"]["extra"] == 1
 
 
@@ -185,13 +188,15 @@ def report(tmp_path, blobs, *, fast_mode):
 
 def test_pdf_report(tmp_path):
     out, m = report(tmp_path, ((np.array([-20.0, 10.0, 5.0]), 14.0),), fast_mode=True)
-    assert out.is_file() and page_count(out) >= 2
+    assert out.is_file()
+    assert page_count(out) >= 2
     text = pdf_text(out)
     assert DISCLAIMER.split(". ")[0].encode() in text
     assert b"For research use only. Not for clinical diagnosis." in text
     assert f"{round(m.regions['WT'].volume_ml, 3):.3f}".encode() in text
     assert FAST_MODE_LINE.encode() in text
-    assert b"SUBJ-0001" in text and b"2024-01-02" in text
+    assert b"SUBJ-0001" in text
+    assert b"2024-01-02" in text
     assert NO_TUMOUR.encode() not in text
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -201,7 +206,8 @@ def test_pdf_report_without_tumour(tmp_path):
     assert m.regions["WT"].voxels == 0
     assert page_count(out) >= 2
     text = pdf_text(out)
-    assert NO_TUMOUR.encode() in text and FAST_MODE_LINE.encode() not in text
+    assert NO_TUMOUR.encode() in text
+    assert FAST_MODE_LINE.encode() not in text
 
 
 def test_figures_skip_montage_without_tumour(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from pedseg.pipeline.longitudinal import TimePoint
 from pedseg.tracking.records import from_dict, time_point_from_document, to_dict
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 NAMESPACE = "pedseg"  # the gear's info namespace (its analysis summary lives at info.pedseg too)
 # The gear's flat name for measurements.json (gear.metadata.FLAT_NAMES["measurements_json"]).
@@ -38,7 +38,7 @@ class FlywheelStore:
                 try:
                     recorded.append(from_dict(entry))
                 except (KeyError, TypeError, AttributeError) as exc:  # hand-edited info must not stop a run
-                    log.warning("skipped a malformed time point in session info (%s)", type(exc).__name__)
+                    logger.warning("skipped a malformed time point in session info (%s)", type(exc).__name__)
             seen = {(tp.study_uid, tp.bundle.sha256) for tp in recorded}
             for tp in self._from_analyses(session, subject_key):
                 if (tp.study_uid, tp.bundle.sha256) not in seen:
@@ -69,7 +69,7 @@ class FlywheelStore:
                 try:
                     points.append(time_point_from_document(json.loads(path.read_text()), subject_key))
                 except (ValueError, KeyError, TypeError) as exc:  # another tool's file of the same name
-                    log.warning("skipped an analysis' measurements file that is not pedseg's (%s)",
+                    logger.warning("skipped an analysis' measurements file that is not pedseg's (%s)",
                                 type(exc).__name__)
         return points
 
