@@ -10,7 +10,6 @@ metadata schema that fw-gear ships and written atomically.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from importlib import resources
@@ -27,8 +26,6 @@ from pedseg.pipeline.atomic import write_text
 
 if TYPE_CHECKING:
     from pedseg.runner import RunResult
-
-logger = logging.getLogger(__name__)
 
 GEAR_NAME = "pedseg-brain-tumor"
 TAGS = ["pedseg"]

@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 RECEIVING, QUEUED, RUNNING, SENDING, SENT, FAILED, SEND_FAILED = (
     "receiving", "queued", "running", "sending", "sent", "failed", "send_failed")
-FINAL = (SENT, FAILED, SEND_FAILED)
 
 
 def now_iso() -> str:

@@ -130,7 +130,8 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
         folds=prediction.folds_used, ensemble=prediction.ensemble, postprocessing=tuple(steps), qc=pre.qc,
         reference_role=identification.reference_role,
     )
-    timeline = _timeline(store, session, context, measurements, provenance.bundle, config) if store else None
+    timeline = (_timeline(store, session, context, measurements, provenance.bundle, config)
+                if store is not None else None)
     artifacts = RunArtifacts(session=session, identification=identification, context=context, config=config,
                              bundle=bundle, preprocessed=pre, prediction=prediction, labels=labels,
                              native_labels=native_labels, measurements=measurements, provenance=provenance,

@@ -12,12 +12,12 @@ from scipy import ndimage
 from pedseg.pipeline.labels import INTERNAL, internal_value, region_mask
 from pedseg.pipeline.types import PostprocessStep
 
-# bundle.json "postprocessing" keys, applied in this order.
-SETTINGS = ("min_wt_component_voxels", "min_component_voxels", "redefine", "keep_largest_wt")
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 
 
 def postprocess(labels: sitk.Image, settings: dict) -> tuple[sitk.Image, list[PostprocessStep]]:
+    """bundle.json's "postprocessing" settings (their shape: pipeline/bundle.schema.json), applied in this order:
+    small whole-tumour components, small sub-region components, redefinitions, the largest component."""
     arr = sitk.GetArrayFromImage(labels).astype(np.uint8)
     steps: list[PostprocessStep] = []
     min_wt = int(settings.get("min_wt_component_voxels", 0))

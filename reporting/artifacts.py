@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from pedseg.pipeline.bundle import ModelBundle
 from pedseg.pipeline.config import PipelineConfig
-from pedseg.pipeline.longitudinal import BundleId, Longitudinal
+from pedseg.pipeline.longitudinal import Longitudinal
 from pedseg.pipeline.types import (
     QC,
     EnsembleInfo,
@@ -37,9 +37,6 @@ class BundleRecord:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-    def bundle_id(self) -> BundleId:
-        return BundleId(self.name, self.version, self.sha256, self.label_convention)
 
 
 @dataclass(frozen=True)

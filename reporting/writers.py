@@ -5,7 +5,6 @@ at its edge, and every other writer (PDF figures, SEG) reads the internal values
 """
 from __future__ import annotations
 
-import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +22,6 @@ from pedseg.reporting.dicom_sr import write_sr
 from pedseg.reporting.longitudinal import change_rows, write_history_csv
 from pedseg.reporting.pdf import write_report_pdf
 from pedseg.reporting.tables import write_measurements_csv, write_measurements_json
-
-logger = logging.getLogger(__name__)
 
 Writer = Callable[[RunArtifacts, Path], dict[str, Path]]
 PDF_TITLE = "pedseg tumour volumetry report (research use only)"

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from pedseg.cli.main import main as pedseg
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import MissingSequenceError
-from pedseg.pipeline.identify import classify_session, identify, session_to_json
+from pedseg.pipeline.identify import classify_session, identify, reference_role, session_to_json
 from pedseg.pipeline.identify_rules import RULES
 from pedseg.pipeline.ingest import ingest
 from pedseg.pipeline.types import Series, SeriesHeader, Session
@@ -443,3 +443,13 @@ def test_real_epi_series_are_never_structural(folder, words, tmp_path):
     assert [d.role for d in ident.decisions] == ["other"]
     assert any(words in r for r in ident.decisions[0].reasons)
     assert ident.chosen == {}
+
+
+def test_the_reference_series_falls_back_to_t1c_then_the_first_chosen_and_says_so(caplog):
+    chosen = {"t1n": "1.1", "t1c": "1.2", "t2f": "1.4"}
+    assert reference_role("t2f", chosen) == "t2f"
+    assert not caplog.text
+    assert reference_role("t2w", chosen) == "t1c"
+    assert "the reference series asked for, T2 (t2w), is not in this session" in caplog.text
+    assert reference_role("t1c", {"t2w": "1.3", "t2f": "1.4"}) == "t2w"
+    assert classify_session(session_of(*full_session()), reference="t2f").reference_role == "t2f"
