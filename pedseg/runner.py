@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
@@ -32,10 +33,12 @@ from pedseg.pipeline.preprocess import labels_to_native, preprocess
 from pedseg.pipeline.study import study_context
 from pedseg.pipeline.types import Identification, Measurements, Session, StudyContext
 from pedseg.reporting.artifacts import BundleRecord, Provenance, RunArtifacts
-from pedseg.reporting.writers import DEFAULT_WRITERS, Writer
 from pedseg.tracking.records import time_point
 from pedseg.tracking.store import MeasurementStore
 from pedseg.workspace import PROVENANCE_FILE, Workspace
+
+if TYPE_CHECKING:
+    from pedseg.reporting.writers import Writer
 
 logger = logging.getLogger(__name__)
 PACKAGES = ("nnunetv2", "torch", "SimpleITK", "pydicom", "highdicom", "deepbet", "dcm2niix", "reportlab", "numpy")
@@ -89,9 +92,10 @@ def read_session(inputs: Path | Sequence[Path], workspace: Workspace, clock: Sta
 
 def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
                 store: MeasurementStore | None = None, *, bundle: ModelBundle | None = None,
-                clock: StageClock | None = None, writers: Sequence[Writer] = DEFAULT_WRITERS) -> RunResult:
+                clock: StageClock | None = None, writers: Sequence[Writer] | None = None) -> RunResult:
     """Every stage after ingest, the writers, and publishing into the workspace's OUTDIR. `bundle`: loaded by
-    the caller already, else from `config.bundle`; `clock`: the one that timed the ingest, for provenance."""
+    the caller already, else from `config.bundle`; `clock`: the one that timed the ingest, for provenance;
+    `writers`: reporting.writers.DEFAULT_WRITERS unless given."""
     bundle = bundle or load_bundle(config.bundle)
     clock = clock or StageClock()
     work = workspace.work
@@ -138,7 +142,7 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
                              timeline=timeline)
     with clock("report") as facts:
         outputs: dict[str, Path] = {}
-        for writer in writers:
+        for writer in writers or _default_writers():
             outputs.update(writer(artifacts, workspace.staging))
         facts.append(f"{len(outputs) + 1} files" + ("" if artifacts.has_tumour else
                                                     "; no tumour found: the report says so, and no DICOM SEG or SR"))
@@ -152,6 +156,14 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
     logger.info("done: outputs in %s", workspace.outdir)
     return RunResult(outdir=workspace.outdir, outputs=final, identification=identification,
                      measurements=measurements, provenance=provenance)
+
+
+def _default_writers() -> Sequence[Writer]:
+    # matplotlib, reportlab and highdicom load once inference is done, so they are not resident at its memory
+    # peak (about 90 MB on the demo).
+    from pedseg.reporting.writers import DEFAULT_WRITERS
+
+    return DEFAULT_WRITERS
 
 
 def _require_inputs(identification: Identification, bundle: ModelBundle) -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 import dcm2niix
 import numpy as np
 import SimpleITK as sitk
-from highdicom.spatial import get_normal_vector
 
 from pedseg.pipeline.atomic import gzip_length, write_text
 from pedseg.pipeline.dicom_header import group_value, read_header, rounded
@@ -81,7 +80,7 @@ def check_slice_spacing(series: Series) -> None:
     h = series.header
     if h.orientation is None or len(h.orientation) != 6 or h.num_orientations > 1:
         return
-    normal = get_normal_vector(h.orientation)  # row cosines × column cosines
+    normal = np.cross(h.orientation[:3], h.orientation[3:])  # row cosines × column cosines
     if not 0.9 < np.linalg.norm(normal) < 1.1:  # not two unit direction cosines at right angles
         return
     positions = sorted({round(float(np.dot(p, normal)), 2) for p in _slice_positions(series.files)})
