@@ -6,7 +6,7 @@ in one run: wall time, peak memory, the speed ratio and how far the two label ma
 
 Stock: per bundle model, nnUNetPredictor.initialize_from_trained_model_folder and predict_single_npy_array
 (returning probabilities), averaged with the bundle weights (what pipeline/infer.py ran before the engine).
-Ours: pipeline.ensemble.run_ensemble. The input is one synthetic held-out case (atlas space, 240x240x155).
+Ours: pedseg.pipeline.ensemble.run_ensemble. The input is one synthetic held-out case (atlas space, 240x240x155).
 Each variant runs in a fresh child process; time runs from model loading to the label map (imports and input
 loading excluded); peak RSS is the child's (ru_maxrss), peak GPU memory torch's maximum reserved.
 """
