@@ -180,8 +180,8 @@ def _cmd_history(args) -> int:
         raise InputError(f"No measurement store at '{args.db}'." if args.db else "No measurement store given.",
                          hint="Pass --db PATH (the file `pedseg run --db` records into) or set PEDSEG_DB.")
     store = SQLiteStore(args.db)
-    points = store.history(args.subject) or store.history(subject_key(args.subject, os.environ.get(SUBJECT_SALT_ENV,
-                                                                                                   "")))
+    salted = subject_key(args.subject, os.environ.get(SUBJECT_SALT_ENV, ""))
+    points = store.history(args.subject) or store.history(salted)
     if not points:
         raise InputError("No time points are recorded for this subject.",
                          hint=f"SUBJECT is the key given to `pedseg run --subject-key`, or the PatientID (with "

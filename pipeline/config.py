@@ -12,7 +12,9 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pedseg.pipeline.labels import Convention
 from pedseg.pipeline.longitudinal import ResponseThresholds
+from pedseg.pipeline.types import Role
 
 SUBJECT_SALT_ENV = "PEDSEG_SUBJECT_SALT"  # a site secret mixed into PatientID hashes (subject keys)
 # PEDSEG_BUNDLE lets an installed copy (Docker image, gear) point at its baked-in bundle.
@@ -20,9 +22,7 @@ DEFAULT_BUNDLE = Path(os.environ.get("PEDSEG_BUNDLE",
                                      Path(__file__).resolve().parent.parent / "bundles" / "pedseg-demo"))
 
 Device = typing.Literal["auto", "cpu", "cuda"]
-Role = typing.Literal["t1n", "t1c", "t2w", "t2f"]
 MissingPolicy = typing.Literal["fail", "allow"]  # allow: fewer sequences, only with a bundle that accepts them
-LabelConvention = typing.Literal["2024", "2023"]  # label values of the NIfTI label maps a run writes
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class PipelineConfig:
     fast: bool = False  # fewest folds, no mirroring TTA
     reference_role: Role = "t1c"  # series the others are registered to, and the SEG and native label map refer to
     missing_policy: MissingPolicy = "fail"
-    label_convention: LabelConvention = "2024"
+    label_convention: Convention = "2024"  # label values of the NIfTI label maps a run writes
     write_seg: bool = True
     write_sr: bool = True
     write_pdf: bool = True

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Literal, get_args
 
 import numpy as np
 
-INTERNAL = "2024"
+Convention = Literal["2024", "2023"]  # BraTS-PEDs label conventions; LABEL_VALUES below gives each one's values
+INTERNAL: Convention = "2024"
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ LABEL_VALUES = MappingProxyType({
     "2024": MappingProxyType({name: value for value, name in enumerate(BASE_REGIONS, start=1)}),
     "2023": MappingProxyType({"NCR": 1, "ED": 2, "ET": 3}),
 })
-CONVENTIONS = tuple(LABEL_VALUES)
+CONVENTIONS: tuple[Convention, ...] = get_args(Convention)
 REGIONS_2023 = MappingProxyType({"NCR": ("NET", "CC"), "ED": ("ED",), "ET": ("ET",)})
 
 

@@ -32,8 +32,8 @@ SEARCH_STEPS = 2  # grid points each side of the start per rotation axis: 5 x 5 
 SEARCH_SAMPLES = 20_000
 
 
-def register_rigid(fixed: sitk.Image, moving: sitk.Image, *, same_frame: bool, seed: int = 17) -> tuple[sitk.Transform,
-                                                                                                        float]:
+def register_rigid(fixed: sitk.Image, moving: sitk.Image, *, same_frame: bool,
+                   seed: int = 17) -> tuple[sitk.Transform, float]:
     """Rigidly align `moving` to `fixed`; return (fixed->moving transform, final metric value).
 
     `same_frame`: both series come from one exam (same FrameOfReferenceUID), so scanner coordinates already

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
-ROLES = ("t1n", "t1c", "t2w", "t2f")
+Role = Literal["t1n", "t1c", "t2w", "t2f"]  # pre-contrast T1, post-contrast T1, T2, T2-FLAIR
+ROLES: tuple[Role, ...] = get_args(Role)
 
 
 def series_key(series_uid: str, part: str) -> str:

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from pedseg.pipeline.errors import InternalError
-from pedseg.pipeline.labels import convert_labels
+from pedseg.pipeline.labels import CONVENTIONS, LABEL_VALUES, convert_labels
 from pedseg.pipeline.measure import measure
 from pedseg.pipeline.types import Lesion, Rapno
 
@@ -183,6 +183,7 @@ def test_labels_outside_the_convention_are_refused():
 
 
 def test_convert_labels_between_conventions():
+    assert set(LABEL_VALUES) == set(CONVENTIONS)  # every convention the config accepts has its label values
     labels_2024 = np.array([0, 1, 2, 3, 4], dtype=np.uint8)
     labels_2023 = convert_labels(labels_2024, "2024", "2023")
     np.testing.assert_array_equal(labels_2023, [0, 3, 1, 1, 2])

@@ -181,8 +181,8 @@ def test_label_round_trip_atlas_native_atlas_keepsmask_dice(tmp_path, geometry, 
 def test_distance_resampling_beats_nearest_between_thick_slices():
     """From 5 mm slices back to 1 mm, shape-based interpolation keeps more of the shape than nearest."""
     labels = _tumour_labels()
-    thick = resample_labels(labels, native_grid(OBLIQUE_2D_5MM, 1.0), sitk.Euler3DTransform((0, 0, 0), 0, 0, 0,
-                                                                                            (120, -120, 77)))
+    to_thick = sitk.Euler3DTransform((0, 0, 0), 0, 0, 0, (120, -120, 77))
+    thick = resample_labels(labels, native_grid(OBLIQUE_2D_5MM, 1.0), to_thick)
     to_native = sitk.Euler3DTransform((0, 0, 0), 0, 0, 0, (-120, 120, -77))
     before = sitk.GetArrayFromImage(labels) > 0
     scores = {method: mask_dice(before,
