@@ -1,14 +1,19 @@
-"""Model bundles: a folder with `bundle.json` and one or more nnU-Net v2 trained-model folders.
+"""Model bundles: a folder with `bundle.json` and one or more trained models of one kind: nnU-Net v2 trained-model
+folders, or DeepMedic members (architecture.json + model.safetensors, made by scripts/convert_deepmedic.py).
 
 bundle.json (format_version 1; its shape is the JSON Schema in bundle.schema.json, which `load_bundle` checks;
 the README's "Model bundles" section describes every field):
   name, version, licence, description
-  inputs:            {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3}   role -> nnU-Net input channel
+  inputs:            {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3}   role -> model input channel
   required_inputs:   roles the models need (fewer than four is allowed for a bundle trained that way)
+  population:        who the models were trained on: pediatric, adult, adult-and-pediatric or synthetic
   label_convention:  "2024" (1 ET, 2 NET, 3 CC, 4 ED) or "2023" (1 NCR, 2 ED, 3 ET)
   labels:            {"1": "ET", ...} model output label value -> region name
   models:            [{"path": "models/<trainer>__<plans>__<config>", "folds": [0, 1], "weight": 1.0,
-                       "checkpoint": "checkpoint_final.pth"}]
+                       "checkpoint": "checkpoint_final.pth"}]                    (kind "nnunetv2", the default)
+                     [{"kind": "deepmedic", "path": "models/deepmedic", "weights": "model.safetensors",
+                       "normalisation": "captk-zscore", "classes": {"0": 0, "1": 1, "2": 2, "3": 3, "4": 3}}]
+                     classes: DeepMedic output class -> bundle label value
   tta:               mirroring test-time augmentation by default
   fast_folds:        folds used in --fast mode (a model with none of them runs its first fold)
   postprocessing:    {"min_component_voxels": {"ET": 8, ...}, "min_wt_component_voxels": 50,
@@ -26,6 +31,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal, get_args
 
 import jsonschema
 
@@ -34,14 +40,32 @@ from pedseg.pipeline.labels import BASE_REGIONS, CONVENTIONS, LABEL_VALUES
 from pedseg.pipeline.types import ROLES
 
 SCHEMA_FILE = "bundle.schema.json"
+ModelKind = Literal["nnunetv2", "deepmedic"]
+Population = Literal["pediatric", "adult", "adult-and-pediatric", "synthetic", "unspecified"]
+DEEPMEDIC_ARCHITECTURE = "architecture.json"
 
 
 @dataclass(frozen=True)
 class BundleModel:
     path: Path
-    folds: tuple[str, ...]
     weight: float
-    checkpoint: str
+    kind: ModelKind = "nnunetv2"
+    folds: tuple[str, ...] = ()  # nnunetv2: the folds, each fold_<f>/<checkpoint>
+    checkpoint: str = ""
+    weights: str = ""  # deepmedic: the safetensors file in `path`
+    normalisation: str = ""  # deepmedic: the intensity normalisation it was trained with
+    classes: dict[int, int] = field(default_factory=dict)  # deepmedic: output class -> bundle label value
+
+    @property
+    def weight_files(self) -> tuple[Path, ...]:
+        """The files holding this model's trained weights (and, for DeepMedic, its shape)."""
+        if self.kind == "deepmedic":
+            return self.path / DEEPMEDIC_ARCHITECTURE, self.path / self.weights
+        return tuple(self.path / f"fold_{fold}" / self.checkpoint for fold in self.folds)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,11 @@ class ModelBundle:
     tta: bool
     fast_folds: tuple[str, ...]
     postprocessing: dict = field(default_factory=dict)
+    population: Population = "unspecified"
+
+    @property
+    def kind(self) -> ModelKind:
+        return self.models[0].kind  # one kind per bundle (checked when loaded)
 
     def folds_to_run(self, fast: bool) -> list[tuple[BundleModel, tuple[str, ...]]]:
         """Each model with the folds a run uses: all of them, or in fast mode those in fast_folds."""
@@ -68,12 +97,12 @@ class ModelBundle:
 
     @functools.cached_property
     def sha256(self) -> str:
-        """Hash of bundle.json and every checkpoint: identifies exactly which weights produced a result. Read once
+        """Hash of bundle.json and every weight file: identifies exactly which weights produced a result. Read once
         per loaded bundle (real weights are hundreds of MB; the gear needs it before and after a run)."""
         digest = hashlib.sha256((self.root / "bundle.json").read_bytes())
         for model in self.models:
-            for fold in model.folds:
-                with open(model.path / f"fold_{fold}" / model.checkpoint, "rb") as fh:
+            for path in model.weight_files:
+                with open(path, "rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
                         digest.update(chunk)
         return digest.hexdigest()
@@ -95,8 +124,7 @@ def load_bundle(root: Path) -> ModelBundle:
         why = f" ({error.schema['description']})" if "description" in error.schema else ""
         raise BundleError(f"bundle.json in '{root}' is malformed: at {where}, {error.message}{why}.",
                           hint=_FORMAT_HINT)
-    models = tuple(BundleModel(root / m["path"], tuple(str(f) for f in m["folds"]), float(m.get("weight", 1.0)),
-                               m.get("checkpoint", "checkpoint_final.pth")) for m in spec["models"])
+    models = tuple(_model(root, m) for m in spec["models"])
     bundle = ModelBundle(
         root=root,
         name=spec["name"],
@@ -110,10 +138,25 @@ def load_bundle(root: Path) -> ModelBundle:
         tta=spec.get("tta", True),
         fast_folds=tuple(str(f) for f in spec.get("fast_folds", models[0].folds[:1])),
         postprocessing=spec.get("postprocessing", {}),
+        population=spec.get("population", "unspecified"),
     )
     _check_consistency(bundle)
-    _check_model_folders(bundle)
+    if bundle.kind == "deepmedic":
+        _check_deepmedic_members(bundle)
+    else:
+        _check_model_folders(bundle)
     return bundle
+
+
+def _model(root: Path, entry: dict) -> BundleModel:
+    kind = entry.get("kind", "nnunetv2")
+    weight = float(entry.get("weight", 1.0))
+    if kind == "deepmedic":
+        return BundleModel(root / entry["path"], weight, kind, weights=entry.get("weights", "model.safetensors"),
+                           normalisation=entry["normalisation"],
+                           classes={int(k): int(v) for k, v in entry["classes"].items()})
+    return BundleModel(root / entry["path"], weight, kind, folds=tuple(str(f) for f in entry["folds"]),
+                       checkpoint=entry.get("checkpoint", "checkpoint_final.pth"))
 
 
 _FORMAT_HINT = "See the README's Model bundles section for the format of bundle.json."
@@ -127,13 +170,20 @@ def _validator() -> jsonschema.protocols.Validator:
              "model_region": tuple(dict.fromkeys(name for values in LABEL_VALUES.values() for name in values))}
     for name, values in names.items():
         schema["$defs"][name]["enum"] = list(values)
+    schema["$defs"]["kind"]["enum"] = list(get_args(ModelKind))
+    schema["$defs"]["population"]["enum"] = [p for p in get_args(Population) if p != "unspecified"]
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     return cls(schema)
 
 
 def _check_consistency(bundle: ModelBundle) -> None:
-    """What the schema cannot say: channels numbered 0..N-1, labels of exactly the declared convention."""
+    """What the schema cannot say: channels numbered 0..N-1, labels of exactly the declared convention, one
+    model kind."""
+    kinds = sorted({model.kind for model in bundle.models})
+    if len(kinds) > 1:
+        raise BundleError(f"Bundle '{bundle.name}' mixes model kinds {kinds}; a bundle holds models of one kind.",
+                          hint="Split it into one bundle per kind.")
     if sorted(bundle.inputs.values()) != list(range(len(bundle.inputs))):
         raise BundleError(f"Bundle '{bundle.name}' input channels {sorted(bundle.inputs.values())} are not 0..N-1.")
     if set(bundle.labels.values()) != set(LABEL_VALUES[bundle.label_convention]):
@@ -169,3 +219,32 @@ def _check_model_folders(bundle: ModelBundle) -> None:
     if len({json.dumps(labels, sort_keys=True) for labels in model_labels.values()}) > 1:
         raise BundleError(f"Bundle '{bundle.name}': its models predict different label sets {model_labels}; "
                           "their probabilities cannot be averaged.", hint="Ensemble models trained on one label set.")
+
+
+def _check_deepmedic_members(bundle: ModelBundle) -> None:
+    """Each member's architecture and weights load, their shapes agree, it takes the bundle's channels, and its
+    classes map onto the bundle's labels."""
+    from pedseg.pipeline.deepmedic import load_deepmedic
+
+    for model in bundle.models:
+        missing = [path.name for path in model.weight_files if not path.is_file()]
+        if missing:
+            raise BundleError(f"Bundle '{bundle.name}': DeepMedic model '{model.name}' lacks {', '.join(missing)}.",
+                              hint="Restore the member folder (scripts/convert_deepmedic.py writes both files).")
+        network = load_deepmedic(model.path / DEEPMEDIC_ARCHITECTURE, model.path / model.weights,
+                                 bundle_name=bundle.name)
+        if network.arch.input_channels != len(bundle.inputs):
+            raise BundleError(
+                f"Bundle '{bundle.name}': DeepMedic model '{model.name}' takes {network.arch.input_channels} input "
+                f"channels but bundle.json maps {len(bundle.inputs)} sequences.",
+                hint="Fix 'inputs' in bundle.json to match the model's channels.")
+        if sorted(model.classes) != list(range(network.arch.classes)):
+            raise BundleError(
+                f"Bundle '{bundle.name}': DeepMedic model '{model.name}' has {network.arch.classes} output classes "
+                f"but 'classes' maps {sorted(model.classes)}.", hint="Map every class 0..N-1 to a label value.")
+        unknown = sorted(set(model.classes.values()) - {0, *bundle.labels})
+        if unknown or model.classes[0] != 0:
+            raise BundleError(
+                f"Bundle '{bundle.name}': DeepMedic model '{model.name}' maps classes to label values {unknown} "
+                "that bundle.json's labels do not name, or class 0 (background) to a tumour label.",
+                hint="Map classes to 0 or to the values in 'labels'.")

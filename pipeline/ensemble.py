@@ -31,6 +31,7 @@ from nnunetv2.utilities.helpers import empty_cache
 
 from pedseg.pipeline.bundle import BundleModel
 from pedseg.pipeline.errors import BundleError
+from pedseg.pipeline.model_output import EnsembleResult
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +48,6 @@ class Member:
 
     model: BundleModel
     folds: tuple[str, ...]
-
-
-@dataclass
-class EnsembleResult:
-    probabilities: np.ndarray  # (C, z, y, x) float32 weighted mean over models, on the input grid
-    labels: np.ndarray  # (z, y, x) model label values: nnU-Net's label manager applied to the mean
-    # Model label values each probability channel stands for: one label per channel (softmax, background
-    # first), or for region-based models one region (e.g. whole tumour = all tumour labels) per sigmoid channel.
-    channel_labels: tuple[tuple[int, ...], ...]
-    has_regions: bool
-    preprocessing_runs: int
-    model_seconds: dict[str, float]
 
 
 class TileBatchPredictor(nnUNetPredictor):

@@ -1,4 +1,5 @@
-"""Inference stage: the bundle's nnU-Net ensemble (pipeline.ensemble) on the atlas-space images.
+"""Inference stage: the bundle's models on the atlas-space images: an nnU-Net ensemble (pipeline.ensemble) or
+DeepMedic members (pipeline.deepmedic), by the bundle's model kind.
 
 Writes the label map (internal BraTS-PEDs 2024 values), one probability map per region and an uncertainty
 map (normalised entropy of the ensemble's mean probabilities) as NIfTI on the atlas grid. `--fast` runs the
@@ -53,19 +54,15 @@ def _read_inputs(pre: Preprocessed, bundle: ModelBundle) -> list[sitk.Image]:
 def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: PipelineConfig) -> Prediction:
     import torch
 
-    from pedseg.pipeline.ensemble import Member, nnunet_input, run_ensemble
-
     device = pick_device(config.device)
-    tta = bundle.tta and not config.fast
-    members = [Member(model, folds) for model, folds in bundle.folds_to_run(config.fast)]
     images = _read_inputs(pre, bundle)
     reference = images[0]
-    data, spacing_zyx = nnunet_input(images)
+    run, members, folds_used, tta = _runner(bundle, images, config)
     t0 = time.perf_counter()
     try:
         if device.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        result = run_ensemble(data, spacing_zyx, members, device, tta)
+        result = run(device)
     except torch.OutOfMemoryError as exc:
         if config.device != "auto":
             raise ResourceError("The GPU ran out of memory during inference.",
@@ -73,7 +70,7 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
         logger.warning("out of GPU memory (%s): running the ensemble on the CPU instead", str(exc).splitlines()[0])
         device = torch.device("cpu")
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        result = run_ensemble(data, spacing_zyx, members, device, tta)
+        result = run(device)
 
     out = workdir / "prediction"
     out.mkdir(parents=True, exist_ok=True)
@@ -89,12 +86,28 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
     uncertainty_path = _write_like(_rounded(entropy), reference, out / "uncertainty_atlas.nii.gz")
     return Prediction(
         labels=labels_path, probabilities=probabilities, uncertainty=uncertainty_path,
-        models_used=[m.model.path.name for m in members],
-        folds_used=[f"{m.model.path.name}/fold_{f}" for m in members for f in m.folds], tta=tta, device=device.type,
-        ensemble=EnsembleInfo(weights={m.model.path.name: m.model.weight for m in members},
+        models_used=[m.name for m in members], folds_used=folds_used, tta=tta, device=device.type,
+        ensemble=EnsembleInfo(weights={m.name: m.weight for m in members},
                               preprocessing_runs=result.preprocessing_runs, seconds_per_model=result.model_seconds,
                               seconds=round(time.perf_counter() - t0, 2)),
     )
+
+
+def _runner(bundle: ModelBundle, images: list[sitk.Image], config: PipelineConfig):
+    """How this bundle's models run: a function of the device giving an EnsembleResult, the models, what of them
+    ran (nnU-Net folds, or the DeepMedic members) and whether test-time mirroring was on."""
+    if bundle.kind == "deepmedic":  # DeepMedic has no folds, no mirroring and nothing faster to leave out
+        from pedseg.pipeline.deepmedic import run_deepmedic
+
+        return (lambda device: run_deepmedic(images, bundle, device)), list(bundle.models), \
+            [m.name for m in bundle.models], False
+    from pedseg.pipeline.ensemble import Member, nnunet_input, run_ensemble
+
+    tta = bundle.tta and not config.fast
+    members = [Member(model, folds) for model, folds in bundle.folds_to_run(config.fast)]
+    data, spacing_zyx = nnunet_input(images)
+    return (lambda device: run_ensemble(data, spacing_zyx, members, device, tta)), [m.model for m in members], \
+        [f"{m.model.name}/fold_{f}" for m in members for f in m.folds], tta
 
 
 def normalised_entropy(probabilities: np.ndarray, has_regions: bool) -> np.ndarray:

@@ -46,6 +46,7 @@ from pedseg.pipeline.errors import (
 from pedseg.pipeline.identify import classify_session
 from pedseg.pipeline.identify_rules import ROLE_NAMES
 from pedseg.pipeline.ingest import ingest
+from pedseg.pipeline.model_output import EnsembleResult
 
 from factories import fake_bundle, fake_model_stages, tiny_atlas_case
 from hostile_support import (
@@ -541,7 +542,7 @@ def test_out_of_gpu_memory_falls_back_to_cpu_and_says_so(tmp_path, monkeypatch, 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         probabilities = np.zeros((5, *image.shape[1:]), np.float32)
         probabilities[0] = 1
-        return ensemble.EnsembleResult(probabilities=probabilities, labels=np.zeros(image.shape[1:], np.uint8),
+        return EnsembleResult(probabilities=probabilities, labels=np.zeros(image.shape[1:], np.uint8),
                                        channel_labels=((0,), (1,), (2,), (3,), (4,)), has_regions=False,
                                        preprocessing_runs=1, model_seconds={})
 
