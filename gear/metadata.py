@@ -2,7 +2,8 @@
 
 The engine uploads only the files directly in output/, so the pipeline's sub-folders are flattened into
 `pedseg_*` names. `.metadata.json` holds a summary on the destination container (numbers, bundle, hashes:
-never patient identifiers, DICOM UIDs or input file names), each output's Flywheel file type, and a QC result.
+never patient identifiers, DICOM UIDs or input file names), each output's Flywheel file type, and a QC result
+(which carries the population warning of a child's study segmented by a model not trained on children).
 It is built with fw-gear's `Metadata` (update_container, update_file_metadata, add_gear_info with a QC result
 from create_qc_result_dict), so it follows Flywheel's conventions exactly, then checked against the engine's
 metadata schema that fw-gear ships and written atomically.
@@ -69,11 +70,13 @@ def build_metadata(summary: dict, files: dict[str, Path], destination_type: str,
     metadata.update_container(destination_type, info={"pedseg": summary})
     for key, path in files.items():
         metadata.update_file_metadata(_output_file(path, destination_type), destination_type, **_file_fields(key, path))
-    # Flywheel's QC convention, on the report a reviewer opens: any QC flag asks for review.
+    # Flywheel's QC convention, on the report a reviewer opens: any QC flag asks for review, and so does a model
+    # not trained on children segmenting a child (its message joins the flags; the record stands beside them).
     qc_file = files["pdf"] if "pdf" in files else files["measurements_json"]
-    flags = summary["qc_flags"]
+    population = summary.get("population_warning")
+    flags = [*summary["qc_flags"], *([population["message"]] if population else [])]
     result = create_qc_result_dict("segmentation", "FAIL" if flags else "PASS", flags=flags,
-                                   whole_tumour_ml=summary["volumes_ml"].get("WT"))
+                                   whole_tumour_ml=summary["volumes_ml"].get("WT"), population_warning=population)
     info = metadata.add_gear_info("qc", File(qc_file.name, destination_type), **result)
     metadata.update_file_metadata(_output_file(qc_file, destination_type), destination_type, info=info)
     return metadata.as_dict()
@@ -130,6 +133,7 @@ def run_summary(result: RunResult) -> dict:
             "sum_product_mm2": _number(result.measurements.rapno.sum_product_mm2),
         },
         "qc_flags": list(result.measurements.qc_flags),
+        "population_warning": result.population_warning.as_dict() if result.population_warning else None,
     }
 
 

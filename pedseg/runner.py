@@ -28,10 +28,11 @@ from pedseg.pipeline.infer import infer, uncertainty_summary
 from pedseg.pipeline.ingest import ingest
 from pedseg.pipeline.longitudinal import Longitudinal, compare
 from pedseg.pipeline.measure import measure
+from pedseg.pipeline.population import CHILDREN_COVERED, population_warning
 from pedseg.pipeline.postprocess import postprocess
 from pedseg.pipeline.preprocess import labels_to_native, preprocess
 from pedseg.pipeline.study import study_context
-from pedseg.pipeline.types import Identification, Measurements, Session, StudyContext
+from pedseg.pipeline.types import Identification, Measurements, PopulationWarning, Session, StudyContext
 from pedseg.reporting.artifacts import BundleRecord, Provenance, RunArtifacts
 from pedseg.tracking.records import time_point
 from pedseg.tracking.store import MeasurementStore
@@ -53,6 +54,8 @@ class RunResult:
     identification: Identification
     measurements: Measurements
     provenance: Provenance
+    # Set when a child's study was segmented by a bundle not trained on children (pedseg.pipeline.population).
+    population_warning: PopulationWarning | None = None
 
 
 class StageClock:
@@ -105,9 +108,11 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
         facts.append(_chosen_text(session, identification))
     context = study_context(session, identification.chosen[identification.reference_role],
                             pseudonymize=config.pseudonymize, subject_salt=config.subject_salt)
+    # The configured age wins over the headers', for the brain-volume check and the population guard alike.
+    age_years = config.patient_age_years if config.patient_age_years is not None else context.age_years
+    warning = _population_guard(bundle, age_years)
     with clock("preprocess") as facts:
-        pre = preprocess(session, identification, work, config,
-                         patient_age_years=config.patient_age_years or context.age_years)
+        pre = preprocess(session, identification, work, config, patient_age_years=age_years)
         facts.append(f"{len(pre.images)} series on the BraTS atlas, brain {pre.qc.brain_volume_ml:.0f} mL "
                      f"({pre.qc.brain_extraction}), {len(pre.qc.flags)} QC flag(s)")
     with clock("infer") as facts:
@@ -139,7 +144,7 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
     artifacts = RunArtifacts(session=session, identification=identification, context=context, config=config,
                              bundle=bundle, preprocessed=pre, prediction=prediction, labels=labels,
                              native_labels=native_labels, measurements=measurements, provenance=provenance,
-                             timeline=timeline)
+                             timeline=timeline, population_warning=warning)
     with clock("report") as facts:
         outputs: dict[str, Path] = {}
         for writer in writers or _default_writers():
@@ -155,7 +160,7 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
         store.record(timeline.current)
     logger.info("done: outputs in %s", workspace.outdir)
     return RunResult(outdir=workspace.outdir, outputs=final, identification=identification,
-                     measurements=measurements, provenance=provenance)
+                     measurements=measurements, provenance=provenance, population_warning=warning)
 
 
 def _default_writers() -> Sequence[Writer]:
@@ -171,6 +176,18 @@ def _require_inputs(identification: Identification, bundle: ModelBundle) -> None
     if absent:
         raise MissingSequenceError(f"Model bundle '{bundle.name}' requires {absent}, which this session lacks.",
                                    hint="Add the missing series or use a bundle that accepts fewer inputs.")
+
+
+def _population_guard(bundle: ModelBundle, age_years: float | None) -> PopulationWarning | None:
+    """The population warning of this run, logged once (the age is no identifier; nothing else is logged)."""
+    warning = population_warning(bundle.population, age_years)
+    if warning is not None:
+        logger.warning("population: %s", warning.message)
+    elif age_years is None and bundle.population not in CHILDREN_COVERED:
+        logger.info("population: patient age unknown (no usable PatientAge, PatientBirthDate with StudyDate, or "
+                    "configured age), so no check that bundle '%s' (trained on: %s) suits this patient",
+                    bundle.name, bundle.population)
+    return warning
 
 
 def _chosen_text(session: Session, identification: Identification) -> str:

@@ -2,6 +2,7 @@
 unless configured otherwise), the patient's age and the subject key for longitudinal tracking."""
 from __future__ import annotations
 
+import datetime
 import hashlib
 
 import pydicom
@@ -20,13 +21,42 @@ def study_context(session: Session, reference_key: str, *, pseudonymize: bool, s
     return StudyContext(
         display_id=pseudonym if pseudonymize else f"{ds.get('PatientName', '')} ({patient_id})",
         study_date=session.study_date,
-        age_years=patient_age_years(str(ds.get("PatientAge", ""))),
+        age_years=header_age_years(ds, study_date=session.study_date),
         subject_key=subject_key(patient_id, subject_salt) if patient_id else "",
     )
 
 
+def header_age_years(ds: pydicom.Dataset, *, study_date: str = "") -> float | None:
+    """The patient's age at the study in years: PatientAge, else the years from PatientBirthDate to StudyDate
+    (the header's, else `study_date`); None when neither is usable. Never logged: the birth date is PHI."""
+    age = patient_age_years(str(ds.get("PatientAge", "") or ""))
+    if age is not None:
+        return age
+    return age_from_dates(str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or study_date))
+
+
 def patient_age_years(age: str) -> float | None:
-    """'008Y' -> 8.0, '018M' -> 1.5; None when absent or malformed."""
-    if len(age) != 4 or not age[:3].isdigit():
+    """'008Y' -> 8.0, '018M' -> 1.5; None when absent or malformed (an unknown unit included)."""
+    age = age.strip()
+    if len(age) != 4 or not age[:3].isdigit() or age[3] not in _AGE_UNITS:
         return None
-    return int(age[:3]) / _AGE_UNITS.get(age[3], 1)
+    return int(age[:3]) / _AGE_UNITS[age[3]]
+
+
+def age_from_dates(birth_date: str, study_date: str) -> float | None:
+    """Years from a birth date to a study date (DICOM DA, YYYYMMDD; 365.25-day years); None when either is absent
+    or malformed, or the birth date is after the study."""
+    born, studied = _date(birth_date), _date(study_date)
+    if born is None or studied is None or born > studied:
+        return None
+    return (studied - born).days / 365.25
+
+
+def _date(value: str) -> datetime.date | None:
+    value = value.strip()
+    if len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return datetime.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return None

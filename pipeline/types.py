@@ -115,6 +115,19 @@ class StudyContext:
     subject_key: str  # salted SHA-256 of the PatientID; "" without one
 
 
+@dataclass(frozen=True)
+class PopulationWarning:
+    """A child's study segmented by a model bundle not trained on children (pipeline.population): what the
+    report's first page, measurements.json, the gear's QC result and the console say."""
+
+    patient_age_years: float  # as the message states it: whole years from 2 years on, whole months below
+    bundle_population: str  # the bundle's declared population (pipeline.bundle.Population)
+    message: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 # ----------------------------------------------------------------------------------------- identify
 
 

@@ -17,6 +17,7 @@ from pedseg.pipeline.types import (
     EnsembleInfo,
     Identification,
     Measurements,
+    PopulationWarning,
     PostprocessStep,
     Prediction,
     Preprocessed,
@@ -98,6 +99,8 @@ class RunArtifacts:
     measurements: Measurements
     provenance: Provenance
     timeline: Longitudinal | None  # this run compared with the subject's earlier ones; None when untracked
+    # A child's study segmented by a bundle not trained on children (pedseg.pipeline.population); None otherwise.
+    population_warning: PopulationWarning | None = None
 
     @property
     def reference_role(self) -> str:

@@ -23,7 +23,7 @@ from reportlab.platypus import Image, KeepTogether, PageBreak, Paragraph, Simple
 from pedseg.pipeline.atomic import atomic_path
 from pedseg.pipeline.labels import REGIONS
 from pedseg.pipeline.longitudinal import RESPONSES, Longitudinal
-from pedseg.pipeline.types import QC, Identification, Measurements, StudyContext
+from pedseg.pipeline.types import QC, Identification, Measurements, PopulationWarning, StudyContext
 from pedseg.reporting.figures import report_figures, trend_png
 from pedseg.reporting.longitudinal import format_change
 from pedseg.reporting.tables import VOLUME_DECIMALS, measurement_rows, rapno_block
@@ -36,6 +36,7 @@ DISCLAIMER = ("For research use only. Not for clinical diagnosis or treatment de
               "every result must be reviewed by a qualified radiologist.")
 FAST_MODE_LINE = "fast mode: fewer folds, no test-time augmentation"
 NO_TUMOUR = "No tumour detected"
+POPULATION_HEADING = "Model not validated for this patient's age"
 REGION_DESCRIPTIONS = {name: region.display_name.lower() + (f" ({' + '.join(region.members)})"
                                                               if region.is_composite else "")
                        for name, region in REGIONS.items()}
@@ -52,20 +53,22 @@ _H2 = ParagraphStyle("h2", parent=_styles["Heading2"], fontSize=12, leading=15, 
 _DISCLAIMER = ParagraphStyle("disclaimer", parent=_BODY, fontName="Helvetica-Bold", fontSize=10, leading=13,
                              textColor=colors.HexColor("#8b0000"))
 _ALERT = ParagraphStyle("alert", parent=_BODY, fontName="Helvetica-Bold", fontSize=12, leading=15)
+_WARNING = ParagraphStyle("warning", parent=_BODY, fontSize=10, leading=13, textColor=colors.HexColor("#6b3a00"))
 
 
 def write_report_pdf(out_path: Path, *, images: dict[str, Path], labels: sitk.Image, measurements: Measurements,
                      identification: Identification, qc: QC, provenance: dict, context: StudyContext,
-                     fast_mode: bool, longitudinal: Longitudinal | None = None) -> Path:
+                     fast_mode: bool, longitudinal: Longitudinal | None = None,
+                     population_warning: PopulationWarning | None = None) -> Path:
     """Render the report. `images`: role -> atlas-space NIfTI; `labels`: atlas-space, internal convention.
 
     `qc` and `provenance` are shown as flattened key/value tables; `qc.flags` joins `measurements.qc_flags` in
     the flag list. `longitudinal` (a tracked run): a page with the trend and change table when earlier time
-    points were compared.
+    points were compared. `population_warning`: boxed on the first page, under the disclaimer.
     """
     figures = report_figures(images, labels)
     story = [
-        *_header(context, fast_mode),
+        *_header(context, fast_mode, population_warning),
         *_volumes(measurements),
         *_rapno(measurements),
         *_figures(figures, measurements),
@@ -128,7 +131,7 @@ def _table(rows: list[list[str]], widths: list[float], *, header: bool = True, n
     return table
 
 
-def _header(context: StudyContext, fast_mode: bool) -> list:
+def _header(context: StudyContext, fast_mode: bool, population_warning: PopulationWarning | None) -> list:
     info = _table([["Subject", context.display_id or "—"], ["Study date", _date(context.study_date)]], [35, 60],
                   header=False)
     info.hAlign = "LEFT"
@@ -139,9 +142,22 @@ def _header(context: StudyContext, fast_mode: bool) -> list:
         ("TOPPADDING", (0, 0), (-1, -1), 6), ("BOTTOMPADDING", (0, 0), (-1, -1), 6),
     ]))
     flow = [Paragraph(TITLE, _H1), info, Spacer(1, 4 * mm), disclaimer, Spacer(1, 2 * mm)]
+    if population_warning is not None:
+        flow += [_population_box(population_warning), Spacer(1, 2 * mm)]
     if fast_mode:
         flow.append(Paragraph(f"<b>{_text(FAST_MODE_LINE)}</b>", _BODY))
     return flow
+
+
+def _population_box(warning: PopulationWarning) -> Table:
+    box = Table([[Paragraph(f"<b>{_text(POPULATION_HEADING)}.</b> {_text(warning.message)}", _WARNING)]],
+                colWidths=[178 * mm])
+    box.setStyle(TableStyle([
+        ("BOX", (0, 0), (-1, -1), 1.5, colors.HexColor("#c77700")),
+        ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fff4e0")),
+        ("TOPPADDING", (0, 0), (-1, -1), 6), ("BOTTOMPADDING", (0, 0), (-1, -1), 6),
+    ]))
+    return box
 
 
 def _volumes(measurements: Measurements) -> list:

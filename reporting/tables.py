@@ -13,12 +13,12 @@ from pathlib import Path
 
 from pedseg.pipeline.atomic import write_text
 from pedseg.pipeline.labels import COMPOSITES, INTERNAL, LABEL_VALUES, REGIONS_2023
-from pedseg.pipeline.types import Measurements, Rapno
+from pedseg.pipeline.types import Measurements, PopulationWarning, Rapno
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_NAME = "pedseg-measurements"
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: population_warning
 VOLUME_DECIMALS = 3  # mL
 LENGTH_DECIMALS = 2  # mm, mm2 and LPS coordinates
 
@@ -92,7 +92,9 @@ def _context(context: dict) -> dict:
     return {**{k: context.get(k) for k in CONTEXT_KEYS}, **context}
 
 
-def measurements_document(measurements: Measurements, *, context: dict) -> dict:
+def measurements_document(measurements: Measurements, *, context: dict,
+                          population_warning: PopulationWarning | None = None) -> dict:
+    """The JSON document; `population_warning` (null when none) is the run's population guard."""
     rows = measurement_rows(measurements)
     by_convention = {c: {r["region"]: {k: v for k, v in r.items() if k not in ("convention", "region")}
                          for r in rows if r["convention"] == c}
@@ -107,11 +109,13 @@ def measurements_document(measurements: Measurements, *, context: dict) -> dict:
         "rapno": rapno_block(measurements.rapno),
         "qc_flags": list(measurements.qc_flags),
         "uncertainty": asdict(measurements.uncertainty) if measurements.uncertainty else {},
+        "population_warning": population_warning.as_dict() if population_warning else None,
     }
 
 
-def write_measurements_json(measurements: Measurements, path: Path | str, *, context: dict) -> Path:
-    document = measurements_document(measurements, context=context)
+def write_measurements_json(measurements: Measurements, path: Path | str, *, context: dict,
+                            population_warning: PopulationWarning | None = None) -> Path:
+    document = measurements_document(measurements, context=context, population_warning=population_warning)
     out = write_text(path, json.dumps(document, indent=2, default=str) + "\n")
     logger.debug("wrote measurements JSON (schema %s)", SCHEMA_VERSION)
     return out

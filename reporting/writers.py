@@ -58,7 +58,7 @@ def measurement_tables(run: RunArtifacts, staging: Path) -> dict[str, Path]:
         "study_date": run.session.study_date,
     }
     return {"measurements_json": write_measurements_json(run.measurements, staging / "measurements.json",
-                                                         context=context),
+                                                         context=context, population_warning=run.population_warning),
             "measurements_csv": write_measurements_csv(run.measurements, staging / "measurements.csv",
                                                        context=context)}
 
@@ -93,6 +93,7 @@ def pdf_report(run: RunArtifacts, staging: Path) -> dict[str, Path]:
         staging / "report.pdf", images=run.preprocessed.images, labels=run.labels, measurements=run.measurements,
         identification=run.identification, qc=run.preprocessed.qc, provenance=run.provenance.as_dict(),
         context=run.context, fast_mode=run.config.fast, longitudinal=run.timeline,
+        population_warning=run.population_warning,
     )
     return {"pdf": pdf, "pdf_dicom": write_encapsulated_pdf(pdf, _reference_files(run),
                                                             staging / "report" / "report_pdf.dcm", title=PDF_TITLE)}

@@ -231,6 +231,7 @@ def write_bundle_json(out: Path, entries: list[BundleEntry], epochs: dict[str, i
         ),
         "inputs": {role: int(ch) for ch, role in CHANNELS.items()},
         "required_inputs": list(CHANNELS.values()),
+        "population": "synthetic",
         "label_convention": "2024",
         "labels": {"1": "ET", "2": "NET", "3": "CC", "4": "ED"},
         "models": [{"path": f"models/{e.model_dir_name}", "folds": e.folds, "weight": e.weight,
