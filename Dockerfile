@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# pedseg Flywheel gear image. One file, two variants. Needs bundles/pedseg-demo (scripts/train_demo_bundle.py):
+# pedseg Flywheel gear image. One file, two variants. Bakes in bundles/captk-deepmedic-brats (the default, a real
+# model) and bundles/pedseg-demo (for `pedseg demo`; scripts/train_demo_bundle.py):
 #   docker build -t pedseg/brain-tumor:0.1.0 .                                  NVIDIA hosts (default)
 #   docker build --build-arg VARIANT=cpu -t pedseg/brain-tumor:0.1.0-cpu .      CPU only
 # Another bundle: the gear's model_bundle input, or mount it and set PEDSEG_BUNDLE (see README).
@@ -29,7 +30,8 @@ FROM ${PYTHON_IMAGE} AS base-cpu
 FROM base-${VARIANT} AS runtime
 # Keep in step with manifest.json "environment": the engine may run the gear with either (a test checks).
 ENV FLYWHEEL=/flywheel/v0 \
-    PEDSEG_BUNDLE=/opt/pedseg/bundles/pedseg-demo \
+    PEDSEG_BUNDLE=/opt/pedseg/bundles/captk-deepmedic-brats \
+    PEDSEG_DEMO_BUNDLE=/opt/pedseg/bundles/pedseg-demo \
     nnUNet_raw=/flywheel/v0/work/nnUNet_raw \
     nnUNet_preprocessed=/flywheel/v0/work/nnUNet_preprocessed \
     nnUNet_results=/flywheel/v0/work/nnUNet_results \
@@ -74,6 +76,7 @@ RUN pip install --no-cache-dir -c constraints-cpu.txt ".[gear]"
 
 FROM runtime
 COPY --from=venv /opt/venv /opt/venv
+COPY bundles/captk-deepmedic-brats /opt/pedseg/bundles/captk-deepmedic-brats
 COPY bundles/pedseg-demo /opt/pedseg/bundles/pedseg-demo
 WORKDIR /flywheel/v0
 COPY --chown=pedseg:pedseg manifest.json run.py ./

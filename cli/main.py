@@ -10,8 +10,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pedseg.cli.evaluate import add_parser as add_evaluate_parser
+from pedseg.cli.evaluate import cmd_evaluate
 from pedseg.logs import configure_logging
-from pedseg.pipeline.config import DEFAULT_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
+from pedseg.pipeline.config import DEFAULT_BUNDLE, DEMO_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
 from pedseg.pipeline.errors import InputError, InternalError, as_pipeline_error
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate a synthetic session and run the whole pipeline on it")
     demo.add_argument("outdir", type=Path)
     demo.add_argument("--seed", type=int, default=7)
-    _add_run_options(demo)
+    _add_run_options(demo, bundle=DEMO_BUNDLE)
 
     synth = sub.add_parser("synth", help="write a synthetic pediatric DICOM session with ground truth")
     synth.add_argument("outdir", type=Path)
@@ -93,15 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--to", dest="dest", type=Path, required=True, help="folder for the instances")
     pull.add_argument("--aet", default="PEDSEG", help="our AE title")
     pull.add_argument("--move-port", type=int, default=None, help="use C-MOVE to our AE title, received on this port")
+
+    add_evaluate_parser(sub)  # pedseg evaluate PRED GT (cli/evaluate.py)
     return parser
 
 
 _INPUT_HELP = "a folder, zip or DICOM file of the session; several are merged into one session"
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, bundle: Path = DEFAULT_BUNDLE) -> None:
     defaults = PipelineConfig()
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="model bundle folder (bundle.json)")
+    p.add_argument("--bundle", type=Path, default=bundle, help=f"model bundle folder (bundle.json); default {bundle}")
     p.add_argument("--device", choices=PipelineConfig.choices("device"), default=defaults.device)
     p.add_argument("--fast", action="store_true", help="fewest folds and no test-time augmentation")
     p.add_argument("--reference", choices=PipelineConfig.choices("reference_role"), default=defaults.reference_role,
@@ -263,7 +267,8 @@ def _cmd_pull(args) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "identify": _cmd_identify, "synth": _cmd_synth, "demo": _cmd_demo,
-            "listen": _cmd_listen, "push": _cmd_push, "pull": _cmd_pull, "history": _cmd_history}
+            "listen": _cmd_listen, "push": _cmd_push, "pull": _cmd_pull, "history": _cmd_history,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pedseg.pipeline.config import DEFAULT_BUNDLE
+from pedseg.pipeline.config import DEMO_BUNDLE
 
 from factories import SHARED_DATA
 
@@ -21,10 +21,10 @@ def shared_data() -> Path:
 @pytest.fixture
 def bundle_copy(tmp_path) -> Path:
     """A copy of the committed demo bundle, for tests that break it."""
-    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
-        pytest.fail(f"demo bundle missing at {DEFAULT_BUNDLE}: run scripts/train_demo_bundle.py")
+    if not (DEMO_BUNDLE / "bundle.json").is_file():
+        pytest.fail(f"demo bundle missing at {DEMO_BUNDLE}: run scripts/train_demo_bundle.py")
     dst = tmp_path / "bundle"
-    shutil.copytree(DEFAULT_BUNDLE, dst)
+    shutil.copytree(DEMO_BUNDLE, dst)
     return dst
 
 

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from pedseg.evaluation import predict_atlas_case, region_dice
-from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
 from pedseg.synth.session import HOLDOUT_SEEDS, generate_training_case
 
 pytestmark = pytest.mark.slow
@@ -21,11 +21,11 @@ def test_heldout_case_whole_tumour_dice(tmp_path):
     for role, image in images.items():
         paths[role] = tmp_path / f"{role}.nii.gz"
         sitk.WriteImage(image, str(paths[role]))
-    pred = sitk.GetArrayFromImage(predict_atlas_case(DEFAULT_BUNDLE, paths, PipelineConfig(device="cpu", threads=2)))
+    pred = sitk.GetArrayFromImage(predict_atlas_case(DEMO_BUNDLE, paths, PipelineConfig(device="cpu", threads=2)))
     scores = region_dice(sitk.GetArrayFromImage(truth), pred)
     assert scores["WT"] >= 0.90, scores
     # The case must match what the bundle documents for it (same data, same model: same numbers).
-    documented = json.loads((DEFAULT_BUNDLE / "bundle.json").read_text())["training"]["holdout_dice"]["per_case"]
+    documented = json.loads((DEMO_BUNDLE / "bundle.json").read_text())["training"]["holdout_dice"]["per_case"]
     expected = documented[f"syn_{seed:04d}"]
     for region, value in scores.items():
         if value is not None and expected[region] is not None:

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from pedseg.evaluation import region_dice
-from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
 from pedseg.reporting.dicom_seg import load_sources
 from pedseg.runner import run_pipeline
 from pedseg.synth.session import generate_session
@@ -22,11 +22,12 @@ SEED = 4  # GE-style session: sagittal 3D T1s, axial 2D T2, sagittal 3D FLAIR
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    if not (DEFAULT_BUNDLE / "bundle.json").exists():
-        pytest.fail(f"demo bundle missing at {DEFAULT_BUNDLE}: run scripts/train_demo_bundle.py")
+    if not (DEMO_BUNDLE / "bundle.json").exists():
+        pytest.fail(f"demo bundle missing at {DEMO_BUNDLE}: run scripts/train_demo_bundle.py")
     root = tmp_path_factory.mktemp("e2e")
     summary = generate_session(root / "session", SEED)
-    result = run_pipeline(root / "session" / "dicom", root / "out", PipelineConfig(device="cpu", threads=2))
+    result = run_pipeline(root / "session" / "dicom", root / "out",
+                          PipelineConfig(bundle=DEMO_BUNDLE, device="cpu", threads=2))
     return summary, result, root
 
 

@@ -854,8 +854,9 @@ def test_dockerfile_sets_the_manifest_environment():
 
 
 def test_dockerfile_contract():
-    """CUDA base for NVIDIA hosts and a CPU variant, torch pinned as in constraints-cpu.txt, the demo bundle baked
-    in (and kept in the build context), /flywheel/v0 layout, a non-root user. Built where Docker runs; linted here."""
+    """CUDA base for NVIDIA hosts and a CPU variant, torch pinned as in constraints-cpu.txt, the default (CaPTk
+    DeepMedic) and demo bundles baked in (and kept in the build context), /flywheel/v0 layout, a non-root user.
+    Built where Docker runs; linted here."""
     text = (REPO / "Dockerfile").read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.MULTILINE))
     assert args["CUDA_IMAGE"].startswith("nvidia/cuda:")
@@ -865,9 +866,10 @@ def test_dockerfile_contract():
     assert "download.pytorch.org/whl/cpu" in text  # the CPU variant's torch has no CUDA libraries
     constraints = (REPO / "constraints-cpu.txt").read_text()
     assert f"torch=={args['TORCH_VERSION']}" in constraints.split()
-    assert "COPY bundles/pedseg-demo /opt/pedseg/bundles/pedseg-demo" in text
-    assert MANIFEST["environment"]["PEDSEG_BUNDLE"] == "/opt/pedseg/bundles/pedseg-demo"
-    assert "!bundles/pedseg-demo" in (REPO / ".dockerignore").read_text().split()
+    for bundle, variable in (("captk-deepmedic-brats", "PEDSEG_BUNDLE"), ("pedseg-demo", "PEDSEG_DEMO_BUNDLE")):
+        assert f"COPY bundles/{bundle} /opt/pedseg/bundles/{bundle}" in text
+        assert MANIFEST["environment"][variable] == f"/opt/pedseg/bundles/{bundle}"
+        assert f"!bundles/{bundle}" in (REPO / ".dockerignore").read_text().split()
     assert "WORKDIR /flywheel/v0" in text
     assert "manifest.json run.py ./" in text
     user = re.findall(r"^USER (\S+)$", text, flags=re.MULTILINE)

@@ -19,7 +19,7 @@ import pedseg.pipeline.ensemble as ensemble
 import pedseg.pipeline.infer as infer_module
 from pedseg.evaluation import mask_dice, region_dice
 from pedseg.pipeline.bundle import load_bundle
-from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
 from pedseg.pipeline.ensemble import Member, nnunet_input, preprocessing_key, run_ensemble, tiles_per_batch
 from pedseg.pipeline.errors import ResourceError
 from pedseg.pipeline.infer import infer, normalised_entropy, uncertainty_summary
@@ -27,7 +27,7 @@ from pedseg.pipeline.labels import region_mask
 from pedseg.pipeline.types import ROLES, Preprocessed
 from pedseg.synth.session import HOLDOUT_SEEDS, generate_training_case
 
-ENSEMBLE_BUNDLE = DEFAULT_BUNDLE.parent / "pedseg-demo-ensemble"
+ENSEMBLE_BUNDLE = DEMO_BUNDLE.parent / "pedseg-demo-ensemble"
 CPU = torch.device("cpu")
 PARITY_DICE = 0.999
 
@@ -80,7 +80,7 @@ DEVICES = [pytest.param("cpu", id="cpu"),
 @pytest.mark.parametrize("device", DEVICES)
 def test_labels_equal_stock_nnunet_one_fold_no_tta(case, device):
     """On the CPU, and on CUDA where there is a GPU (the engine's autocast and on-device accumulation)."""
-    bundle = _bundle(DEFAULT_BUNDLE)
+    bundle = _bundle(DEMO_BUNDLE)
     model = bundle.models[0]
     device = torch.device(device)
     ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds[:1])], device, tta=False)
@@ -92,7 +92,7 @@ def test_labels_equal_stock_nnunet_one_fold_no_tta(case, device):
 
 @pytest.mark.slow
 def test_labels_equal_stock_nnunet_all_folds_with_tta(case):
-    bundle = _bundle(DEFAULT_BUNDLE)
+    bundle = _bundle(DEMO_BUNDLE)
     model = bundle.models[0]
     ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds)], CPU, tta=True)
     stock = _stock_predictor(model, model.folds, tta=True).predict_from_files_sequential(
@@ -211,4 +211,4 @@ def test_out_of_gpu_memory_with_device_cuda_is_a_resource_error(case, tmp_path, 
     monkeypatch.setattr(infer_module, "pick_device", lambda requested: torch.device("cuda"))
     pre = Preprocessed(images=case["roles"], brain_mask=Path(), native={}, atlas_to_native={})
     with pytest.raises(ResourceError, match="GPU ran out of memory"):
-        infer(pre, _bundle(DEFAULT_BUNDLE), tmp_path, PipelineConfig(device="cuda"))
+        infer(pre, _bundle(DEMO_BUNDLE), tmp_path, PipelineConfig(device="cuda"))

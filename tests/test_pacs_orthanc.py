@@ -25,7 +25,7 @@ import requests
 from pedseg.cli.main import main
 from pedseg.pacs.listener import Listener, ListenerConfig
 from pedseg.pacs.node import DicomNode
-from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
 
 from pacs_support import FakePipeline, free_port, make_study, state, study_uid_of, wait_for
 
@@ -172,15 +172,15 @@ def test_listener_receives_from_orthanc_and_stores_back_with_a_fake_pipeline(ort
 def test_orthanc_round_trip_with_the_real_pipeline(orthanc, tmp_path):
     from pedseg.synth.session import generate_session
 
-    if not (DEFAULT_BUNDLE / "bundle.json").exists():
-        pytest.fail(f"demo bundle missing at {DEFAULT_BUNDLE}: run scripts/train_demo_bundle.py")
+    if not (DEMO_BUNDLE / "bundle.json").exists():
+        pytest.fail(f"demo bundle missing at {DEMO_BUNDLE}: run scripts/train_demo_bundle.py")
     summary = generate_session(tmp_path / "session", 7)
     study_id = orthanc.upload(sorted((tmp_path / "session" / "dicom").rglob("*.dcm")))
     spool, log_path = tmp_path / "spool", tmp_path / "listener.log"
     command = [sys.executable, "-m", "pedseg.cli.main", "listen", "--aet", "PEDSEG",
                "--port", str(orthanc.listener_port),
                "--bind", "127.0.0.1", "--dest", orthanc.node, "--spool", str(spool), "--quiet-seconds", "2",
-               "--fast", "--device", "cpu", "--threads", "2"]
+               "--fast", "--device", "cpu", "--threads", "2", "--bundle", str(DEMO_BUNDLE)]
     with open(log_path, "wb") as log:
         listener = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:

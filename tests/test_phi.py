@@ -12,7 +12,7 @@ import pytest
 from pypdf import PdfReader
 
 from pedseg.cli.main import main
-from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
 from pedseg.pipeline.convert import convert_series
 from pedseg.pipeline.identify import classify_session, session_to_json
 from pedseg.pipeline.ingest import ingest
@@ -45,8 +45,8 @@ def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_comple
                                                                                          caplog):
     """The full pipeline with the demo bundle: a run interrupted mid-way leaves nothing; a leftover of a killed
     run is cleared; the re-run writes every output and no file, log or report text shows an identifier."""
-    if not (DEFAULT_BUNDLE / "bundle.json").exists():
-        pytest.skip(f"demo bundle not built at {DEFAULT_BUNDLE}")
+    if not (DEMO_BUNDLE / "bundle.json").exists():
+        pytest.skip(f"demo bundle not built at {DEMO_BUNDLE}")
     import pedseg.runner as runner
     from pedseg.synth.session import generate_session
 
@@ -57,7 +57,7 @@ def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_comple
         for keyword, value in SENTINELS.items():
             setattr(ds, keyword, value)
         ds.save_as(path)
-    out, config = tmp_path / "out", PipelineConfig(device="cpu", fast=True, threads=2)
+    out, config = tmp_path / "out", PipelineConfig(bundle=DEMO_BUNDLE, device="cpu", fast=True, threads=2)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
