@@ -69,8 +69,12 @@ def subject_pose(centre_mm, head_scale: float, rng: np.random.Generator,
 
 
 def acquire(image: sitk.Image, pose: sitk.Transform, geom: SeriesGeometry, head_scale: float,
-            rng: np.random.Generator, noise: float = 0.02) -> sitk.Image:
-    """Sample `image` on the series grid: 1 mm sub-slices averaged by a Gaussian slice profile, bias, Rician noise."""
+            rng: np.random.Generator, noise: float = 0.02, *, corrupt: bool = True) -> sitk.Image:
+    """Sample `image` on the series grid: 1 mm sub-slices averaged by a Gaussian slice profile, bias, Rician noise.
+
+    `corrupt=False` leaves out the bias field and the noise (and draws nothing from `rng`): for images that are
+    real MR data already (synth/reacquire.py).
+    """
     fine = native_grid(geom, head_scale, slice_spacing_mm=1.0)
     sampled = sitk.Resample(image, fine, pose, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(sampled)
@@ -83,10 +87,11 @@ def acquire(image: sitk.Image, pose: sitk.Transform, geom: SeriesGeometry, head_
     picks = start + step * np.arange(coarse.GetSize()[2])
     arr = arr[picks]
     origin = np.asarray(fine.GetOrigin()) + np.asarray(fine.GetDirection()).reshape(3, 3)[:, 2] * start
-    arr = arr * _bias_field(arr.shape, rng)
-    level = float(np.percentile(arr[arr > 0], 95)) if np.any(arr > 0) else 1.0
-    sigma = noise * level
-    arr = np.sqrt((arr + rng.normal(0, sigma, arr.shape)) ** 2 + rng.normal(0, sigma, arr.shape) ** 2)
+    if corrupt:
+        arr = arr * _bias_field(arr.shape, rng)
+        level = float(np.percentile(arr[arr > 0], 95)) if np.any(arr > 0) else 1.0
+        sigma = noise * level
+        arr = np.sqrt((arr + rng.normal(0, sigma, arr.shape)) ** 2 + rng.normal(0, sigma, arr.shape) ** 2)
     out = sitk.GetImageFromArray(arr.astype(np.float32))
     out.SetSpacing(coarse.GetSpacing())
     out.SetDirection(coarse.GetDirection())
