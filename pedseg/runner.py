@@ -117,8 +117,9 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
                      f"({pre.qc.brain_extraction}), {len(pre.qc.flags)} QC flag(s)")
     with clock("infer") as facts:
         prediction = infer(pre, bundle, work, config)
-        facts.append(f"{bundle.name} {bundle.version}: {len(prediction.folds_used)} fold(s) of "
-                     f"{len(prediction.models_used)} model(s), TTA {'on' if prediction.tta else 'off'}, "
+        ran = (f"{len(prediction.models_used)} DeepMedic model(s)" if bundle.kind == "deepmedic" else
+               f"{len(prediction.folds_used)} fold(s) of {len(prediction.models_used)} model(s)")
+        facts.append(f"{bundle.name} {bundle.version}: {ran}, TTA {'on' if prediction.tta else 'off'}, "
                      f"{prediction.device}")
     with clock("postprocess") as facts:
         labels, steps = postprocess(sitk.ReadImage(str(prediction.labels)), bundle.postprocessing)
