@@ -1,6 +1,7 @@
 """Write a SimpleITK image as a classic single-frame MR DICOM series with vendor-style headers."""
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from pedseg.synth.protocols import Protocol
+from pedseg.synth.protocols import VENDORS, Protocol
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,16 @@ class StudyInfo:
     accession: str
     manufacturer: str
     model: str
+
+    @classmethod
+    def new_study(cls, rng: np.random.Generator, *, patient_name: str, patient_id: str, birth_date: dt.date,
+                  sex: str, age: str, study_date: dt.date, vendor: str) -> StudyInfo:
+        """A new study of one patient on `vendor`'s scanner: fresh UIDs, a working-hours start, an accession."""
+        return cls(patient_name=patient_name, patient_id=patient_id, birth_date=birth_date.strftime("%Y%m%d"),
+                   sex=sex, age=age, study_uid=generate_uid(), frame_of_reference_uid=generate_uid(),
+                   study_date=study_date.strftime("%Y%m%d"), study_time_s=float(rng.integers(8 * 3600, 17 * 3600)),
+                   accession=f"ACC{int(rng.integers(1e6, 1e7))}", manufacturer=vendor,
+                   model=VENDORS[vendor]["model"])
 
 
 def _dicom_time(seconds: float) -> str:

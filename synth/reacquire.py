@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom.uid import generate_uid
 
 from pedseg.pipeline.atlas import brats_reference_grid
 from pedseg.pipeline.types import ROLES
@@ -186,20 +185,8 @@ def _study_info(rng: np.random.Generator, vendor: str, name: str, age: str, sex:
     years = int(age[:3]) if age[:3].isdigit() and age.endswith("Y") else 45
     birth = study_date - dt.timedelta(days=int(365.25 * years) + int(rng.integers(0, 300)))
     clean = re.sub(r"[^A-Za-z0-9]", "", name).upper()[:40] or "CASE"
-    return StudyInfo(
-        patient_name=f"REACQUIRED^{clean}",
-        patient_id=f"RAQ-{clean}"[:64],
-        birth_date=birth.strftime("%Y%m%d"),
-        sex=sex,
-        age=age,
-        study_uid=generate_uid(),
-        frame_of_reference_uid=generate_uid(),
-        study_date=study_date.strftime("%Y%m%d"),
-        study_time_s=float(rng.integers(8 * 3600, 17 * 3600)),
-        accession=f"ACC{int(rng.integers(1e6, 1e7))}",
-        manufacturer=vendor,
-        model=VENDORS[vendor]["model"],
-    )
+    return StudyInfo.new_study(rng, patient_name=f"REACQUIRED^{clean}", patient_id=f"RAQ-{clean}"[:64],
+                               birth_date=birth, sex=sex, age=age, study_date=study_date, vendor=vendor)
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom.uid import generate_uid
 
 from pedseg.pipeline.atlas import brats_reference_grid
 from pedseg.pipeline.types import ROLES
@@ -47,20 +46,10 @@ def _study_info(rng: np.random.Generator, vendor: str, head_scale: float, study_
     subject_rng = np.random.default_rng(subject_seed)
     age_years = int(subject_rng.integers(2, 6)) if head_scale < 0.9 else int(subject_rng.integers(6, 18))
     birth = study_date - dt.timedelta(days=int(365.25 * age_years) + int(subject_rng.integers(0, 300)))
-    return StudyInfo(
-        patient_name=f"SYNTHETIC^PHANTOM{subject_seed:04d}",
-        patient_id=f"SYN{subject_seed:06d}",
-        birth_date=birth.strftime("%Y%m%d"),
-        sex=str(subject_rng.choice(["F", "M"])),
-        age=f"{age_years:03d}Y",
-        study_uid=generate_uid(),
-        frame_of_reference_uid=generate_uid(),
-        study_date=study_date.strftime("%Y%m%d"),
-        study_time_s=float(rng.integers(8 * 3600, 17 * 3600)),
-        accession=f"ACC{int(rng.integers(1e6, 1e7))}",
-        manufacturer=vendor,
-        model=VENDORS[vendor]["model"],
-    )
+    return StudyInfo.new_study(rng, patient_name=f"SYNTHETIC^PHANTOM{subject_seed:04d}",
+                               patient_id=f"SYN{subject_seed:06d}", birth_date=birth,
+                               sex=str(subject_rng.choice(["F", "M"])), age=f"{age_years:03d}Y",
+                               study_date=study_date, vendor=vendor)
 
 
 def _localizer_volumes(phantom: Phantom, pose, head_scale, rng) -> list[sitk.Image]:
