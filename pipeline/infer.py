@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from pedseg.pipeline.atomic import write_image
-from pedseg.pipeline.bundle import ModelBundle
+from pedseg.pipeline.bundle import BundleModel, ModelBundle
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import BundleError, MissingSequenceError, ResourceError
 from pedseg.pipeline.labels import internal_value, region_mask
+from pedseg.pipeline.model_output import EnsembleResult
 from pedseg.pipeline.types import EnsembleInfo, Prediction, Preprocessed, Uncertainty
 
 logger = logging.getLogger(__name__)
@@ -57,12 +60,12 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
     device = pick_device(config.device)
     images = _read_inputs(pre, bundle)
     reference = images[0]
-    run, members, folds_used, tta = _runner(bundle, images, config)
+    plan = _plan(bundle, images, config)
     t0 = time.perf_counter()
     try:
         if device.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        result = run(device)
+        result = plan.run(device)
     except torch.OutOfMemoryError as exc:
         if config.device != "auto":
             raise ResourceError("The GPU ran out of memory during inference.",
@@ -70,7 +73,7 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
         logger.warning("out of GPU memory (%s): running the ensemble on the CPU instead", str(exc).splitlines()[0])
         device = torch.device("cpu")
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        result = run(device)
+        result = plan.run(device)
 
     out = workdir / "prediction"
     out.mkdir(parents=True, exist_ok=True)
@@ -86,28 +89,37 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
     uncertainty_path = _write_like(_rounded(entropy), reference, out / "uncertainty_atlas.nii.gz")
     return Prediction(
         labels=labels_path, probabilities=probabilities, uncertainty=uncertainty_path,
-        models_used=[m.name for m in members], folds_used=folds_used, tta=tta, device=device.type,
-        ensemble=EnsembleInfo(weights={m.name: m.weight for m in members},
+        models_used=[m.name for m in plan.models], folds_used=plan.units, tta=plan.tta, device=device.type,
+        ensemble=EnsembleInfo(weights={m.name: m.weight for m in plan.models},
                               preprocessing_runs=result.preprocessing_runs, seconds_per_model=result.model_seconds,
                               seconds=round(time.perf_counter() - t0, 2)),
     )
 
 
-def _runner(bundle: ModelBundle, images: list[sitk.Image], config: PipelineConfig):
-    """How this bundle's models run: a function of the device giving an EnsembleResult, the models, what of them
-    ran (nnU-Net folds, or the DeepMedic members) and whether test-time mirroring was on."""
-    if bundle.kind == "deepmedic":  # DeepMedic has no folds, no mirroring and nothing faster to leave out
+@dataclass(frozen=True)
+class _Plan:
+    """How a bundle's models run: `run(device)` gives their EnsembleResult; `models` and `units` (nnU-Net folds,
+    or the DeepMedic members) are what provenance lists; `tta`: test-time mirroring on."""
+
+    run: Callable[..., EnsembleResult]
+    models: list[BundleModel]
+    units: list[str]
+    tta: bool
+
+
+def _plan(bundle: ModelBundle, images: list[sitk.Image], config: PipelineConfig) -> _Plan:
+    if bundle.kind == "deepmedic":  # no folds, no mirroring, nothing to leave out in --fast
         from pedseg.pipeline.deepmedic import run_deepmedic
 
-        return (lambda device: run_deepmedic(images, bundle, device)), list(bundle.models), \
-            [m.name for m in bundle.models], False
+        return _Plan(lambda device: run_deepmedic(images, bundle, device), list(bundle.models),
+                     [m.name for m in bundle.models], tta=False)
     from pedseg.pipeline.ensemble import Member, nnunet_input, run_ensemble
 
     tta = bundle.tta and not config.fast
     members = [Member(model, folds) for model, folds in bundle.folds_to_run(config.fast)]
     data, spacing_zyx = nnunet_input(images)
-    return (lambda device: run_ensemble(data, spacing_zyx, members, device, tta)), [m.model for m in members], \
-        [f"{m.model.name}/fold_{f}" for m in members for f in m.folds], tta
+    return _Plan(lambda device: run_ensemble(data, spacing_zyx, members, device, tta), [m.model for m in members],
+                 [f"{m.model.name}/fold_{f}" for m in members for f in m.folds], tta)
 
 
 def normalised_entropy(probabilities: np.ndarray, has_regions: bool) -> np.ndarray:
