@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from pedseg.cli.evaluate import add_parser as add_evaluate_parser
 from pedseg.cli.evaluate import cmd_evaluate
+from pedseg.interrupt import stop_on_signals
 from pedseg.logs import configure_logging
 from pedseg.pipeline.config import DEFAULT_BUNDLE, DEMO_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
 from pedseg.pipeline.errors import InputError, InternalError, as_pipeline_error
@@ -274,8 +276,12 @@ COMMANDS = {"run": _cmd_run, "identify": _cmd_identify, "synth": _cmd_synth, "de
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.verbose)
+    # SIGTERM/SIGINT become InterruptedRun, so a stopped run cleans up (its workspace) and exits with its code;
+    # the listener handles both itself (it stops taking studies and leaves its spool for the next one).
+    stopping = contextlib.nullcontext() if args.command == "listen" else stop_on_signals()
     try:
-        return COMMANDS[args.command](args)
+        with stopping:
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

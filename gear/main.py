@@ -3,7 +3,8 @@
 A 'dicom' input is one `run_pipeline` call. Session mode reads the session's candidate series once, computes
 the idempotency key from them, and hands the same session to `run_session`. Exit codes are the error model's
 (`pedseg.pipeline.errors`): 0 done, 2 bad input, 3 missing sequence, 4 unsupported data, 5 out of resources,
-6 bad model bundle, 1 anything unexpected. On failure `output/error.json` says why.
+6 bad model bundle, 7 network, 8 stopped (a cancelled job), 1 anything unexpected. On failure `output/error.json` says
+why.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pedseg.gear.context import FLYWHEEL_ROOT, GearJob, load_job, unpack_bundle
 from pedseg.gear.idempotency import input_key
 from pedseg.gear.metadata import build_metadata, publish_outputs, run_summary, write_metadata
 from pedseg.gear.session import FlywheelSession, open_session
+from pedseg.interrupt import stop_on_signals
 from pedseg.logs import configure_logging
 from pedseg.pipeline.bundle import load_bundle
 from pedseg.pipeline.config import PipelineConfig
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(root)
         debug = job.debug
         configure_logging(verbose=debug)
-        run_job(job)
+        with stop_on_signals():  # a cancelled job (SIGTERM) cleans up and says so in error.json
+            run_job(job)
         return 0
     except Exception as exc:  # noqa: BLE001 - the engine needs an exit code and a message, not a crash
         error = as_pipeline_error(exc)  # an unexpected one by type and place only: its text may quote headers

@@ -55,9 +55,10 @@ class InputError(PipelineError):
     exit_code = 2
     kind = "bad_input"
     causes = ("no input, no DICOM images, an unsafe, corrupt or oversized archive, two studies or two patients in "
-              "one input, a series with missing slices, an output folder that cannot be written")
+              "one input, a series with missing slices, an output folder that cannot be written or that another run "
+              "is using")
     advice = ("Give the DICOM files of one MRI session of one patient (a folder or .zip); re-export series the "
-              "message calls incomplete; choose a writable output folder.")
+              "message calls incomplete; choose a writable output folder, or wait for the run using it.")
 
 
 class MissingSequenceError(PipelineError):
@@ -110,6 +111,18 @@ class NetworkError(PipelineError):
               "a listener port already in use")
     advice = ("Check host, port and AE titles on both sides (README, PACS companion); results the listener could "
               "not deliver stay in its spool and `pedseg push OUTDIR --to ...` resends them.")
+
+
+class InterruptedRun(PipelineError):
+    """The run was stopped from outside (SIGTERM, SIGINT / Ctrl-C) before it finished; it cleaned up first."""
+
+    exit_code = 8
+    kind = "interrupted"
+    causes = ("the run was stopped by a signal before it finished: SIGTERM (a job scheduler or container stop, "
+              "a cancelled Flywheel job) or SIGINT (Ctrl-C); nothing was published and the temporary copies of the "
+              "input were deleted")
+    advice = ("Run again; if a scheduler stopped it for its time or memory limit, give the job more. A second run "
+              "into the same output folder while one is running is refused (exit code 2).")
 
 
 def error_classes() -> list[type[PipelineError]]:
