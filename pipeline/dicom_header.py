@@ -9,6 +9,7 @@ Nothing here logs patient identifiers.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import re
@@ -160,7 +161,7 @@ def series_header(ds: Dataset, part: str = "", stats: SeriesTallies | None = Non
         image_type=_multi(ds.get("ImageType")),
         contrast_agent=_contrast_agent(ds),
         contrast_ingredient=as_text(ds.get("ContrastBolusIngredient")),
-        acquisition_time=min(times) if times else tm_seconds(ds.get("SeriesTime")),
+        acquisition_time=min(times) if times else session_seconds(ds, ds.get("SeriesTime"), "SeriesDate"),
         num_images=images,
         slice_thickness=as_float(_value(ds, "SliceThickness", "PixelMeasuresSequence")),
         pixel_spacing=_pair(_value(ds, "PixelSpacing", "PixelMeasuresSequence")),
@@ -331,3 +332,39 @@ def dt_seconds(value) -> float | None:
     """DICOM DT ('YYYYMMDDHHMMSS.frac') to seconds after midnight of its day."""
     text = as_text(value)
     return tm_seconds(text[8:]) if len(text) > 8 else None
+
+
+def da_day(value) -> int | None:
+    """DICOM DA ('YYYYMMDD', or the old 'YYYY.MM.DD') as a day number; None when absent or malformed."""
+    text = re.sub(r"[.\-]", "", as_text(value))
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8])).toordinal()
+    except ValueError:
+        return None
+
+
+# A session lasts hours: a date further than this from the StudyDate is a shifted or broken one, not a session
+# that ran past midnight, and is ignored (time of day only, as when no date is recorded).
+_MAX_SESSION_DAYS = 2
+
+
+def session_seconds(ds: Dataset, time_value, *date_attrs: str) -> float | None:
+    """A time (TM, or DT when no `date_attrs` are given) as seconds after midnight of the StudyDate, so that a
+    session acquired across midnight keeps its order (23:57 before 00:21 the next day). The date is the first
+    of `date_attrs` that holds one (then SeriesDate, AcquisitionDate); without a date, or without a StudyDate,
+    the time of day alone, which equals the former for series acquired on the StudyDate."""
+    if date_attrs:
+        seconds = tm_seconds(time_value)
+        dates = [ds.get(name) for name in (*date_attrs, "SeriesDate", "AcquisitionDate")]
+    else:
+        text = as_text(time_value)
+        seconds, dates = dt_seconds(text), [text[:8]]
+    if seconds is None:
+        return None
+    study_day = da_day(ds.get("StudyDate"))
+    day = next((d for d in (da_day(value) for value in dates) if d is not None), None)
+    if study_day is None or day is None or abs(day - study_day) > _MAX_SESSION_DAYS:
+        return seconds
+    return seconds + 86400.0 * (day - study_day)

@@ -17,6 +17,9 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import pydicom
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from pedseg.pipeline.archive import MAX_UNPACKED_BYTES, gunzip, safe_extract
 from pedseg.pipeline.dicom_header import dataset_label, is_image, pixel_data_short, read_header_and_pixel_offset
 from pedseg.pipeline.errors import InputError
@@ -87,6 +90,9 @@ def _find_dicom_files(paths: Iterable[Path], root: Path, gunzip_dir: Path) -> tu
     """The files among `paths` (all under `root`) that look like DICOM, and how many files there were in all.
 
     Some archives store each DICOM file gzip-compressed (.dcm.gz); those are decompressed into `gunzip_dir`.
+    Old files without the 128-byte preamble and 'DICM' prefix are rewritten there (or in place, for a copy of
+    ours) as standard DICOM files, so that every later reader (dcm2niix, the SEG and report writers) reads them
+    as it reads any other.
     """
     found: list[Path] = []
     total = 0
@@ -98,10 +104,43 @@ def _find_dicom_files(paths: Iterable[Path], root: Path, gunzip_dir: Path) -> tu
             out = gunzip_dir / path.relative_to(root).with_suffix("")
             budget -= gunzip(path, out, budget)
             path, kind = out, _sniff(out)
+        if kind == "dicom" and not _has_preamble(path):
+            target = path if path.is_relative_to(gunzip_dir) else gunzip_dir / "part10" / path.relative_to(root)
+            path = _with_preamble(path, target)
         if kind == "dicom":
             found.append(path)
     logger.debug("ignored %d files that are not DICOM (READMEs, pictures, system files...)", total - len(found))
     return found, total
+
+
+def _has_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _with_preamble(path: Path, target: Path) -> Path:
+    """A file without preamble rewritten at `target` as a standard DICOM file (preamble, 'DICM', file meta with
+    the transfer syntax it was written in); the file itself when it cannot be (reading its header then decides)."""
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        meta = ds.file_meta
+        if "TransferSyntaxUID" not in meta:
+            meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        meta.MediaStorageSOPClassUID = meta.get("MediaStorageSOPClassUID") or ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = meta.get("MediaStorageSOPInstanceUID") or ds.SOPInstanceUID
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target, enforce_file_format=True)
+    # force=True parses whatever it is given: a file that cannot be rewritten is left as it is, for the header
+    # reader to accept or skip like any other.
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("DICOM file without preamble left as it is (%s)", type(exc).__name__)
+        return path
+    return target
 
 
 def _walk(root: Path) -> Iterable[Path]:

@@ -18,12 +18,11 @@ from pedseg.pipeline.dicom_header import (
     as_int,
     as_text,
     dataset_label,
-    dt_seconds,
     group_value,
     rounded,
     rounded_float,
     series_header,
-    tm_seconds,
+    session_seconds,
 )
 from pedseg.pipeline.errors import InputError
 from pedseg.pipeline.types import Series
@@ -68,7 +67,7 @@ class _Stats:
         if ds.get("TemporalPositionIdentifier") is not None:
             self.temporal.add(as_int(ds.get("TemporalPositionIdentifier")))
         self._orientation(ds.get("ImageOrientationPatient"))
-        t = tm_seconds(ds.get("AcquisitionTime"))
+        t = session_seconds(ds, ds.get("AcquisitionTime"), "AcquisitionDate")
         if t is not None:
             self.acquisition_times.append(t)
         position = rounded(ds.get("ImagePositionPatient"), 1)
@@ -79,7 +78,7 @@ class _Stats:
     def _add_enhanced(self, ds: Dataset) -> None:
         frames = ds.PerFrameFunctionalGroupsSequence
         self.images += as_int(ds.get("NumberOfFrames")) or len(frames)
-        t = dt_seconds(ds.get("AcquisitionDateTime"))
+        t = session_seconds(ds, ds.get("AcquisitionDateTime"))
         if t is not None:
             self.acquisition_times.append(t)
         for frame in frames:
