@@ -15,7 +15,13 @@ from pedseg.cli.evaluate import add_parser as add_evaluate_parser
 from pedseg.cli.evaluate import cmd_evaluate
 from pedseg.interrupt import stop_on_signals
 from pedseg.logs import configure_logging
-from pedseg.pipeline.config import DEFAULT_BUNDLE, DEMO_BUNDLE, SUBJECT_SALT_ENV, PipelineConfig
+from pedseg.pipeline.config import (
+    DEFAULT_BUNDLE,
+    DEMO_BUNDLE,
+    SUBJECT_SALT_ENV,
+    PipelineConfig,
+    parse_role_overrides,
+)
 from pedseg.pipeline.errors import InputError, InternalError, as_pipeline_error
 
 logger = logging.getLogger(__name__)
@@ -33,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=_INPUT_HELP)
     run.add_argument("outdir", type=Path, metavar="OUTDIR", help="output folder (the last argument)")
     _add_run_options(run)
+    # Only for one session: a listener's studies or a demo's phantom have series numbers of their own.
+    run.add_argument("--role", action="append", default=[], metavar="ROLE=SERIES",
+                     help="pin a series to a role, overriding identification, e.g. --role t1c=6 (repeatable; ROLE: "
+                          f"{', '.join(PipelineConfig.choices('reference_role'))}; SERIES: a SeriesNumber or "
+                          "SeriesInstanceUID of the session, as `pedseg identify` lists them)")
     run.add_argument("--db", type=Path, default=os.environ.get("PEDSEG_DB"),
                      help="SQLite measurement store: record this run and compare it with the subject's earlier ones "
                           "(default $PEDSEG_DB; no tracking without either)")
@@ -130,6 +141,7 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
         bundle=args.bundle, device=args.device, fast=args.fast, reference_role=args.reference,
         missing_policy="allow" if args.allow_missing else "fail", label_convention=args.label_convention,
         pseudonymize=not args.no_pseudonymize, threads=args.threads, keep_workdir=args.keep_workdir,
+        role_overrides=parse_role_overrides(getattr(args, "role", [])),
     )
 
 

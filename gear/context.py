@@ -3,7 +3,8 @@
 
 Translates config.json into one PipelineConfig, the input path and the gear-only options. The options are
 checked against the manifest with Flywheel's own invocation schema (fw-gear), and every option that is not
-gear-only is the PipelineConfig field of the same name. Nothing here talks to Flywheel: session mode
+gear-only is the PipelineConfig field of the same name. One is text the gear parses into its field:
+role_overrides ("t1c=6,t1n=2") into PipelineConfig.role_overrides. Nothing here talks to Flywheel: session mode
 (downloading through the api-key) lives in `gear.session`.
 """
 from __future__ import annotations
@@ -19,13 +20,15 @@ import jsonschema
 from fw_gear.invocation_schema import derive_invocation_schema, isolate_config_invocation
 
 from pedseg.pipeline.archive import safe_extract
-from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
+from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig, parse_role_overrides
 from pedseg.pipeline.errors import BundleError, InputError
 
 logger = logging.getLogger(__name__)
 
 FLYWHEEL_ROOT = Path("/flywheel/v0")
-GEAR_OPTIONS = ("force_rerun", "debug")  # read by the gear; every other option is a PipelineConfig field
+# Read by the gear, or (role_overrides) parsed by it into the PipelineConfig field of the same name: the manifest
+# holds it as text. Every other option is the PipelineConfig field of the same name, value as it is.
+GEAR_OPTIONS = ("force_rerun", "debug", "role_overrides")
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,12 @@ def checked_options(options: dict, manifest: dict) -> dict:
 
 def pipeline_config(options: dict) -> PipelineConfig:
     """Checked gear options -> PipelineConfig: each option that is not gear-only is the field of the same name."""
-    values = {name: options[name] for name in (f.name for f in fields(PipelineConfig)) if name in options}
+    values = {name: options[name] for name in (f.name for f in fields(PipelineConfig))
+              if name in options and name not in GEAR_OPTIONS}
+    pins = parse_role_overrides([options.get("role_overrides") or ""], source="Gear config option 'role_overrides'")
     # The image sets PEDSEG_BUNDLE: an installed (non-editable) package cannot find the repo's bundles/ folder.
-    return PipelineConfig(bundle=Path(os.environ.get("PEDSEG_BUNDLE", DEFAULT_BUNDLE)), **values)
+    return PipelineConfig(bundle=Path(os.environ.get("PEDSEG_BUNDLE", DEFAULT_BUNDLE)), role_overrides=pins,
+                          **values)
 
 
 def unpack_bundle(bundle_zip: Path, dest: Path) -> Path:

@@ -138,7 +138,7 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
         study_instance_uid=session.study_uid, series_instance_uids=dict(identification.chosen),
         device=prediction.device, fast_mode=config.fast, tta=prediction.tta, models=prediction.models_used,
         folds=prediction.folds_used, ensemble=prediction.ensemble, postprocessing=tuple(steps), qc=pre.qc,
-        reference_role=identification.reference_role,
+        reference_role=identification.reference_role, pinned_roles=dict(identification.pinned),
     )
     timeline = (_timeline(store, session, context, measurements, provenance.bundle, config)
                 if store is not None else None)

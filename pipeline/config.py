@@ -9,12 +9,15 @@ from __future__ import annotations
 import functools
 import os
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pedseg.pipeline.errors import InputError
+from pedseg.pipeline.identify_rules import ROLE_NAMES
 from pedseg.pipeline.labels import Convention
 from pedseg.pipeline.longitudinal import ResponseThresholds
-from pedseg.pipeline.types import Role
+from pedseg.pipeline.types import ROLES, Role
 
 SUBJECT_SALT_ENV = "PEDSEG_SUBJECT_SALT"  # a site secret mixed into PatientID hashes (subject keys)
 _BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
@@ -26,6 +29,9 @@ DEMO_BUNDLE = Path(os.environ.get("PEDSEG_DEMO_BUNDLE", _BUNDLES / "pedseg-demo"
 
 Device = typing.Literal["auto", "cpu", "cuda"]
 MissingPolicy = typing.Literal["fail", "allow"]  # allow: fewer sequences, only with a bundle that accepts them
+# (role, SERIES) pairs the user pins, overriding identification; SERIES is a SeriesNumber or a SeriesInstanceUID
+# ('UID#part' for one part of a split series), matched against the session by pipeline.identify.
+RoleOverrides = tuple[tuple[Role, str], ...]
 
 
 @dataclass(frozen=True)
@@ -49,16 +55,48 @@ class PipelineConfig:
     subject_salt: str = field(default_factory=lambda: os.environ.get(SUBJECT_SALT_ENV, ""), repr=False)
     compare_across_bundles: bool = False  # compare with time points measured by other bundles or label conventions
     response_thresholds: ResponseThresholds = field(default_factory=ResponseThresholds)
+    role_overrides: RoleOverrides = ()  # series pinned to a role by hand (parse_role_overrides), in the given order
 
     def __post_init__(self) -> None:
         for name, allowed in _choices().items():
             if getattr(self, name) not in allowed:  # adapters check first: this guards against a programming error
                 raise ValueError(f"PipelineConfig.{name} is {getattr(self, name)!r}; allowed: {list(allowed)}")
+        roles = [role for role, _ in self.role_overrides]
+        if (any(role not in ROLES for role in roles) or len(set(roles)) != len(roles)
+                or not all(isinstance(series, str) and series for _, series in self.role_overrides)):
+            raise ValueError(f"PipelineConfig.role_overrides is {self.role_overrides!r}: each role once, with a "
+                             "non-empty SERIES (parse_role_overrides builds it from user text)")
 
     @staticmethod
     def choices(name: str) -> tuple[str, ...]:
         """The allowed values of a field with a fixed set of values; () for any other field."""
         return _choices().get(name, ())
+
+
+def parse_role_overrides(items: Iterable[str], *, source: str = "--role") -> RoleOverrides:
+    """User text -> PipelineConfig.role_overrides. Each item is ROLE=SERIES, or several joined by commas
+    ('t1c=6,t1n=2'); SERIES is a SeriesNumber or a SeriesInstanceUID. `source` names the option in messages.
+    Which series SERIES means is decided against the session, in pipeline.identify."""
+    overrides: dict[str, str] = {}
+    for item in items:
+        for text in (part.strip() for part in str(item).split(",")):
+            if not text:
+                continue
+            role, sep, series = (s.strip() for s in text.partition("="))
+            if not sep or not role or not series:
+                raise InputError(f"{source} '{text}' is not ROLE=SERIES.", hint=_ROLE_HINT)
+            role = role.lower()
+            if role not in ROLES:
+                raise InputError(f"{source} '{text}': unknown role '{role}'.", hint=_ROLE_HINT)
+            if role in overrides:
+                raise InputError(f"{source} pins {ROLE_NAMES[role]} twice ({role}={overrides[role]} and "
+                                 f"{role}={series}).", hint="Pin each role to one series.")
+            overrides[role] = series
+    return tuple(overrides.items())
+
+
+_ROLE_HINT = ("Write ROLE=SERIES, e.g. t1c=6: ROLE is one of " + ", ".join(ROLE_NAMES.values()) + "; SERIES is "
+              "the SeriesNumber or the SeriesInstanceUID of a series in the session (see `pedseg identify INPUT`).")
 
 
 @functools.cache

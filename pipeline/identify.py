@@ -2,7 +2,9 @@
 
 Every series is scored against the rule table in identify_rules.py; each role then gets exactly one chosen
 series (the best-quality candidate) when any exists. Every decision carries the reasons behind it, in words
-a technologist can check against the scanner protocol.
+a technologist can check against the scanner protocol. A series the user pinned to a role
+(`PipelineConfig.role_overrides`) takes that role whatever the rules said; the other roles are then chosen as
+usual among the series not pinned.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 import math
 
 from pedseg.pipeline.config import PipelineConfig
-from pedseg.pipeline.errors import MissingSequenceError
+from pedseg.pipeline.errors import InputError, MissingSequenceError
 from pedseg.pipeline.identify_rules import (
     OTHER,
     REJECT,
@@ -38,25 +40,29 @@ TWIN_MIN_GAP_S = 120.0
 
 def identify(session: Session, config: PipelineConfig) -> Identification:
     """Classify every series; raise MissingSequenceError when a role is missing and the policy is "fail"."""
-    identification = classify_session(session, config.reference_role)
+    identification = classify_session(session, config.reference_role, config.role_overrides)
     if identification.missing and config.missing_policy != "allow":
         raise MissingSequenceError(_missing_message(identification), hint=_MISSING_HINT)
     return identification
 
 
-def classify_session(session: Session, reference: str = "t1c") -> Identification:
+def classify_session(session: Session, reference: str = "t1c",
+                     pins: tuple[tuple[str, str], ...] = ()) -> Identification:
     """Classify every series and choose one per role, never raising for missing roles. `reference`: the role
-    asked for as the reference series (see `reference_role`)."""
+    asked for as the reference series (see `reference_role`); `pins`: (role, SERIES) pairs the user pinned
+    (`PipelineConfig.role_overrides`), an InputError when one does not name exactly one usable series."""
     facts = session_facts([s.header for s in session.series])
     decisions = [_decide(facts[s.header.key]) for s in session.series]
-    chosen = _choose(decisions, {s.header.key: s.header for s in session.series})
+    pinned = _apply_pins(pins, decisions, facts)
+    chosen = _choose(decisions, {s.header.key: s.header for s in session.series}, pinned)
     missing = [role for role in ROLES if role not in chosen]
     for d in decisions:
         logger.debug("%s → %s (confidence %.2f%s)", d.label, d.role, d.confidence, ", chosen" if d.chosen else "")
     if missing:
         logger.warning("no series found for: %s", ", ".join(ROLE_NAMES[r] for r in missing))
     return Identification(decisions=decisions, chosen=chosen, missing=missing,
-                          reference_role=reference_role(reference, chosen))
+                          reference_role=reference_role(reference, chosen),
+                          pinned={role: d.key for role, d in pinned.items()})
 
 
 def reference_role(requested: str, chosen: dict[str, str]) -> str:
@@ -75,7 +81,8 @@ def session_to_json(identification: Identification) -> str:
     """Deterministic JSON of an identification, for `pedseg identify INPUT --json`.
 
     `part` is null for a whole series, else the stack of a split series ('e2', 'cor'); `chosen` maps each role
-    to its series key: the SeriesInstanceUID, or 'SeriesInstanceUID#part'.
+    to its series key: the SeriesInstanceUID, or 'SeriesInstanceUID#part'; `pinned` maps the roles the user
+    pinned by hand to their series key ({} when none).
     """
     series = [
         {
@@ -90,7 +97,8 @@ def session_to_json(identification: Identification) -> str:
         }
         for d in sorted(identification.decisions, key=_decision_order)
     ]
-    payload = {"series": series, "chosen": dict(identification.chosen), "missing": list(identification.missing)}
+    payload = {"series": series, "chosen": dict(identification.chosen), "missing": list(identification.missing),
+               "pinned": dict(identification.pinned)}
     return json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False)
 
 
@@ -199,12 +207,22 @@ def _decision(h: SeriesHeader, role: str, confidence: float, reasons: list[str])
 # ---------------------------------------------------------------------------------------- ranking
 
 
-def _choose(decisions: list[SeriesDecision], headers: dict[str, SeriesHeader]) -> dict[str, str]:
-    """Mark the best series of each role chosen; tell each runner-up why it lost."""
+def _choose(decisions: list[SeriesDecision], headers: dict[str, SeriesHeader],
+            pinned: dict[str, SeriesDecision] | None = None) -> dict[str, str]:
+    """Mark the best series of each role chosen, or the one the user pinned; tell each runner-up why it lost.
+    A pinned series is a candidate for its pinned role only."""
+    pinned = pinned or {}
     chosen = {}
     for role in ROLES:
-        candidates = sorted((d for d in decisions if d.role == role),
+        candidates = sorted((d for d in decisions if d.role == role and not d.pinned),
                             key=lambda d: _quality_key(headers[d.key], role))
+        if role in pinned:
+            winner = pinned[role]
+            winner.chosen = True
+            chosen[role] = winner.key
+            for loser in candidates:
+                loser.reasons.append(f"not chosen: {winner.label} is pinned to {ROLE_NAMES[role]} by the user")
+            continue
         if not candidates:
             continue
         winner = candidates[0]
@@ -213,6 +231,59 @@ def _choose(decisions: list[SeriesDecision], headers: dict[str, SeriesHeader]) -
         for loser in candidates[1:]:
             loser.reasons.append(_lost_because(headers[winner.key], headers[loser.key], role))
     return chosen
+
+
+def _apply_pins(pins: tuple[tuple[str, str], ...], decisions: list[SeriesDecision],
+                facts: dict[str, Facts]) -> dict[str, SeriesDecision]:
+    """Give each pinned series its pinned role, after the automatic decisions; role -> the pinned decision."""
+    pinned: dict[str, SeriesDecision] = {}
+    for role, series in pins:
+        if role not in ROLES:
+            raise InputError(f"Role override {role}={series}: unknown role '{role}'.",
+                             hint="Roles: " + ", ".join(ROLE_NAMES.values()) + ".")
+        if role in pinned:
+            raise InputError(f"Role override pins {ROLE_NAMES[role]} twice.", hint="Pin each role to one series.")
+        d = _pinned_series(role, series, decisions)
+        earlier = next((r for r, other in pinned.items() if other is d), None)
+        if earlier is not None:
+            raise InputError(f"Role override pins {d.label} to two roles: {ROLE_NAMES[earlier]} and "
+                             f"{ROLE_NAMES[role]}.", hint="A series can take one role only; pin another series.")
+        rejected = _rejections(facts[d.key])
+        if rejected:
+            why = "; ".join(_reason(rule, hit, facts[d.key]) for rule, hit in rejected)
+            raise InputError(f"Role override {role}={series}: {d.label} cannot be used as {ROLE_NAMES[role]}: "
+                             f"{why}.", hint="Pin a series that holds the sequence itself (not a localizer, a "
+                                             "derived or reformatted copy, diffusion or other unusable series).")
+        automatic = f"{d.role}, confidence {d.confidence:.2f}"
+        d.reasons = [f"pinned by the user to {ROLE_NAMES[role]} (automatic identification: {automatic})",
+                     *d.reasons]
+        d.role, d.confidence, d.pinned = role, 1.0, True
+        pinned[role] = d
+        logger.info("%s pinned by the user to %s (automatic: %s)", d.label, ROLE_NAMES[role], automatic)
+    return pinned
+
+
+def _pinned_series(role: str, series: str, decisions: list[SeriesDecision]) -> SeriesDecision:
+    """The one series a pin's SERIES names: its series key ('UID' or 'UID#part'), its SeriesInstanceUID, or its
+    SeriesNumber."""
+    text = series.strip()
+    matches = [d for d in decisions if d.key == text]
+    if not matches:
+        matches = [d for d in decisions if d.series_uid == text]
+    if not matches and text.lstrip("+-").isdigit():
+        matches = [d for d in decisions if d.series_number == int(text)]
+    available = "; ".join(d.label for d in sorted(decisions, key=_decision_order)) or "none"
+    if not matches:
+        raise InputError(f"Role override {role}={series}: no series of this session has SeriesNumber or "
+                         f"SeriesInstanceUID '{series}'. Series in the session: {available}.",
+                         hint="Give the SeriesNumber or SeriesInstanceUID of one of them (`pedseg identify INPUT` "
+                              "lists them).")
+    if len(matches) > 1:
+        listed = "; ".join(f"{d.label}: {d.key}" for d in sorted(matches, key=_decision_order))
+        raise InputError(f"Role override {role}={series} matches {len(matches)} series: {listed}.",
+                         hint="Give the SeriesInstanceUID instead (with '#part' for one part of a split series), "
+                              f"e.g. {role}={matches[0].key}.")
+    return matches[0]
 
 
 def _voxel(h: SeriesHeader) -> tuple[float, float, float] | None:

@@ -7,7 +7,7 @@ Label maps are in the internal convention of `pipeline.labels` (BraTS-PEDs 2024)
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -66,7 +66,9 @@ class SeriesHeader(_NamedSeries):
     image_type: tuple[str, ...]
     contrast_agent: str  # ContrastBolusAgent, "" when absent
     contrast_ingredient: str
-    acquisition_time: float | None  # seconds after midnight (AcquisitionTime or SeriesTime)
+    # seconds after midnight of the StudyDate (AcquisitionDate/Time or SeriesDate/Time): after 86400 for a series
+    # acquired past midnight, so comparing two of them orders a session that ran across midnight
+    acquisition_time: float | None
     num_images: int  # instances, or frames for enhanced multi-frame
     slice_thickness: float | None
     pixel_spacing: tuple[float, float] | None
@@ -141,6 +143,7 @@ class SeriesDecision(_NamedSeries):
     reasons: list[str]
     chosen: bool = False
     part: str = ""
+    pinned: bool = False  # the user pinned this series to `role` (PipelineConfig.role_overrides)
 
 
 @dataclass
@@ -151,6 +154,8 @@ class Identification:
     # The role every other series is registered to, whose grid the native label map and the DICOM SEG take:
     # the configured one when chosen, else t1c, else the first chosen (pipeline.identify.reference_role).
     reference_role: str = "t1c"
+    # Roles the user pinned by hand (PipelineConfig.role_overrides): role -> series key, a subset of `chosen`.
+    pinned: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------- preprocess

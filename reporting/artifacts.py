@@ -60,6 +60,8 @@ class Provenance:
     reference_role: str
     stage_seconds: dict[str, float] = field(default_factory=dict)  # filled once every writer has run
     outputs: tuple[str, ...] = ()  # paths relative to OUTDIR, provenance.json included
+    # Roles the user pinned by hand (Identification.pinned: role -> series key), not chosen by identification.
+    pinned_roles: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         document = {
@@ -67,7 +69,8 @@ class Provenance:
             "packages": dict(self.packages),
             "bundle": self.bundle.as_dict(),
             "inputs": {"study_instance_uid": self.study_instance_uid,
-                       "series_instance_uids": dict(self.series_instance_uids)},
+                       "series_instance_uids": dict(self.series_instance_uids),
+                       "pinned_roles": dict(self.pinned_roles)},
             "device": self.device,
             "fast_mode": self.fast_mode,
             "tta": self.tta,

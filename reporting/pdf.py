@@ -295,11 +295,19 @@ def _identification(identification: Identification) -> list:
     rows = [["Series", "Description", "Role", "Confidence", "Chosen", "First reason"]]
     for d in identification.decisions:
         rows.append([_fmt(d.series_number), d.description or "—", d.role, f"{d.confidence:.2f}",
-                     "yes" if d.chosen else "", d.reasons[0] if d.reasons else "—"])
+                     ("pinned" if d.pinned else "yes") if d.chosen else "", d.reasons[0] if d.reasons else "—"])
     flow = [Paragraph("Series identification", _H2), _table(rows, [14, 50, 14, 20, 16, 64])]
+    if identification.pinned:
+        pinned = [f"{role} → {_pinned_label(identification, key)}" for role, key in identification.pinned.items()]
+        flow.append(Paragraph("<b>Roles pinned by hand</b> (not chosen by identification): "
+                              + _text("; ".join(pinned)), _BODY))
     if identification.missing:
         flow.append(Paragraph("Missing roles: " + _text(", ".join(identification.missing)), _BODY))
     return flow
+
+
+def _pinned_label(identification: Identification, key: str) -> str:
+    return next((d.label for d in identification.decisions if d.key == key), key)
 
 
 def _provenance(provenance: dict) -> list:
