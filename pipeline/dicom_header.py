@@ -4,19 +4,24 @@ Owns reading a header without pixels (dropping elements pydicom cannot parse), t
 non-image objects that share their series, checking that the pixel data is all there, the helpers that find an
 attribute in the functional groups of an enhanced multi-frame object, the conversions of DICOM values (text,
 numbers, times) that tolerate malformed values, and `series_header`, the one place a `SeriesHeader` is built
-from a pydicom Dataset (the pipeline's own files, or the Flywheel importer's copy of a header).
+from a pydicom Dataset (the pipeline's own files, or the Flywheel importer's copy of a header). Pixels are read
+in two places only, both cheap: a digest of one image when two files claim one SOPInstanceUID
+(`pixel_content_digest`), and the distinct values of a few sampled slices of a series (`sampled_pixel_values`).
 Nothing here logs patient identifiers.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import math
 import re
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pydicom
+import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -115,6 +120,67 @@ def dataset_label(ds: Dataset) -> str:
     return series_label(as_int(ds.get("SeriesNumber")), as_text(ds.get("SeriesDescription")))
 
 
+# ------------------------------------------------------------------------------------------ pixel content
+
+# Slices read per series to judge its pixel content: enough to find a mask's few labels, few enough to stay cheap.
+PIXEL_SAMPLE_SLICES = 5
+
+
+def pixel_content_digest(path: Path) -> str:
+    """A digest of one image's content: its decoded pixels (the stored bytes when they cannot be decoded) and its
+    geometry. Equal for two copies of one image, whatever transfer syntax each was written in; read only for
+    files that share a SOPInstanceUID. An unreadable file gets a digest of its path: never equal to another."""
+    digest = hashlib.sha256()
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        try:
+            pixels = np.ascontiguousarray(ds.pixel_array).tobytes()
+        except Exception:  # noqa: BLE001 - no decoder, or malformed pixel data: compare the stored bytes
+            pixels = bytes(ds.get("PixelData") or b"")
+        digest.update(pixels)
+        for name in ("ImagePositionPatient", "ImageOrientationPatient"):
+            digest.update(repr(rounded(ds.get(name), 3)).encode())
+        digest.update(repr((as_int(ds.get("NumberOfFrames")), as_int(ds.get("Rows")),
+                            as_int(ds.get("Columns")))).encode())
+    # force=True parses whatever it is given; a file that cannot be read cannot be shown to equal another.
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("pixel content unreadable (%s)", type(exc).__name__)
+        digest.update(b"unreadable:" + str(path).encode())
+    return digest.hexdigest()
+
+
+def sampled_pixel_values(images: list[tuple[Path, int]], slices: int = PIXEL_SAMPLE_SLICES) -> int | None:
+    """How many distinct pixel values a few slices spread through a stack hold: `images` are (file, frames) in
+    stack order. Slices of a single value (empty slices at the edge of a mask, a blank image) say nothing about
+    content and are left out; 1 when every sampled slice is flat; None when no pixels could be read (compressed
+    without a decoder, malformed). A few slices only: an MR image holds hundreds of values in any one slice, a
+    label map (mask, ROI, segmentation) a handful in all."""
+    frames = [(path, index if count > 1 else None) for path, count in images for index in range(max(count, 1))]
+    if not frames:
+        return None
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(frames) - 1, slices + 2)[1:-1]}) or [0]
+    per_file: dict[Path, list[int | None]] = {}
+    for path, index in (frames[i] for i in picks):
+        per_file.setdefault(path, []).append(index)
+    values: set = set()
+    read = 0
+    for path, indices in per_file.items():
+        try:  # one parse per file: an enhanced object's header alone can take a second to read
+            arrays = (list(pydicom.pixels.iter_pixels(path, indices=indices)) if indices != [None] else
+                      [pydicom.pixels.pixel_array(path)])
+        except Exception as exc:  # noqa: BLE001 - no decoder, truncated or malformed pixel data: not sampled
+            logger.debug("pixel sample unreadable (%s)", type(exc).__name__)
+            continue
+        for array in arrays:
+            read += 1
+            found = np.unique(array)
+            if len(found) > 1:
+                values.update(found.tolist())
+    if not read:
+        return None
+    return len(values) if values else 1
+
+
 # --------------------------------------------------------------------------------------- series header
 
 
@@ -129,10 +195,12 @@ class SeriesTallies(Protocol):
     def temporal_positions(self) -> int: ...
 
 
-def series_header(ds: Dataset, part: str = "", stats: SeriesTallies | None = None) -> SeriesHeader:
+def series_header(ds: Dataset, part: str = "", stats: SeriesTallies | None = None, *, pixel_values: int | None = None,
+                  conflicting_instances: int = 0) -> SeriesHeader:
     """Summarise one series (or `part` of one) from one image's header (and its enhanced functional groups), plus
     the tallies over all its images when there are any. Without tallies (one header alone) the image count is
-    unknown (0), the acquisition time is the SeriesTime and one echo, volume and orientation are assumed."""
+    unknown (0), the acquisition time is the SeriesTime and one echo, volume and orientation are assumed.
+    `pixel_values` (`sampled_pixel_values`) and `conflicting_instances` come from the series' files, when read."""
     if stats is None:
         images, times, echoes, temporal, orientations = 0, [], 1, 1, 1
     else:
@@ -173,6 +241,8 @@ def series_header(ds: Dataset, part: str = "", stats: SeriesTallies | None = Non
         num_echoes=echoes,
         num_temporal_positions=temporal,
         num_orientations=orientations,
+        pixel_values=pixel_values,
+        conflicting_instances=conflicting_instances,
     )
 
 

@@ -208,10 +208,34 @@ def _secondary_capture(f: Facts) -> str | None:
     return "SOP class Secondary Capture" if f.h.sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.7") else None
 
 
+# ImageType values of reformats, projections, arithmetic on images and parametric maps (classic vendor terms and
+# the enhanced MR 'derived pixel contrast' terms): derived, whatever the first value claims.
+_DERIVED_TYPES = ("MPR", "CSA MPR", "MIP", "MNIP", "MINIP", "MIN IP", "PROJECTION IMAGE", "REFORMATTED", "SUBTRACTION",
+                  "ADDITION", "DIVISION", "MULTIPLICATION", "MAXIMUM", "MINIMUM", "STD_DEVIATION", "COMPOSED",
+                  "T1_MAP", "T2_MAP", "T2_STAR_MAP", "PROTON_DENSITY_MAP", "T1 MAP", "T2 MAP", "T2* MAP", "T1MAP",
+                  "T2MAP", "R2STAR", "FAT_FRACTION", "WATER_FRACTION", "PHASE_MAP", "VELOCITY")
+# Perfusion maps: the enhanced MR terms and Siemens/GE values.
+_PERFUSION_TYPES = ("PERFUSION", "RCBF", "RCBV", "CBF", "CBV", "RELCBF", "RELCBV", "MTT", "TTP", "ASL")
+# A label map holds this many distinct values or fewer (background and a few labels); an MR image hundreds.
+LABEL_MAP_MAX_VALUES = 8
+
+
 def _derived_image_type(f: Facts) -> str | None:
     if f.image_type[:1] == ("DERIVED",) or f.image_type[1:2] == ("SECONDARY",):
         return "ImageType " + "\\".join(f.image_type[:3])
-    return image_type("MPR", "MIP", "MNIP", "PROJECTION IMAGE", "REFORMATTED", "SUBTRACTION", "CSA MPR")(f)
+    return image_type(*_DERIVED_TYPES)(f)
+
+
+def _label_map(f: Facts) -> str | None:
+    """A mask, ROI or segmentation saved as an MR image, whatever its ImageType claims: a handful of distinct
+    values in the sampled slices. One value (a blank image) is not a label map."""
+    n = f.h.pixel_values
+    return f"{n} distinct values" if n is not None and 2 <= n <= LABEL_MAP_MAX_VALUES else None
+
+
+def _conflicting_instances(f: Facts) -> str | None:
+    n = f.h.conflicting_instances
+    return f"{n} SOP Instance UID(s) each held by different images" if n else None
 
 
 def _epi_time_series(f: Facts) -> str | None:
@@ -296,7 +320,7 @@ RULES: tuple[Rule, ...] = (
     Rule("calibration", text("calibration"), REJECT, "{hit}: coil calibration / reference scan"),
     Rule("diffusion", any_of(image_type("DIFFUSION", "ADC", "TRACEW", "FA", "EADC", "TENSOR"), text("diffusion"),
                              _sequence_name(r"ep_b|diff|dwi")), REJECT, "{hit}: diffusion image or map"),
-    Rule("perfusion", any_of(image_type("PERFUSION"), text("perfusion"), _sequence_name(r"perf")), REJECT,
+    Rule("perfusion", any_of(image_type(*_PERFUSION_TYPES), text("perfusion"), _sequence_name(r"perf")), REJECT,
          "{hit}: perfusion"),
     Rule("fmri", any_of(image_type("MOSAIC", "FMRI"), text("fmri"), _epi_time_series), REJECT,
          "{hit}: functional MRI (BOLD / EPI time series)"),
@@ -304,7 +328,13 @@ RULES: tuple[Rule, ...] = (
          "{hit}: field map (a calibration scan)"),
     Rule("phase", _phase_only, REJECT, "{hit}: phase / real / imaginary image, not magnitude"),
     Rule("derived", any_of(_derived_image_type, _secondary_capture, text("derived")), REJECT,
-         "{hit}: derived / secondary image (reformat, projection or screen capture), not the acquired data"),
+         "{hit}: derived / secondary image (reformat, projection, subtraction, parametric map or screen capture), "
+         "not the acquired data"),
+    Rule("label_map", _label_map, REJECT,
+         "pixel values look like a label map ({hit} in the sampled slices): a mask, ROI or segmentation, "
+         "not an MR image"),
+    Rule("conflicting_instances", _conflicting_instances, REJECT,
+         "{hit} (different pixels or position): an inconsistent export; this series cannot be trusted"),
     Rule("susceptibility", text("susceptibility"), REJECT, "{hit}: susceptibility / T2*-weighted"),
     Rule("angio", any_of(image_type("ANGIO"), text("angio")), REJECT, "{hit}: angiography"),
     Rule("bssfp", any_of(text("bssfp"), _sequence_name(r"ci3d|tfi|trufi")), REJECT,

@@ -291,11 +291,11 @@ def _kind(head: bytes) -> str | None:
 
 
 def _read_images(files: list[Path]) -> list[DicomImage]:
-    """The image objects among `files`: without unreadable and non-image objects, files whose pixel data is
-    missing or truncated (warned about per series), and second copies of an instance."""
+    """The image objects among `files`: without unreadable and non-image objects and files whose pixel data is
+    missing or truncated (warned about per series). Repeated SOP Instance UIDs are kept: `build_series` tells a
+    true copy from a different image under the same UID."""
     images: list[DicomImage] = []
-    seen: set[str] = set()
-    skipped = duplicates = 0
+    skipped = 0
     incomplete: dict[str, int] = {}
     for path in files:
         ds, pixels_at = read_header_and_pixel_offset(path)
@@ -306,15 +306,8 @@ def _read_images(files: list[Path]) -> list[DicomImage]:
             label = dataset_label(ds)
             incomplete[label] = incomplete.get(label, 0) + 1
             continue
-        # The same instance twice (a folder exported alongside its own copy) would look like a repeated volume.
-        sop_uid = str(ds.get("SOPInstanceUID", "")) or str(path)
-        if sop_uid in seen:
-            duplicates += 1
-            continue
-        seen.add(sop_uid)
         images.append(DicomImage(path, ds))
-    logger.debug("skipped %d DICOM objects that are unreadable or carry no image, and %d duplicate instances",
-                 skipped, duplicates)
+    logger.debug("skipped %d DICOM objects that are unreadable or carry no image", skipped)
     for label, count in incomplete.items():
         logger.warning("%s: %d file(s) with missing or truncated pixel data left out", label, count)
     return images

@@ -3,6 +3,8 @@
 Owns grouping images by SeriesInstanceUID, splitting a series that mixes orientations or echoes into stacks
 named by plane and echo, the per-series tallies (images, echoes, volumes, orientations, acquisition times) that
 `dicom_header.series_header` summarises, and the checks that the images come from one study of one patient.
+Also owns what happens when files share a SOPInstanceUID (`distinct_instances`): copies of one image count once;
+different images under one UID are never merged: kept and flagged within a series, refused across two series.
 Messages name series by number and description only.
 """
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pedseg.pipeline.dicom_header import (
     as_text,
     dataset_label,
     group_value,
+    pixel_content_digest,
     rounded,
     rounded_float,
+    sampled_pixel_values,
     series_header,
     session_seconds,
 )
@@ -112,7 +116,12 @@ def _same_orientation(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def build_series(images: list[DicomImage]) -> list[Series]:
-    """The images grouped into series, each split into single stacks, ordered by series number."""
+    """The images grouped into series, each split into single stacks, ordered by series number.
+
+    Copies of one image count once; an InputError when one SOPInstanceUID is in two series (`distinct_instances`).
+    Each stack's header carries the distinct values of a few sampled slices (`sampled_pixel_values`) and how
+    many of its SOPInstanceUIDs are held by different images."""
+    images, conflicting = distinct_instances(images)
     groups: dict[str, list[DicomImage]] = {}
     for image in images:
         groups.setdefault(str(image.ds.SeriesInstanceUID), []).append(image)
@@ -123,10 +132,87 @@ def build_series(images: list[DicomImage]) -> list[Series]:
             stats = _Stats()
             for image in stack:
                 stats.add(image.ds)
-            series.append(Series(header=series_header(stack[0].ds, part, stats), files=[im.path for im in stack]))
+            pixel_values = sampled_pixel_values([(im.path, as_int(im.ds.get("NumberOfFrames")) or 1) for im in stack])
+            conflicts = len({_sop_uid(im) for im in stack} & conflicting)
+            header = series_header(stack[0].ds, part, stats, pixel_values=pixel_values,
+                                   conflicting_instances=conflicts)
+            series.append(Series(header=header, files=[im.path for im in stack]))
     series.sort(key=lambda s: (s.header.series_number is None, s.header.series_number or 0, s.header.series_uid,
                                s.header.part))
     return series
+
+
+def _sop_uid(image: DicomImage) -> str:
+    return as_text(image.ds.get("SOPInstanceUID"))
+
+
+def distinct_instances(images: list[DicomImage]) -> tuple[list[DicomImage], set[str]]:
+    """The images without second copies of one image, and the SOPInstanceUIDs held by different images.
+
+    A SOPInstanceUID names one image. Files that share one are compared (decoded pixels and position, read only
+    for them): copies of one image (a folder exported beside its own copy, an instance in two inputs) count once.
+    Different images under one UID within one series (an anonymiser or converter that re-used UIDs) are all kept
+    and the UID returned, so the series is reported and never used (`identify_rules`), rather than losing
+    images to a merge. One UID in two series (a modified copy that kept the image UIDs) is an InputError naming
+    both series: which of the two is right cannot be told.
+    """
+    by_uid: dict[str, list[DicomImage]] = {}
+    for image in images:
+        uid = _sop_uid(image)
+        if uid:
+            by_uid.setdefault(uid, []).append(image)
+    shared = {uid: members for uid, members in by_uid.items() if len(members) > 1}
+    if not shared:
+        return images, set()
+    _refuse_shared_across_series(shared)
+    dropped: set[int] = set()
+    conflicting: set[str] = set()
+    for uid, members in shared.items():
+        first_of: dict[str, DicomImage] = {}
+        for image in members:
+            digest = pixel_content_digest(image.path)
+            if digest in first_of:
+                dropped.add(id(image))
+            else:
+                first_of[digest] = image
+        if len(first_of) > 1:
+            conflicting.add(uid)
+    if dropped:
+        logger.debug("%d second copies of an image left out (same SOP Instance UID, same pixels)", len(dropped))
+    per_series: dict[str, int] = {}
+    for uid in conflicting:
+        label = dataset_label(shared[uid][0].ds)
+        per_series[label] = per_series.get(label, 0) + 1
+    for label, count in sorted(per_series.items()):
+        logger.warning("%s: %d SOP Instance UID(s) each held by different images (different pixels or position): "
+                       "all kept, and the series is not used", label, count)
+    return [im for im in images if id(im) not in dropped], conflicting
+
+
+def _refuse_shared_across_series(shared: dict[str, list[DicomImage]]) -> None:
+    """An InputError listing, per set of series, how many SOPInstanceUIDs they share; series by number first."""
+    order = {str(im.ds.SeriesInstanceUID): (as_int(im.ds.get("SeriesNumber")) is None,
+                                            as_int(im.ds.get("SeriesNumber")) or 0, dataset_label(im.ds),
+                                            str(im.ds.SeriesInstanceUID))
+             for members in shared.values() for im in members}
+    groups: dict[tuple[str, ...], int] = {}
+    for members in shared.values():
+        series_uids = tuple(sorted({str(im.ds.SeriesInstanceUID) for im in members}, key=order.__getitem__))
+        if len(series_uids) > 1:
+            groups[series_uids] = groups.get(series_uids, 0) + 1
+    if not groups:
+        return
+    listing = "; ".join(
+        f"{count} image(s) in both " + " and ".join(order[uid][2] for uid in uids)
+        + (" (two different series under one label)" if len({order[uid][2] for uid in uids}) < len(uids) else "")
+        for uids, count in sorted(groups.items(), key=lambda item: [order[uid] for uid in item[0]])
+    )
+    raise InputError(
+        f"The same images (same SOP Instance UIDs) appear in different series: {listing}. One of them is a "
+        "modified copy that kept the original image UIDs, and which series the images belong to cannot be told.",
+        hint="Give one copy of each series: leave out the copied or re-exported folder, or export the session "
+             "again from the scanner or PACS.",
+    )
 
 
 def _stacks(members: list[DicomImage]) -> dict[str, list[DicomImage]]:

@@ -81,6 +81,11 @@ class SeriesHeader(_NamedSeries):
     num_temporal_positions: int = 1
     num_orientations: int = 1
     part: str = ""  # "" for a whole series; e.g. "e2", "cor", "ax_e1" for one stack of a split series
+    # distinct pixel values in a few sampled slices (slices of one value left out; 1 when all are flat); None when
+    # no pixels were read (a header alone). A handful means a label map (mask, ROI, segmentation), not an image.
+    pixel_values: int | None = None
+    # SOPInstanceUIDs this series holds twice with different pixel data or position: an inconsistent export
+    conflicting_instances: int = 0
 
 
 @dataclass

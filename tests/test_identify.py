@@ -88,6 +88,8 @@ def classify_one(h: SeriesHeader):
 # (header, expected role, words that must appear in the reasons)
 SINGLE_SERIES_CASES = [
     (mprage(1), "t1n", "inversion-prepared gradient echo"),
+    (mprage(1, "t1_mprage_sag", pixel_values=3), "other", "label map"),
+    (t2_tse(1, "Ax T2", conflicting_instances=2), "other", "inconsistent export"),
     (mprage(1, "Sag 3D BRAVO +C", contrast_agent="GADAVIST"), "t1c", "ContrastBolusAgent 'GADAVIST' set"),
     (mprage(1, "3D T1 TFE sag Gd", scanning_sequence=("GR",), inversion_time=None), "t1c", "matches 'GD'"),
     (mprage(1, "T1 MPRAGE pre Gd"), "t1n", "matches 'PRE'"),
