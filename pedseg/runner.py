@@ -129,6 +129,7 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
                      f"labels mapped to the {role} grid")
     with clock("measure") as facts:
         measurements = measure(labels, native_labels, qc_flags=list(pre.qc.flags),
+                               brain_volume_ml=pre.qc.brain_volume_ml,
                                uncertainty=uncertainty_summary(prediction.uncertainty, labels))
         facts.append(_volumes_text(measurements))
     provenance = Provenance(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,6 +44,7 @@ SCHEMA_FILE = "bundle.schema.json"
 ModelKind = Literal["nnunetv2", "deepmedic"]
 Population = Literal["pediatric", "adult", "adult-and-pediatric", "synthetic", "unspecified"]
 DEEPMEDIC_ARCHITECTURE = "architecture.json"
+BUNDLE_ENV = "PEDSEG_BUNDLE"  # config.DEFAULT_BUNDLE's environment variable
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,30 @@ class ModelBundle:
 
 
 def load_bundle(root: Path) -> ModelBundle:
+    """The bundle in `root`, checked; a BundleError names where the path came from when it was $PEDSEG_BUNDLE."""
     root = Path(root)
+    try:
+        return _load_bundle(root)
+    except BundleError as exc:
+        origin = _from_environment(root)
+        if origin:
+            raise BundleError(f"{exc.message} (bundle path from {origin})", hint=exc.hint) from exc
+        raise
+
+
+def _from_environment(root: Path) -> str | None:
+    """'$PEDSEG_BUNDLE=<value>' when `root` is the path that variable gives (config.DEFAULT_BUNDLE), else None."""
+    value = os.environ.get(BUNDLE_ENV)
+    if not value:
+        return None
+    try:
+        same = Path(value).resolve() == root.resolve()
+    except OSError:
+        same = Path(value) == root
+    return f"${BUNDLE_ENV}={value}" if same else None
+
+
+def _load_bundle(root: Path) -> ModelBundle:
     spec_path = root / "bundle.json"
     if not spec_path.is_file():
         raise BundleError(f"No bundle.json in model bundle folder '{root}'.",

@@ -39,6 +39,9 @@ from pedseg.pipeline.types import Lesion, Measurements, Rapno, RegionMeasure, Un
 logger = logging.getLogger(__name__)
 
 MEASURABLE_MM = 10.0  # RAPNO: measurable when both diameters reach 10 mm (informative; not used in the sum)
+# A whole tumour over this share of the brain mask's volume (both in BraTS space) is implausible: the largest
+# paediatric tumours at diagnosis stay well below it, so the segmentation (or the brain mask) is likely wrong.
+MAX_WT_FRACTION_OF_BRAIN = 0.5
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 _PERP_CHUNK = 256  # rows per block in the pairwise chord search, bounds memory on large lesions
 
@@ -64,12 +67,14 @@ def count_components(mask: np.ndarray) -> int:
 
 
 def measure(atlas_labels: sitk.Image, native_labels: sitk.Image | None, *, qc_flags: list[str],
-            uncertainty: Uncertainty | None = None, rapno_region: str = "TC", max_lesions: int = 5) -> Measurements:
+            uncertainty: Uncertainty | None = None, rapno_region: str = "TC", max_lesions: int = 5,
+            brain_volume_ml: float | None = None) -> Measurements:
     """Volumes (atlas and native space), component counts and RAPNO products for every region.
 
     Both label maps are in the internal convention. `Measurements.rapno` is the RAPNO measurement of
     `rapno_region`; TC and WT both get their sum of products in `bidimensional_mm2`. `uncertainty`: the model's
-    (pipeline.infer.uncertainty_summary), carried along.
+    (pipeline.infer.uncertainty_summary), carried along. `brain_volume_ml`: the atlas-space brain mask's
+    volume (QC.brain_volume_ml); given, a whole tumour implausibly large against it adds a QC flag.
     """
     atlas = label_array(atlas_labels)
     native = label_array(native_labels) if native_labels is not None else None
@@ -93,7 +98,22 @@ def measure(atlas_labels: sitk.Image, native_labels: sitk.Image | None, *, qc_fl
               for name in dict.fromkeys(("TC", "WT", rapno_region))}
     for name, block in blocks.items():
         regions[name].bidimensional_mm2 = block.sum_product_mm2
-    return Measurements(regions=regions, rapno=blocks[rapno_region], qc_flags=list(qc_flags), uncertainty=uncertainty)
+    flags = list(qc_flags)
+    flag = tumour_fraction_flag(regions["WT"].volume_ml, brain_volume_ml)
+    if flag:
+        flags.append(flag)
+    return Measurements(regions=regions, rapno=blocks[rapno_region], qc_flags=flags, uncertainty=uncertainty)
+
+
+def tumour_fraction_flag(wt_ml: float, brain_ml: float | None) -> str | None:
+    """A QC flag when the whole tumour is over MAX_WT_FRACTION_OF_BRAIN of the brain volume (both atlas space)."""
+    if not brain_ml or brain_ml <= 0:
+        return None
+    share = wt_ml / brain_ml
+    if share <= MAX_WT_FRACTION_OF_BRAIN:
+        return None
+    return (f"whole tumour {wt_ml:.0f} mL is {share:.0%} of the brain volume {brain_ml:.0f} mL (implausible above "
+            f"{MAX_WT_FRACTION_OF_BRAIN:.0%}): check the segmentation and the skull stripping")
 
 
 def lps_reference(image: sitk.Image, spacing: tuple[float, float, float], *, margin: int = 0) -> sitk.Image:

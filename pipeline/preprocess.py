@@ -30,9 +30,34 @@ from pedseg.pipeline.types import QC, Identification, Preprocessed, Session, Sim
 
 logger = logging.getLogger(__name__)
 
-# Expected brain volume (mL, deepbet's mask: cerebrum, cerebellum, brainstem) by age, wide bounds: newborn
-# ~400, 1 y ~900, 3 y ~1100, adolescents and adults ~1100-1600. (upper age, low, high)
-BRAIN_ML_BOUNDS = ((0.5, 300, 1100), (2, 500, 1500), (6, 800, 1700), (200, 900, 1900))
+# Expected brain volume (mL, deepbet's mask: cerebrum, cerebellum, brainstem, with ventricles and some CSF) by age:
+# (upper age in years, low, high). Infant norms: total brain volume about 450 mL at 2-4 weeks, about 900 mL at
+# 1 year (+101 %) and 1050-1100 mL at 2 years (+15 %) (Knickmeyer et al. 2008, J Neurosci 28:12176, "A structural
+# MRI study of human brain development from birth to 2 years"); about a third of adult volume at birth and over
+# half by 3 months (Holland et al. 2014, JAMA Neurol 71:1266); 3-year-olds ~1100, adolescents and adults
+# ~1100-1600. The bands below leave room for the CSF in deepbet's mask and for the spread between children; the
+# first year is split because volume doubles in it (the old 300-1100 mL band for under 6 months let a 2.7x
+# overestimate of a 2-month-old's brain through).
+BRAIN_ML_BOUNDS = ((0.25, 300, 700), (0.5, 400, 850), (1, 500, 1100), (2, 500, 1500), (6, 800, 1700),
+                   (200, 900, 1900))
+# A brain outside these at any age (mL) is physically implausible: most likely the header's voxel spacing is wrong
+# (a brain at 2x the true spacing reads 8x its volume).
+BRAIN_ML_PHYSICAL = (300, 2500)
+# Head extent (mm) left-right and front-back, from the Otsu head mask in BraTS space (the BraTS box is 240 mm across
+# and 155 mm high, so top-to-bottom is cut off and not checked). A term newborn's head is ~90-95 mm wide
+# (biparietal diameter at 40 weeks, Hadlock et al. 1982, Radiology 152:497) and an adult's at most ~210 mm long
+# with scalp: outside 80-230 mm suggests a wrong voxel spacing, or a head mask that caught the coil or padding.
+HEAD_EXTENT_MM = (80.0, 230.0)
+# Head circumference (cm) by age, as (upper age in years, low, high): about the -3 SD of girls and the +3 SD of
+# boys of the WHO Child Growth Standards (head circumference-for-age, 2007; median 34.5 cm at birth, 40.5 at
+# 3 months, 46 at 1 year, 48 at 2 years, boys), and adults 52-60 cm (Nellhaus 1968, Pediatrics 41:106). The
+# circumference is estimated as the perimeter of the ellipse of the head mask's largest axial section.
+HEAD_CIRCUMFERENCE_CM = ((0.25, 30, 44), (0.5, 36, 47), (1, 38, 50), (2, 41, 53), (6, 43, 56), (200, 46, 62))
+# Two chosen roles whose atlas-space images correlate above this inside the brain are one acquisition twice: the
+# same images registered to themselves correlate ~1. Other contrasts correlate far less or negatively (T2 against
+# T1: -0.85 to -0.91 on synthetic sessions), but the synthetic t1n and t1c, which share every healthy tissue
+# signal, reach 0.95-0.989 through noise and bias alone, hence 0.995 rather than 0.99.
+MAX_ROLE_CORRELATION = 0.995
 # Brain mask over the head (Otsu foreground of t1c in the BraTS box): 0.49 on the atlas, 0.53-0.56 with deepbet
 # on the shared real MPRAGEs (3-year-old, adult); far below means over-stripping, near 1 means skull left in
 # or an input that was already skull-stripped.
@@ -162,7 +187,8 @@ def extract_brain(t1c_atlas: sitk.Image, workdir: Path, flags: list[str]) -> tup
 
 def quality_checks(atlas_space: dict, anchor: str, mask: sitk.Image, extraction: str, flags: list[str],
                    patient_age_years: float | None) -> dict:
-    """Similarity of every alignment inside the brain, brain volume against age, fraction of the head kept.
+    """Similarity of every alignment inside the brain, brain volume against age (and any age), fraction of the
+    head kept, head size against age (and any age), roles that are one acquisition twice.
     Appends to `flags`; returns the measured values (QC's remaining fields)."""
     similarity = {}
     for role, image in atlas_space.items():
@@ -182,7 +208,8 @@ def quality_checks(atlas_space: dict, anchor: str, mask: sitk.Image, extraction:
         flags.append(f"only {inside:.0%} of the brain lies inside the atlas brain after alignment "
                      f"(expected >= {MIN_INSIDE_ATLAS_BRAIN:.0%}): check the registration to the atlas")
     brain_ml = float(brain.sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
-    head = sitk.GetArrayFromImage(_head_mask(atlas_space[anchor])) > 0
+    head_image = _head_mask(atlas_space[anchor])
+    head = sitk.GetArrayFromImage(head_image) > 0
     fraction = float((brain & head).sum() / head.sum()) if head.any() else 0.0
     lo, hi = HEAD_FRACTION_BOUNDS
     if not lo <= fraction <= hi:
@@ -191,17 +218,106 @@ def quality_checks(atlas_space: dict, anchor: str, mask: sitk.Image, extraction:
     flag = brain_volume_flag(brain_ml, patient_age_years)
     if flag:
         flags.append(flag)
+    extent = head_extent_mm(head, head_image.GetSpacing())
+    for flag in (head_extent_flag(extent), head_circumference_flag(extent, patient_age_years)):
+        if flag:
+            flags.append(flag)
+            break  # a head the wrong size for any age is not also the wrong size for this age
+    flags.extend(same_acquisition_flags(atlas_space, mask))
     return {"similarity_in_brain": similarity, "brain_inside_atlas_brain": round(inside, 3),
             "brain_volume_ml": round(brain_ml, 1), "mask_fraction_of_head": round(fraction, 3)}
 
 
 def brain_volume_flag(brain_ml: float, age_years: float | None) -> str | None:
+    """The brain volume against every age (a wrong voxel spacing), then against the patient's age."""
+    lo, hi = BRAIN_ML_PHYSICAL
+    if not lo <= brain_ml <= hi:
+        return (f"brain volume {brain_ml:.0f} mL is implausible at any age (expected {lo}-{hi} mL): the voxel "
+                "spacing in the image header may be wrong, or the skull stripping failed")
     if age_years is None:
         return None
     lo, hi = next((lo, hi) for max_age, lo, hi in BRAIN_ML_BOUNDS if age_years < max_age)
     if lo <= brain_ml <= hi:
         return None
-    return f"brain volume {brain_ml:.0f} mL outside {lo}-{hi} mL expected at age {age_years:g}"
+    return (f"brain volume {brain_ml:.0f} mL outside {lo}-{hi} mL expected at age {age_years:g}: check the skull "
+            "stripping and the patient's age (tumour volumes of a brain this far off may be wrong too)")
+
+
+@dataclass(frozen=True)
+class HeadExtent:
+    """The head mask's size in BraTS space (mm): left-right and front-back over the whole head, and both on its
+    largest axial section (for the circumference)."""
+
+    left_right: float
+    front_back: float
+    section_left_right: float
+    section_front_back: float
+
+    @property
+    def circumference_cm(self) -> float:
+        """Ramanujan's perimeter of the ellipse with the largest axial section's extents as axes."""
+        a, b = self.section_left_right / 2, self.section_front_back / 2
+        return float(np.pi * (3 * (a + b) - np.sqrt((3 * a + b) * (a + 3 * b)))) / 10.0
+
+
+def head_extent_mm(head: np.ndarray, spacing: tuple[float, float, float]) -> HeadExtent | None:
+    """`head`: the head mask as an array [z, y, x] on a grid with axes along the patient's (BraTS space)."""
+    if not head.any():
+        return None
+    zyx = np.argwhere(head)
+    span = (zyx.max(axis=0) - zyx.min(axis=0) + 1) * np.asarray(spacing[::-1])
+    k = int(np.argmax(head.reshape(head.shape[0], -1).sum(axis=1)))
+    yx = np.argwhere(head[k])
+    section = (yx.max(axis=0) - yx.min(axis=0) + 1) * np.asarray(spacing[1::-1])
+    return HeadExtent(left_right=float(span[2]), front_back=float(span[1]), section_left_right=float(section[1]),
+                      section_front_back=float(section[0]))
+
+
+def head_extent_flag(extent: HeadExtent | None) -> str | None:
+    """A head too small or too large for any age: most likely a wrong voxel spacing."""
+    if extent is None:
+        return "no head found in the reference image (Otsu foreground empty): check the image and its voxel spacing"
+    lo, hi = HEAD_EXTENT_MM
+    wrong = [f"{name} {mm:.0f} mm" for name, mm in (("left-right", extent.left_right),
+                                                    ("front-back", extent.front_back)) if not lo <= mm <= hi]
+    if not wrong:
+        return None
+    return (f"head extent {', '.join(wrong)} is implausible at any age (expected {lo:.0f}-{hi:.0f} mm): the voxel "
+            "spacing in the image header may be wrong")
+
+
+def head_circumference_flag(extent: HeadExtent | None, age_years: float | None) -> str | None:
+    """The head's estimated circumference against the patient's age."""
+    if extent is None or age_years is None:
+        return None
+    lo, hi = next((lo, hi) for max_age, lo, hi in HEAD_CIRCUMFERENCE_CM if age_years < max_age)
+    cm = extent.circumference_cm
+    if lo <= cm <= hi:
+        return None
+    return (f"head circumference about {cm:.0f} cm (from the head mask) outside {lo}-{hi} cm expected at age "
+            f"{age_years:g}: check the patient's age and the voxel spacing")
+
+
+def same_acquisition_flags(atlas_space: dict, mask: sitk.Image, stride: int = 3) -> list[str]:
+    """A flag for every pair of chosen roles whose atlas-space images correlate above MAX_ROLE_CORRELATION inside
+    the brain: one acquisition chosen twice (say, t1n and t1c the same images)."""
+    zyx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[::stride]  # every few brain voxels, as similarity_peak
+    if len(zyx) < 1000:
+        return []
+    values = {role: sitk.GetArrayViewFromImage(image)[tuple(zyx.T)].astype(np.float64)
+              for role, image in atlas_space.items()}
+    flags = []
+    roles = list(values)
+    for i, first in enumerate(roles):
+        for second in roles[i + 1:]:
+            a, b = values[first], values[second]
+            if a.std() == 0 or b.std() == 0:
+                continue
+            r = float(np.corrcoef(a, b)[0, 1])
+            if r > MAX_ROLE_CORRELATION:
+                flags.append(f"{first} and {second} look like one acquisition (correlation {r:.3f} inside the "
+                             f"brain > {MAX_ROLE_CORRELATION}): check that two different series were chosen")
+    return flags
 
 
 def _head_mask(image: sitk.Image) -> sitk.Image:
