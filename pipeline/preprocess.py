@@ -92,6 +92,8 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
     roles = list(identification.chosen)
     native_dir, atlas_dir = workdir / "native", workdir / "atlas"
     atlas_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:  # SimpleITK's filters and registration; one thread also makes registration repeat exactly
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(config.threads)
     step = StepTimer()
     with step("convert"):
         native_paths = {role: convert_series(session.by_uid(identification.chosen[role]), native_dir) for role in roles}

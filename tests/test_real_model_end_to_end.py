@@ -30,7 +30,8 @@ REFERENCE = SHARED_DATA / "deepmedic_reference" / f"{CASE}_deepmedic_labels.nii.
 def test_real_glioma_from_dicom_agrees_with_the_original_software(shared_data, tmp_path, capsys):
     dicom = reacquire_session(find_case_images(shared_data / "nifti" / f"brats_space_{CASE}"), tmp_path / "session",
                               seed=1)
-    assert main(["run", str(dicom), str(tmp_path / "out"), "--device", "cpu"]) == 0
+    # One thread: multi-threaded registration varies run to run (WT 0.908-0.911 seen); one thread repeats exactly.
+    assert main(["run", str(dicom), str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]) == 0
 
     measurements = json.loads((tmp_path / "out" / "measurements.json").read_text())
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
