@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from pedseg.evaluation import region_dice
+from pedseg.evaluation import region_dice, to_internal
 from pedseg.pipeline.atlas import brats_reference_grid
 from pedseg.pipeline.bundle import load_bundle
 from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig
@@ -56,8 +56,7 @@ def cpu_name() -> str:
 
 def brats_labels(path: Path) -> np.ndarray:
     """A BraTS 2017-2020 label map (1 NCR/NET, 2 ED, 4 ET) in the internal convention, SimpleITK array order."""
-    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.uint8)
-    return convert_labels(np.where(array == 4, 3, array), "2023", "2024")
+    return to_internal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), "brats2020", path)
 
 
 def rounded(dice: dict) -> dict:

@@ -20,7 +20,7 @@ import jsonschema
 from fw_gear.invocation_schema import derive_invocation_schema, isolate_config_invocation
 
 from pedseg.pipeline.archive import safe_extract
-from pedseg.pipeline.config import DEFAULT_BUNDLE, PipelineConfig, parse_role_overrides
+from pedseg.pipeline.config import BUNDLE_ENV, DEFAULT_BUNDLE, PipelineConfig, parse_role_overrides
 from pedseg.pipeline.errors import BundleError, InputError
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def pipeline_config(options: dict) -> PipelineConfig:
               if name in options and name not in GEAR_OPTIONS}
     pins = parse_role_overrides([options.get("role_overrides") or ""], source="Gear config option 'role_overrides'")
     # The image sets PEDSEG_BUNDLE: an installed (non-editable) package cannot find the repo's bundles/ folder.
-    return PipelineConfig(bundle=Path(os.environ.get("PEDSEG_BUNDLE", DEFAULT_BUNDLE)), role_overrides=pins,
+    return PipelineConfig(bundle=Path(os.environ.get(BUNDLE_ENV, DEFAULT_BUNDLE)), role_overrides=pins,
                           **values)
 
 

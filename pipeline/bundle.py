@@ -36,6 +36,7 @@ from typing import Literal, get_args
 
 import jsonschema
 
+from pedseg.pipeline.config import BUNDLE_ENV
 from pedseg.pipeline.errors import BundleError
 from pedseg.pipeline.labels import BASE_REGIONS, CONVENTIONS, LABEL_VALUES
 from pedseg.pipeline.types import ROLES
@@ -44,7 +45,6 @@ SCHEMA_FILE = "bundle.schema.json"
 ModelKind = Literal["nnunetv2", "deepmedic"]
 Population = Literal["pediatric", "adult", "adult-and-pediatric", "synthetic", "unspecified"]
 DEEPMEDIC_ARCHITECTURE = "architecture.json"
-BUNDLE_ENV = "PEDSEG_BUNDLE"  # config.DEFAULT_BUNDLE's environment variable
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ SUBJECT_SALT_ENV = "PEDSEG_SUBJECT_SALT"  # a site secret mixed into PatientID h
 _BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
 # The real model, for real sessions: CaPTk's DeepMedic glioma model (adult). PEDSEG_BUNDLE lets an installed copy
 # (Docker image, gear) point at its baked-in bundle.
-DEFAULT_BUNDLE = Path(os.environ.get("PEDSEG_BUNDLE", _BUNDLES / "captk-deepmedic-brats"))
+BUNDLE_ENV = "PEDSEG_BUNDLE"
+DEFAULT_BUNDLE = Path(os.environ.get(BUNDLE_ENV, _BUNDLES / "captk-deepmedic-brats"))
 # The synthetic demo model: the only one that knows the phantoms `pedseg demo` and the tests make.
 DEMO_BUNDLE = Path(os.environ.get("PEDSEG_DEMO_BUNDLE", _BUNDLES / "pedseg-demo"))
 
