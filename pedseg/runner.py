@@ -117,7 +117,7 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
                      f"({pre.qc.brain_extraction}), {len(pre.qc.flags)} QC flag(s)")
     with clock("infer") as facts:
         prediction = infer(pre, bundle, work, config)
-        ran = (f"{len(prediction.models_used)} DeepMedic model(s)" if bundle.kind == "deepmedic" else
+        ran = (f"{len(prediction.models_used)} DeepMedic model(s)" if bundle.kinds == ("deepmedic",) else
                f"{len(prediction.folds_used)} fold(s) of {len(prediction.models_used)} model(s)")
         facts.append(f"{bundle.name} {bundle.version}: {ran}, TTA {'on' if prediction.tta else 'off'}, "
                      f"{prediction.device}")

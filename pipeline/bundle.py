@@ -1,5 +1,6 @@
-"""Model bundles: a folder with `bundle.json` and one or more trained models of one kind: nnU-Net v2 trained-model
-folders, or DeepMedic members (architecture.json + model.safetensors, made by scripts/convert_deepmedic.py).
+"""Model bundles: a folder with `bundle.json` and one or more trained models (members) of any kind: nnU-Net v2
+trained-model folders, DeepMedic members (architecture.json + model.safetensors, made by
+scripts/convert_deepmedic.py) and MONAI networks (pipeline/monai_member.py), ensembled in one label space.
 
 bundle.json (format_version 1; its shape is the JSON Schema in bundle.schema.json, which `load_bundle` checks;
 the README's "Model bundles" section describes every field):
@@ -14,13 +15,23 @@ the README's "Model bundles" section describes every field):
                      [{"kind": "deepmedic", "path": "models/deepmedic", "weights": "model.safetensors",
                        "normalisation": "captk-zscore", "classes": {"0": 0, "1": 1, "2": 2, "3": 3, "4": 3}}]
                      classes: DeepMedic output class -> bundle label value
+                     [{"kind": "monai", "path": "models/swin", "network": {...}, "inference": {...},
+                       "activation": "sigmoid", "outputs": [[1, 2, 3], [1, 3], [3]]}]    (pipeline/monai_member.py)
+                     any member: "region_weights": {"ET": 0.7, ...} its weight per region in the ensemble;
+                     "required_inputs": the sequences it needs (default all), so a session missing one still
+                     runs the members that do not need it; "brain": overrides the bundle's preprocessing
+  preprocessing:     {"brain": "skull_stripped" | "defaced" | "none", "space": "sri24"}   what the members were
+                     trained on (default skull_stripped)
   tta:               mirroring test-time augmentation by default
+  allow_bf16:        whether `--precision auto` may run the networks in bf16 where the CPU has it (default true:
+                     nnU-Net trains under mixed precision; false for a model whose bf16 labels differ from fp32)
   fast_folds:        folds used in --fast mode (a model with none of them runs its first fold)
   postprocessing:    {"min_component_voxels": {"ET": 8, ...}, "min_wt_component_voxels": 50,
                       "redefine": [{"region": "ET", "below_fraction_of_wt": 0.0, "to": "NET"}],
                       "keep_largest_wt": false}
                      region names are the internal ones (ET, NET, CC, ED) whatever the label convention.
-Models are weighted by "weight" when their class probabilities are averaged; they must share one label set.
+Members are weighted by "weight" (per region by "region_weights") when their probabilities are averaged
+(pipeline.member_ensemble); nnU-Net members must share one label set.
 The code checks only what the schema cannot: the model folders on disk and how they agree with bundle.json.
 """
 from __future__ import annotations
@@ -32,17 +43,21 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import jsonschema
 
 from pedseg.pipeline.config import BUNDLE_ENV
 from pedseg.pipeline.errors import BundleError
-from pedseg.pipeline.labels import BASE_REGIONS, CONVENTIONS, LABEL_VALUES
+from pedseg.pipeline.labels import BASE_REGIONS, CONVENTIONS, LABEL_VALUES, REGIONS
 from pedseg.pipeline.types import ROLES
 
+if TYPE_CHECKING:
+    from pedseg.pipeline.monai_member import MonaiSpec
+
 SCHEMA_FILE = "bundle.schema.json"
-ModelKind = Literal["nnunetv2", "deepmedic"]
+ModelKind = Literal["nnunetv2", "deepmedic", "monai"]
+BrainPreparation = Literal["skull_stripped", "defaced", "none"]
 Population = Literal["pediatric", "adult", "adult-and-pediatric", "synthetic", "unspecified"]
 DEEPMEDIC_ARCHITECTURE = "architecture.json"
 
@@ -57,13 +72,22 @@ class BundleModel:
     weights: str = ""  # deepmedic: the safetensors file in `path`
     normalisation: str = ""  # deepmedic: the intensity normalisation it was trained with
     classes: dict[int, int] = field(default_factory=dict)  # deepmedic: output class -> bundle label value
+    monai: MonaiSpec | None = None  # monai: the network, its sliding window, activation and outputs
+    region_weights: dict[str, float] = field(default_factory=dict)  # region name -> weight, overriding `weight`
+    required_inputs: tuple[str, ...] = ()  # the roles it needs, in the bundle's channel order
+    brain: BrainPreparation = "skull_stripped"
 
     @property
     def weight_files(self) -> tuple[Path, ...]:
         """The files holding this model's trained weights (and, for DeepMedic, its shape)."""
         if self.kind == "deepmedic":
             return self.path / DEEPMEDIC_ARCHITECTURE, self.path / self.weights
+        if self.kind == "monai":
+            return (self.path / self.weights,)
         return tuple(self.path / f"fold_{fold}" / self.checkpoint for fold in self.folds)
+
+    def weight_of(self, region: str) -> float:
+        return self.region_weights.get(region, self.weight)
 
     @property
     def name(self) -> str:
@@ -85,10 +109,16 @@ class ModelBundle:
     fast_folds: tuple[str, ...]
     postprocessing: dict = field(default_factory=dict)
     population: Population = "unspecified"
+    allow_bf16: bool = True  # `--precision auto` may choose bf16 (pipeline.backend)
 
     @property
-    def kind(self) -> ModelKind:
-        return self.models[0].kind  # one kind per bundle (checked when loaded)
+    def kinds(self) -> tuple[ModelKind, ...]:
+        """The members' kinds, each once, in member order."""
+        return tuple(dict.fromkeys(model.kind for model in self.models))
+
+    def runnable(self, available: set[str] | frozenset[str]) -> tuple[BundleModel, ...]:
+        """The members whose sequences are all `available`."""
+        return tuple(m for m in self.models if set(m.required_inputs) <= set(available))
 
     def folds_to_run(self, fast: bool) -> list[tuple[BundleModel, tuple[str, ...]]]:
         """Each model with the folds a run uses: all of them, or in fast mode those in fast_folds."""
@@ -149,38 +179,50 @@ def _load_bundle(root: Path) -> ModelBundle:
         why = f" ({error.schema['description']})" if "description" in error.schema else ""
         raise BundleError(f"bundle.json in '{root}' is malformed: at {where}, {error.message}{why}.",
                           hint=_FORMAT_HINT)
-    models = tuple(_model(root, m) for m in spec["models"])
+    inputs = dict(spec["inputs"])
+    brain = spec.get("preprocessing", {}).get("brain", "skull_stripped")
+    models = tuple(_model(root, m, inputs, brain) for m in spec["models"])
     bundle = ModelBundle(
         root=root,
         name=spec["name"],
         version=str(spec["version"]),
         licence=spec.get("licence", "unspecified"),
-        inputs=dict(spec["inputs"]),
+        inputs=inputs,
         required_inputs=tuple(spec.get("required_inputs", spec["inputs"])),
         label_convention=spec["label_convention"],
         labels={int(k): v for k, v in spec["labels"].items()},
         models=models,
         tta=spec.get("tta", True),
+        allow_bf16=spec.get("allow_bf16", True),
         fast_folds=tuple(str(f) for f in spec.get("fast_folds", models[0].folds[:1])),
         postprocessing=spec.get("postprocessing", {}),
         population=spec.get("population", "unspecified"),
     )
     _check_consistency(bundle)
-    if bundle.kind == "deepmedic":
-        _check_deepmedic_members(bundle)
-    else:
-        _check_model_folders(bundle)
+    _check_model_folders(bundle)
+    _check_deepmedic_members(bundle)
+    _check_monai_members(bundle)
     return bundle
 
 
-def _model(root: Path, entry: dict) -> BundleModel:
+def _model(root: Path, entry: dict, inputs: dict[str, int], brain: BrainPreparation) -> BundleModel:
     kind = entry.get("kind", "nnunetv2")
-    weight = float(entry.get("weight", 1.0))
+    common = {"path": root / entry["path"], "weight": float(entry.get("weight", 1.0)), "kind": kind,
+              "region_weights": {k: float(v) for k, v in entry.get("region_weights", {}).items()},
+              # the member's channels: its roles in the bundle's channel order
+              "required_inputs": tuple(sorted(entry.get("required_inputs", inputs), key=lambda r: inputs.get(r, -1))),
+              "brain": entry.get("brain", brain)}
     if kind == "deepmedic":
-        return BundleModel(root / entry["path"], weight, kind, weights=entry.get("weights", "model.safetensors"),
+        return BundleModel(**common, weights=entry.get("weights", "model.safetensors"),
                            normalisation=entry["normalisation"],
                            classes={int(k): int(v) for k, v in entry["classes"].items()})
-    return BundleModel(root / entry["path"], weight, kind, folds=tuple(str(f) for f in entry["folds"]),
+    if kind == "monai":
+        from pedseg.pipeline.monai_member import MonaiSpec
+
+        return BundleModel(**common, weights=entry.get("weights", "model.safetensors"),
+                           normalisation=entry.get("normalisation", "zscore-nonzero"),
+                           monai=MonaiSpec.from_entry(entry))
+    return BundleModel(**common, folds=tuple(str(f) for f in entry["folds"]),
                        checkpoint=entry.get("checkpoint", "checkpoint_final.pth"))
 
 
@@ -192,6 +234,7 @@ def _validator() -> jsonschema.protocols.Validator:
     """The schema with role and region names filled in from the label table, so they live in one place."""
     schema = json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text())
     names = {"role": ROLES, "convention": CONVENTIONS, "base_region": BASE_REGIONS,
+             "weighted_region": ("background", *REGIONS),
              "model_region": tuple(dict.fromkeys(name for values in LABEL_VALUES.values() for name in values))}
     for name, values in names.items():
         schema["$defs"][name]["enum"] = list(values)
@@ -203,12 +246,14 @@ def _validator() -> jsonschema.protocols.Validator:
 
 
 def _check_consistency(bundle: ModelBundle) -> None:
-    """What the schema cannot say: channels numbered 0..N-1, labels of exactly the declared convention, one
-    model kind."""
-    kinds = sorted({model.kind for model in bundle.models})
-    if len(kinds) > 1:
-        raise BundleError(f"Bundle '{bundle.name}' mixes model kinds {kinds}; a bundle holds models of one kind.",
-                          hint="Split it into one bundle per kind.")
+    """What the schema cannot say: channels numbered 0..N-1, labels of exactly the declared convention, members
+    needing only sequences the bundle maps."""
+    for model in bundle.models:
+        unknown = sorted(set(model.required_inputs) - set(bundle.inputs))
+        if unknown:
+            raise BundleError(f"Bundle '{bundle.name}': model '{model.name}' requires {unknown}, which the bundle's "
+                              f"'inputs' {sorted(bundle.inputs)} do not map.",
+                              hint="Add them to 'inputs' or remove them from the model's 'required_inputs'.")
     if sorted(bundle.inputs.values()) != list(range(len(bundle.inputs))):
         raise BundleError(f"Bundle '{bundle.name}' input channels {sorted(bundle.inputs.values())} are not 0..N-1.")
     if set(bundle.labels.values()) != set(LABEL_VALUES[bundle.label_convention]):
@@ -219,21 +264,22 @@ def _check_consistency(bundle: ModelBundle) -> None:
 
 
 def _check_model_folders(bundle: ModelBundle) -> None:
-    """Every model folder holds its plans, dataset description and folds, takes the bundle's inputs, and all
+    """Every nnU-Net model folder holds its plans, dataset description and folds, takes its inputs, and all
     predict one label set."""
     model_labels = {}
-    for model in bundle.models:
+    for model in (m for m in bundle.models if m.kind == "nnunetv2"):
         for name in ("dataset.json", "plans.json"):
             if not (model.path / name).is_file():
                 raise BundleError(f"Bundle '{bundle.name}': model folder '{model.path.name}' has no {name}.")
         dataset = json.loads((model.path / "dataset.json").read_text())
         model_labels[model.path.name] = dataset.get("labels")
         channels = dataset.get("channel_names", {})
-        if len(channels) != len(bundle.inputs):
+        if len(channels) != len(model.required_inputs):
             raise BundleError(
                 f"Bundle '{bundle.name}': model '{model.path.name}' takes {len(channels)} input channels but "
-                f"bundle.json maps {len(bundle.inputs)} sequences.",
-                hint="Fix 'inputs' in bundle.json to match the model's dataset.json channel_names.",
+                f"bundle.json gives it {len(model.required_inputs)} sequences.",
+                hint="Fix 'inputs' (or the model's 'required_inputs') in bundle.json to match the model's "
+                     "dataset.json channel_names.",
             )
         for fold in model.folds:
             if not (model.path / f"fold_{fold}" / model.checkpoint).is_file():
@@ -251,17 +297,17 @@ def _check_deepmedic_members(bundle: ModelBundle) -> None:
     classes map onto the bundle's labels."""
     from pedseg.pipeline.deepmedic import load_deepmedic
 
-    for model in bundle.models:
+    for model in (m for m in bundle.models if m.kind == "deepmedic"):
         missing = [path.name for path in model.weight_files if not path.is_file()]
         if missing:
             raise BundleError(f"Bundle '{bundle.name}': DeepMedic model '{model.name}' lacks {', '.join(missing)}.",
                               hint="Restore the member folder (scripts/convert_deepmedic.py writes both files).")
         network = load_deepmedic(model.path / DEEPMEDIC_ARCHITECTURE, model.path / model.weights,
                                  bundle_name=bundle.name)
-        if network.arch.input_channels != len(bundle.inputs):
+        if network.arch.input_channels != len(model.required_inputs):
             raise BundleError(
                 f"Bundle '{bundle.name}': DeepMedic model '{model.name}' takes {network.arch.input_channels} input "
-                f"channels but bundle.json maps {len(bundle.inputs)} sequences.",
+                f"channels but bundle.json gives it {len(model.required_inputs)} sequences.",
                 hint="Fix 'inputs' in bundle.json to match the model's channels.")
         if sorted(model.classes) != list(range(network.arch.classes)):
             raise BundleError(
@@ -273,3 +319,25 @@ def _check_deepmedic_members(bundle: ModelBundle) -> None:
                 f"Bundle '{bundle.name}': DeepMedic model '{model.name}' maps classes to label values {unknown} "
                 "that bundle.json's labels do not name, or class 0 (background) to a tumour label.",
                 hint="Map classes to 0 or to the values in 'labels'.")
+
+
+def _check_monai_members(bundle: ModelBundle) -> None:
+    """Each MONAI member's network builds, its weights fit, it takes its sequences and its outputs are the
+    bundle's label values."""
+    from pedseg.pipeline.monai_member import load_monai_member
+
+    for model in (m for m in bundle.models if m.kind == "monai"):
+        where = f"Bundle '{bundle.name}': MONAI model '{model.name}'"
+        if not (model.path / model.weights).is_file():
+            raise BundleError(f"{where} lacks its weights {model.weights}.",
+                              hint="Restore the member folder or fix 'weights' in bundle.json.")
+        in_channels = model.monai.network_args.get("in_channels")
+        if in_channels is not None and in_channels != len(model.required_inputs):
+            raise BundleError(f"{where} takes {in_channels} input channels but bundle.json gives it "
+                              f"{len(model.required_inputs)} sequences {list(model.required_inputs)}.",
+                              hint="Fix the model's 'required_inputs' or the network's in_channels.")
+        unknown = sorted({v for out in model.monai.outputs for v in out} - {0, *bundle.labels})
+        if unknown:
+            raise BundleError(f"{where} maps outputs to label values {unknown} that bundle.json's labels do not name.",
+                              hint="Map each output channel to 0 or to values in 'labels'.")
+        load_monai_member(model.monai, model.path / model.weights, where)

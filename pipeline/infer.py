@@ -108,7 +108,7 @@ class _Plan:
 
 
 def _plan(bundle: ModelBundle, images: list[sitk.Image], config: PipelineConfig) -> _Plan:
-    if bundle.kind == "deepmedic":  # no folds, no mirroring, nothing to leave out in --fast
+    if bundle.kinds == ("deepmedic",):  # no folds, no mirroring, nothing to leave out in --fast
         from pedseg.pipeline.deepmedic import run_deepmedic
 
         return _Plan(lambda device: run_deepmedic(images, bundle, device), list(bundle.models),

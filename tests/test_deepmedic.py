@@ -138,7 +138,7 @@ def test_conversion_reproduces_the_committed_weights(tmp_path, shared_data):
 
 def test_bundle_declares_the_model_and_ships_the_licence():
     bundle = load_bundle(BUNDLE)
-    assert (bundle.kind, bundle.population, bundle.label_convention) == ("deepmedic", "adult", "2023")
+    assert (bundle.kinds, bundle.population, bundle.label_convention) == (("deepmedic",), "adult", "2023")
     assert bundle.inputs == {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3}  # t1, t1ce, t2, flair
     assert bundle.models[0].classes == {0: 0, 1: 1, 2: 2, 3: 3, 4: 3}
     licence = (BUNDLE / "LICENSE-SBIA.txt").read_text()
@@ -183,11 +183,11 @@ def test_weights_that_do_not_fit_the_architecture_are_named(deepmedic_copy):
     assert err.value.exit_code == 6
 
 
-def test_bundles_of_mixed_kinds_are_refused(deepmedic_copy):
+def test_a_mixed_bundle_checks_each_member_by_its_kind(deepmedic_copy):
     spec = json.loads((deepmedic_copy / "bundle.json").read_text())
     spec["models"].append({"path": "models/nnunet", "folds": [0]})
     (deepmedic_copy / "bundle.json").write_text(json.dumps(spec))
-    with pytest.raises(BundleError, match="mixes model kinds"):
+    with pytest.raises(BundleError, match="model folder 'nnunet' has no dataset.json"):
         load_bundle(deepmedic_copy)
 
 
