@@ -3,9 +3,10 @@
 Owns the limits that guard the disk (MAX_UNPACKED_BYTES, MAX_COMPRESSION_RATIO, MAX_ARCHIVE_ENTRIES) and
 `safe_extract`, which refuses entries that could write outside the destination (absolute paths, '..', symbolic
 links), encrypted entries, zip bombs (by ratio and by total), too many entries and archives larger than the free
-disk space, and stops any entry whose data outgrows its declared size. `unpack` is what ingest calls: an archive
-and the archives directly inside it (a Flywheel session download is a zip of per-acquisition zips), one level
-only, all under one UnpackBudget, so the limits count the total across nested archives. Entry names too long for
+disk space, and stops any entry whose data outgrows its declared size. `unpack` is what ingest calls, for a zip
+given as an input and for each zip inside an input folder: an archive and the archives directly inside it (a
+Flywheel session download is a zip of per-acquisition zips), one level only, all under one UnpackBudget per
+input, so the limits count the total across nested archives and across the zips of one folder. Entry names too long for
 the file system are shortened on disk (a readable prefix and a hash, inside the destination). Every file system
 error while unpacking is an InputError naming the entry, except a full disk (ResourceError). `gunzip`
 decompresses one .gz file under the same limits. Messages name archives and entries, never patients.
@@ -52,23 +53,25 @@ class UnpackBudget:
     entries_left: int = field(default_factory=lambda: MAX_ARCHIVE_ENTRIES)
 
 
-def unpack(archive: Path, dest: Path) -> list[str]:
+def unpack(archive: Path, dest: Path, *, budget: UnpackBudget | None = None, label: str | None = None) -> list[str]:
     """Unpack `archive` into `dest`, and each archive directly inside it into a folder beside that archive (which
-    is then deleted), all under one UnpackBudget. Archives nested deeper stay packed: each is named in a warning
-    and in the list returned (for the message when no DICOM image is found)."""
-    budget = UnpackBudget()
-    outer = f"'{archive.name}'"
+    is then deleted), all under one UnpackBudget (`budget`, shared with the other archives of one input folder, or
+    a fresh one). Archives nested deeper stay packed: each is named in a warning and in the list returned (for the
+    message when no DICOM image is found). `label` names an archive found inside an input folder in messages
+    ("'t1n.zip' in the input 'in'")."""
+    budget = budget or UnpackBudget()
+    outer = label or f"'{archive.name}'"
     deeper: list[str] = []
-    for inner, entry in safe_extract(archive, dest, budget=budget).items():
+    for inner, entry in safe_extract(archive, dest, budget=budget, label=label).items():
         if not looks_like_zip(inner):
             continue
-        label = f"'{entry}' inside {outer}"
+        inner_label = f"'{entry}' inside {outer}"
         folder = Path(tempfile.mkdtemp(prefix="unzipped-", dir=inner.parent))
-        for path, name in safe_extract(inner, folder, budget=budget, label=label).items():
+        for path, name in safe_extract(inner, folder, budget=budget, label=inner_label).items():
             if looks_like_zip(path):
-                deeper.append(f"'{name}' in {label}")
+                deeper.append(f"'{name}' in {inner_label}")
                 logger.warning("The archive '%s' in %s is nested two levels deep: not unpacked. %s",
-                               name, label, _NESTED_HINT)
+                               name, inner_label, _NESTED_HINT)
         inner.unlink()
     return deeper
 
@@ -182,7 +185,7 @@ def _check_zip_entries(infos: list[zipfile.ZipInfo], archive_bytes: int, budget:
                        where: str) -> None:
     used_entries = MAX_ARCHIVE_ENTRIES - budget.entries_left
     if len(infos) > budget.entries_left:
-        together = (f" ({used_entries + len(infos)} with the archive around it)" if used_entries else "")
+        together = (f" ({used_entries + len(infos)} with the archives unpacked before it)" if used_entries else "")
         raise InputError(f"The archive {name} holds {len(infos)} entries{together}, more than the "
                          f"{MAX_ARCHIVE_ENTRIES} allowed.", hint=_LIMITS_HINT)
     for info in infos:
@@ -206,7 +209,7 @@ def _check_zip_entries(infos: list[zipfile.ZipInfo], archive_bytes: int, budget:
     total = sum(i.file_size for i in infos)
     if total > budget.bytes_left:
         used = MAX_UNPACKED_BYTES - budget.bytes_left
-        together = f" ({(used + total) / 1024**3:.1f} GB with the archive around it)" if used else ""
+        together = f" ({(used + total) / 1024**3:.1f} GB with the archives unpacked before it)" if used else ""
         raise InputError(f"The archive {name} would unpack to {total / 1024**3:.1f} GB{together}, more than the "
                          f"{MAX_UNPACKED_BYTES / 1024**3:.0f} GB allowed for one session.", hint=_LIMITS_HINT)
     if total > RATIO_CHECK_MIN_BYTES and total > MAX_COMPRESSION_RATIO * max(archive_bytes, 1):

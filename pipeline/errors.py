@@ -54,9 +54,11 @@ class InputError(PipelineError):
 
     exit_code = 2
     kind = "bad_input"
-    causes = ("no input, no DICOM images, an unsafe, corrupt or oversized archive, two studies or two patients in "
-              "one input, a series with missing slices, an output folder that cannot be written or that another run "
-              "is using")
+    causes = ("no input, no DICOM images, an unsafe, corrupt or oversized archive (given, inside another or in an "
+              "input folder), a file or folder of the input that cannot be read or vanishes, two studies or two "
+              "patients in one input, one SOP Instance UID in two series, a series with missing slices, a role "
+              "pinned by hand (`--role`) to a series that cannot take it, an output folder that cannot be written "
+              "or that another run is using")
     advice = ("Give the DICOM files of one MRI session of one patient (a folder or .zip); re-export series the "
               "message calls incomplete; choose a writable output folder, or wait for the run using it.")
 
@@ -77,8 +79,10 @@ class UnsupportedDataError(PipelineError):
 
     exit_code = 4
     kind = "unsupported_data"
-    causes = ("dcm2niix cannot convert a series or writes an unreadable image, uneven slice spacing, a chosen "
-              "series that is not a 3D volume")
+    causes = ("impossible geometry in a series' headers (NaN, zero or negative spacing or thickness, no "
+              "orientation or position), dcm2niix cannot convert a series or writes an unreadable image, uneven "
+              "slice spacing, a series of several matrix sizes none of which holds every slice, a chosen series "
+              "that is not a 3D volume")
     advice = "Export the series named in the message again (uncompressed if it is compressed), or leave it out."
 
 

@@ -1,14 +1,14 @@
 """Ingest: folders, .zip archives or DICOM files in, one Session (series grouped and split into single stacks,
 headers summarised) out.
 
-Owns `ingest` and finding the DICOM files of its inputs: walking folders, unpacking archives
-(`pipeline.archive`: a zip and the zips directly inside it), telling DICOM files from other files by their first
-bytes, and reading their headers (`pipeline.dicom_header`) into the images that `pipeline.series` groups. Symbolic
-links inside an input folder are followed only within that folder (each folder once, so a loop ends); a link
-pointing outside it, to nothing or to itself is skipped with a warning naming it. Any file system error while
-reading an input is an InputError naming the file (a full disk: ResourceError). Converting a series is
-`pipeline.convert`. Nothing here logs or raises with patient identifiers: messages name series by number and
-description only.
+Owns `ingest` and finding the DICOM files of its inputs: walking folders, unpacking archives (`pipeline.archive`: a
+zip and the zips directly inside it, whether the zip is an input or lies in an input folder beside or instead of
+loose files), telling DICOM files and zips from other files by their first bytes, and reading their headers
+(`pipeline.dicom_header`) into the images that `pipeline.series` groups. Symbolic links inside an input folder are
+followed only within that folder (each folder once, so a loop ends); a link pointing outside it, to nothing or to
+itself is skipped with a warning naming it. Any file system error while reading an input is an InputError naming the
+file (a full disk: ResourceError). Converting a series is `pipeline.convert`. Nothing here logs or raises with
+patient identifiers: messages name series by number and description only.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pedseg.pipeline.archive import MAX_UNPACKED_BYTES, gunzip, reason, unpack
+from pedseg.pipeline.archive import MAX_UNPACKED_BYTES, UnpackBudget, gunzip, reason, unpack
 from pedseg.pipeline.dicom_header import dataset_label, is_image, pixel_data_short, read_header_and_pixel_offset
 from pedseg.pipeline.errors import InputError, PipelineError, disk_full, is_disk_full
 from pedseg.pipeline.series import DicomImage, build_series, single_patient, single_study
@@ -88,8 +88,11 @@ def _input_files(path: Path, workdir: Path, gunzip_dir: Path, skipped: list[str]
 
 def _input_files_of(path: Path, workdir: Path, gunzip_dir: Path, skipped: list[str]) -> tuple[list[Path], int]:
     if path.is_dir():
-        return _find_dicom_files(_walk(path, f"the input '{path.name}'", skipped), path, gunzip_dir,
-                                 f"the input '{path.name}'")
+        where = f"the input '{path.name}'"
+        archives: list[Path] = []
+        found, total = _find_dicom_files(_walk(path, where, skipped), path, gunzip_dir, where, archives)
+        more, count = _folder_archives(archives, path, workdir, gunzip_dir, where, skipped)
+        return found + more, total - len(archives) + count
     if path.is_file() and (zipfile.is_zipfile(path) or path.suffix.lower() == ".zip"):
         root = Path(tempfile.mkdtemp(prefix="input-", dir=workdir))
         skipped += unpack(path, root)
@@ -101,6 +104,24 @@ def _input_files_of(path: Path, workdir: Path, gunzip_dir: Path, skipped: list[s
         raise InputError(f"The input '{path.name}' is neither a folder, a .zip archive nor a DICOM file.",
                          hint=_INPUT_HINT)
     raise InputError(f"The input '{path.name}' does not exist.", hint="Check the path.")
+
+
+def _folder_archives(archives: list[Path], root: Path, workdir: Path, gunzip_dir: Path, where: str,
+                     skipped: list[str]) -> tuple[list[Path], int]:
+    """The DICOM files inside the zips found in an input folder (per-acquisition zips beside loose files, or
+    alone), and how many files they held: each zip unpacked as if it were an input (with the archives directly
+    inside it), all of them under one UnpackBudget, so a folder of zips meets the limits a zip of zips does."""
+    budget = UnpackBudget()
+    found: list[Path] = []
+    total = 0
+    for index, archive in enumerate(archives):
+        label = f"'{archive.relative_to(root).as_posix()}' in {where}"
+        dest = Path(tempfile.mkdtemp(prefix="folder-zip-", dir=workdir))
+        skipped += unpack(archive, dest, budget=budget, label=label)
+        more, count = _find_dicom_files(_walk(dest, label, skipped), dest, gunzip_dir / f"zip{index}", label)
+        found += more
+        total += count
+    return found, total
 
 
 def _read_error(exc: OSError, path: Path, where: str, *roots: Path) -> InputError:
@@ -130,8 +151,10 @@ def _read_error(exc: OSError, path: Path, where: str, *roots: Path) -> InputErro
 # ------------------------------------------------------------------------------------- finding files
 
 
-def _find_dicom_files(paths: Iterable[Path], root: Path, gunzip_dir: Path, where: str) -> tuple[list[Path], int]:
-    """The files among `paths` (all under `root`) that look like DICOM, and how many files there were in all.
+def _find_dicom_files(paths: Iterable[Path], root: Path, gunzip_dir: Path, where: str,
+                      archives: list[Path] | None = None) -> tuple[list[Path], int]:
+    """The files among `paths` (all under `root`) that look like DICOM, and how many files there were in all; the
+    zip archives among them are added to `archives` when it is given (else they are files that are not DICOM).
 
     Some archives store each DICOM file gzip-compressed (.dcm.gz); those are decompressed into `gunzip_dir`.
     Old files without the 128-byte preamble and 'DICM' prefix are rewritten there (or in place, for a copy of
@@ -153,6 +176,9 @@ def _find_dicom_files(paths: Iterable[Path], root: Path, gunzip_dir: Path, where
             if is_disk_full(exc):
                 raise disk_full(exc, f"reading {where}") from exc
             raise _read_error(exc, path, where, root, gunzip_dir) from exc
+        if kind == "zip" and archives is not None:
+            archives.append(path)
+            continue
         if kind == "dicom" and not _has_preamble(path):
             target = path if path.is_relative_to(gunzip_dir) else gunzip_dir / "part10" / path.relative_to(root)
             path = _with_preamble(path, target)
@@ -261,7 +287,7 @@ def _walk_error(exc: OSError, path: Path, root: Path, where: str) -> PipelineErr
 
 
 def _sniff(path: Path) -> str | None:
-    """'dicom', 'gzip' or None, from the first bytes; avoids force-parsing arbitrary junk as DICOM. A file that
+    """'dicom', 'gzip', 'zip' or None, from the first bytes; avoids force-parsing arbitrary junk as DICOM. A file that
     cannot be read raises (the caller names it)."""
     with open(path, "rb") as fh:
         return _kind(fh.read(132))
@@ -281,6 +307,8 @@ def _kind(head: bytes) -> str | None:
         return "dicom"
     if head[:2] == b"\x1f\x8b":
         return "gzip"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first entry, or an empty zip
+        return "zip"
     # Old files without preamble start directly with a little-endian group 0002 or 0008 tag.
     if head[:2] in (b"\x02\x00", b"\x08\x00") and len(head) >= 8:
         return "dicom"

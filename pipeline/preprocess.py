@@ -31,27 +31,36 @@ from pedseg.pipeline.types import QC, Identification, Preprocessed, Session, Sim
 logger = logging.getLogger(__name__)
 
 # Expected brain volume (mL, deepbet's mask: cerebrum, cerebellum, brainstem, with ventricles and some CSF) by age:
-# (upper age in years, low, high). Infant norms: total brain volume about 450 mL at 2-4 weeks, about 900 mL at
-# 1 year (+101 %) and 1050-1100 mL at 2 years (+15 %) (Knickmeyer et al. 2008, J Neurosci 28:12176, "A structural
-# MRI study of human brain development from birth to 2 years"); about a third of adult volume at birth and over
-# half by 3 months (Holland et al. 2014, JAMA Neurol 71:1266); 3-year-olds ~1100, adolescents and adults
-# ~1100-1600. The bands below leave room for the CSF in deepbet's mask and for the spread between children; the
-# first year is split because volume doubles in it (the old 300-1100 mL band for under 6 months let a 2.7x
+# (upper age in years, low, high). The ages are from birth, so the first band also holds preterm infants near
+# term-equivalent age. Norms (brain tissue, without CSF; deepbet's mask reads somewhat larger):
+# - birth: 347 mL (boys) and 336 mL (girls) at term, growing ~1 %/day to +64 % at 3 months (Holland et al. 2014,
+#   JAMA Neurol 71:1266, "Structural growth trajectories and rates of change in the first 3 months of infant brain
+#   development"); very preterm infants at term-equivalent age 379 +- 72 mL (meta-analysis of 13 studies, Romberg
+#   et al. 2022, Arch Dis Child Fetal Neonatal Ed 107:520), so 230 mL is about their mean - 2 SD;
+# - ~470 mL at 2-4 weeks, +101 % in the first year (~950 mL) and +15 % in the second (~1090 mL) (Knickmeyer et al.
+#   2008, J Neurosci 28:12176, "A structural MRI study of human brain development from birth to 2 years"), SDs
+#   ~8-10 %: below 700 mL at 1-2 years is beyond -3 SD (the band's old 500 mL floor let a failed extraction through);
+# - grey matter peaks at ~6 years, the cerebrum at ~12.5 years, adults ~1100-1600 mL (Bethlehem et al. 2022,
+#   Nature 604:525, "Brain charts for the human lifespan"; Courchesne et al. 2000, Radiology 216:672).
+# The first year is split because volume doubles in it (the old 300-1100 mL band for under 6 months let a 2.7x
 # overestimate of a 2-month-old's brain through).
-BRAIN_ML_BOUNDS = ((0.25, 300, 700), (0.5, 400, 850), (1, 500, 1100), (2, 500, 1500), (6, 800, 1700),
+BRAIN_ML_BOUNDS = ((0.25, 230, 700), (0.5, 400, 850), (1, 500, 1100), (2, 700, 1500), (6, 800, 1700),
                    (200, 900, 1900))
 # A brain outside these at any age (mL) is physically implausible: most likely the header's voxel spacing is wrong
-# (a brain at 2x the true spacing reads 8x its volume).
-BRAIN_ML_PHYSICAL = (300, 2500)
+# (a brain at 2x the true spacing reads 8x its volume). The floor sits below a very preterm infant's brain at
+# term-equivalent age (Romberg 2022: 379 +- 72 mL), the ceiling above adult macrocephaly (~2000 mL).
+BRAIN_ML_PHYSICAL = (200, 2500)
 # Head extent (mm) left-right and front-back, from the Otsu head mask in BraTS space (the BraTS box is 240 mm across
 # and 155 mm high, so top-to-bottom is cut off and not checked). A term newborn's head is ~90-95 mm wide
 # (biparietal diameter at 40 weeks, Hadlock et al. 1982, Radiology 152:497) and an adult's at most ~210 mm long
 # with scalp: outside 80-230 mm suggests a wrong voxel spacing, or a head mask that caught the coil or padding.
 HEAD_EXTENT_MM = (80.0, 230.0)
-# Head circumference (cm) by age, as (upper age in years, low, high): about the -3 SD of girls and the +3 SD of
-# boys of the WHO Child Growth Standards (head circumference-for-age, 2007; median 34.5 cm at birth, 40.5 at
-# 3 months, 46 at 1 year, 48 at 2 years, boys), and adults 52-60 cm (Nellhaus 1968, Pediatrics 41:106). The
-# circumference is estimated as the perimeter of the ellipse of the head mask's largest axial section.
+# Head circumference (cm) by age, as (upper age in years, low, high): the -3 SD of girls at the band's start and the
+# +3 SD of boys at its end in the WHO Child Growth Standards (head circumference-for-age, 2007, z-score tables):
+# 30.3 / 44.1 (0-3 months), 35.8 / 47.0 (3-6), 38.3 / 49.9 (6-12), 40.8 / 52.3 (1-2 years), 43.0 / 55.2 (2-5),
+# rounded to whole cm; from 6 years to adults 46-62 cm (WHO ends at 5 years: Nellhaus 1968, Pediatrics 41:106,
+# adults ~52-60 cm +- 3 SD). The circumference is estimated as the perimeter of the ellipse of the head mask's
+# largest axial section.
 HEAD_CIRCUMFERENCE_CM = ((0.25, 30, 44), (0.5, 36, 47), (1, 38, 50), (2, 41, 53), (6, 43, 56), (200, 46, 62))
 # Two chosen roles whose atlas-space images correlate above this inside the brain are one acquisition twice: the
 # same images registered to themselves correlate ~1. Other contrasts correlate far less or negatively (T2 against
@@ -109,7 +118,9 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
             driving = {role: bias_corrected(image) for role, image in native.items()}
     atlas_t1 = load_atlas_t1()
     with step(f"register {anchor} to atlas"):
-        atlas_to_anchor, metric = register_rigid(atlas_t1, driving[anchor], same_frame=False)
+        # An infant's head is much smaller than the adult atlas (registration.SMALL_HEAD_RATIO).
+        small_head = None if patient_age_years is None else patient_age_years < 1.0
+        atlas_to_anchor, metric = register_rigid(atlas_t1, driving[anchor], same_frame=False, small_head=small_head)
     registration[f"{anchor}_to_atlas_mattes_mi"] = round(metric, 4)
     transforms: dict[str, sitk.Transform] = {anchor: atlas_to_anchor}
     for role in roles:

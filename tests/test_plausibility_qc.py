@@ -15,6 +15,7 @@ from pedseg.pipeline.errors import BundleError
 from pedseg.pipeline.measure import MAX_WT_FRACTION_OF_BRAIN, measure, tumour_fraction_flag
 from pedseg.pipeline.preprocess import (
     BRAIN_ML_BOUNDS,
+    HEAD_CIRCUMFERENCE_CM,
     HeadExtent,
     brain_volume_flag,
     head_circumference_flag,
@@ -36,7 +37,7 @@ def test_published_infant_and_child_volumes_are_not_flagged(ml, age):
 def test_two_month_old_with_a_2_7x_overestimate_is_flagged_with_its_reason():
     """~400 mL at 2 months read as ~1080 mL: inside the old 300-1100 mL band for under 6 months, not any more."""
     flag = brain_volume_flag(1080, 2 / 12)
-    assert flag == ("brain volume 1080 mL outside 300-700 mL expected at age 0.166667: check the skull stripping "
+    assert flag == ("brain volume 1080 mL outside 230-700 mL expected at age 0.166667: check the skull stripping "
                     "and the patient's age (tumour volumes of a brain this far off may be wrong too)")
 
 
@@ -50,10 +51,22 @@ def test_infant_bands_follow_the_norms():
     assert highs == sorted(highs)
 
 
+@pytest.mark.parametrize("ml,age", [(260, 0.05), (270, None)])
+def test_a_preterm_infants_brain_near_term_equivalent_age_is_plausible(ml, age):
+    """Romberg 2022: very preterm infants at term-equivalent age 379 +- 72 mL; 260 mL is within 2 SD."""
+    assert brain_volume_flag(ml, age) is None
+
+
+@pytest.mark.parametrize("ml,age", [(550, 1.2), (650, 1.9)])
+def test_a_toddler_brain_below_3_sd_of_the_norm_is_flagged(ml, age):
+    """Knickmeyer 2008: ~950 mL at 1 year, ~1090 mL at 2 years, SD ~8-10 %: 650 mL is below -3 SD."""
+    assert "outside 700-1500 mL expected" in brain_volume_flag(ml, age)
+
+
 @pytest.mark.parametrize("ml,age", [(150, None), (150, 10), (2600, None), (3500, 15)])
 def test_brain_volume_implausible_at_any_age_points_at_the_voxel_spacing(ml, age):
     flag = brain_volume_flag(ml, age)
-    assert flag is not None and "implausible at any age (expected 300-2500 mL)" in flag
+    assert flag is not None and "implausible at any age (expected 200-2500 mL)" in flag
     assert "voxel spacing in the image header may be wrong" in flag
 
 
@@ -69,6 +82,20 @@ def _ellipsoid(lr_mm: float, ap_mm: float, si_mm: float, spacing=(1.0, 1.0, 1.0)
     z, y, x = (np.arange(n) - (n - 1) / 2 for n in shape)
     z, y, x = z[:, None, None] * spacing[2], y[None, :, None] * spacing[1], x[None, None, :] * spacing[0]
     return (x / (lr_mm / 2)) ** 2 + (y / (ap_mm / 2)) ** 2 + (z / (si_mm / 2)) ** 2 <= 1
+
+
+# WHO Child Growth Standards, head circumference-for-age z-score tables (cm): girls' -3 SD and boys' +3 SD by age in
+# years (WHO ends at 5 years).
+WHO_GIRLS_MINUS_3SD = {0: 30.3, 0.25: 35.8, 0.5: 38.3, 1: 40.8, 2: 43.0, 5: 45.7}
+WHO_BOYS_PLUS_3SD = {0.25: 44.1, 0.5: 47.0, 1: 49.9, 2: 52.3, 5: 55.2}
+
+
+def test_head_circumference_bands_hold_the_who_3_sd_range_of_their_ages():
+    start = 0
+    for end, lo, hi in HEAD_CIRCUMFERENCE_CM:
+        assert lo <= WHO_GIRLS_MINUS_3SD[min(start, 5)] + 0.3, (start, lo)  # bands are rounded to whole cm
+        assert hi >= WHO_BOYS_PLUS_3SD[min(end, 5)] - 0.3, (end, hi)
+        start = end
 
 
 def test_head_extent_and_circumference_of_an_ellipsoid():
