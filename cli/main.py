@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pedseg.cli.evaluate import add_parser as add_evaluate_parser
 from pedseg.cli.evaluate import cmd_evaluate
+from pedseg.cli.review import add_parser as add_review_parser
+from pedseg.cli.review import cmd_review
 from pedseg.interrupt import stop_on_signals
 from pedseg.logs import configure_logging
 from pedseg.pipeline.config import (
@@ -110,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--move-port", type=int, default=None, help="use C-MOVE to our AE title, received on this port")
 
     add_evaluate_parser(sub)  # pedseg evaluate PRED GT (cli/evaluate.py)
+    add_review_parser(sub)  # pedseg review EDITED_SEG OUTDIR (cli/review.py)
     return parser
 
 
@@ -282,7 +285,7 @@ def _cmd_pull(args) -> int:
 
 COMMANDS = {"run": _cmd_run, "identify": _cmd_identify, "synth": _cmd_synth, "demo": _cmd_demo,
             "listen": _cmd_listen, "push": _cmd_push, "pull": _cmd_pull, "history": _cmd_history,
-            "evaluate": cmd_evaluate}
+            "evaluate": cmd_evaluate, "review": cmd_review}
 
 
 def main(argv: list[str] | None = None) -> int:

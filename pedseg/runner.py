@@ -125,6 +125,9 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
         labels, steps = postprocess(sitk.ReadImage(str(prediction.labels)), bundle.postprocessing)
         role = identification.reference_role
         native_labels = labels_to_native(labels, pre.atlas_to_native[role], pre.native[role])
+        # The label map on each series that gets a DICOM SEG: the reference series and config.seg_roles.
+        seg_labels = {r: native_labels if r == role else labels_to_native(labels, pre.atlas_to_native[r], pre.native[r])
+                      for r in (role, *config.seg_roles) if r in pre.native}
         facts.append(f"{sum(step.voxels_changed for step in steps)} voxels changed by {len(steps)} step(s); "
                      f"labels mapped to the {role} grid")
     with clock("measure") as facts:
@@ -145,8 +148,8 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
                 if store is not None else None)
     artifacts = RunArtifacts(session=session, identification=identification, context=context, config=config,
                              bundle=bundle, preprocessed=pre, prediction=prediction, labels=labels,
-                             native_labels=native_labels, measurements=measurements, provenance=provenance,
-                             timeline=timeline, population_warning=warning)
+                             native_labels=native_labels, seg_labels=seg_labels, measurements=measurements,
+                             provenance=provenance, timeline=timeline, population_warning=warning)
     with clock("report") as facts:
         outputs: dict[str, Path] = {}
         for writer in writers or _default_writers():

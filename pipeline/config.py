@@ -44,6 +44,10 @@ class PipelineConfig:
     missing_policy: MissingPolicy = "fail"
     label_convention: Convention = "2024"  # label values of the NIfTI label maps a run writes
     write_seg: bool = True
+    # DICOM SEG: one per role listed (on that series' own grid; oedema is read on FLAIR), whose series the run used.
+    seg_roles: tuple[Role, ...] = ("t1c", "t2f")
+    seg_composites: bool = False  # also a second SEG per series with the overlapping composites TC and WT
+    seg_keep_empty_frames: bool = False  # write frames without any segment voxel too
     write_sr: bool = True
     write_pdf: bool = True
     pseudonymize: bool = True  # report shows a pseudonym instead of patient name / ID
@@ -62,6 +66,8 @@ class PipelineConfig:
         for name, allowed in _choices().items():
             if getattr(self, name) not in allowed:  # adapters check first: this guards against a programming error
                 raise ValueError(f"PipelineConfig.{name} is {getattr(self, name)!r}; allowed: {list(allowed)}")
+        if not set(self.seg_roles) <= set(ROLES):
+            raise ValueError(f"PipelineConfig.seg_roles is {self.seg_roles!r}; each must be one of {ROLES}")
         roles = [role for role, _ in self.role_overrides]
         if (any(role not in ROLES for role in roles) or len(set(roles)) != len(roles)
                 or not all(isinstance(series, str) and series for _, series in self.role_overrides)):

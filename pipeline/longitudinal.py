@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.uid import generate_uid
 
@@ -66,6 +66,13 @@ class TimePoint:
     rapno_region: str
     rapno_product_mm2: float | None
     qc_flags: tuple[str, ...] = ()
+    # Volumes of a radiologist's edited segmentation of this study (`pedseg review`), beside the automatic ones;
+    # comparisons use them where they exist (`volume`).
+    reviewed_volumes_ml: dict[str, float] = field(default_factory=dict)
+
+    def volume(self, region: str) -> float:
+        """The reviewed volume of `region` when there is one, else the automatic one."""
+        return self.reviewed_volumes_ml.get(region, self.volumes_ml[region])
 
 
 @dataclass(frozen=True)
@@ -168,15 +175,15 @@ def _change(volume: float, reference: float, absent_ml: float) -> Change:
 
 
 def _region_change(region: str, current: TimePoint, priors: list[TimePoint], t: ResponseThresholds) -> RegionChange:
-    volume = current.volumes_ml[region]
-    baseline = priors[0].volumes_ml[region]
-    nadir_point = min(priors, key=lambda tp: tp.volumes_ml[region])  # earliest of equal minima
-    nadir = nadir_point.volumes_ml[region]
-    previous = priors[-1].volumes_ml[region]
+    volume = current.volume(region)
+    baseline = priors[0].volume(region)
+    nadir_point = min(priors, key=lambda tp: tp.volume(region))  # earliest of equal minima
+    nadir = nadir_point.volume(region)
+    previous = priors[-1].volume(region)
     vs_nadir = _change(volume, nadir, t.absent_ml)
     vs_baseline = _change(volume, baseline, t.absent_ml)
     if volume <= t.absent_ml:
-        response = "CR" if any(tp.volumes_ml[region] > t.absent_ml for tp in priors) else "NE"
+        response = "CR" if any(tp.volume(region) > t.absent_ml for tp in priors) else "NE"
     elif nadir <= t.absent_ml:
         response = "PD"  # new or recurrent tumour after the region was clear
     elif vs_nadir.pct >= t.progression_pct:

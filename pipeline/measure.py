@@ -2,7 +2,9 @@
 
 Label maps are in the internal convention (pedseg.pipeline.labels). Volumes come from the
 voxel spacing of each grid, never from an assumed 1 mm. The bidimensional measurement is taken on the
-patient-axial plane (LPS-aligned), so it does not depend on how the source grid is oriented.
+reference series' native label map (the patient as scanned; the atlas grid only when there is none), on the
+patient-axial plane (LPS-aligned), so it does not depend on how the source grid is oriented, and its endpoints
+are the patient's LPS coordinates, where a viewer draws them on the source images.
 
 RAPNO method (see docs/measurements-schema.md):
 1. 3D connected components (26-connectivity) of the region on its own grid are the lesions, largest first;
@@ -69,7 +71,8 @@ def count_components(mask: np.ndarray) -> int:
 def measure(atlas_labels: sitk.Image, native_labels: sitk.Image | None, *, qc_flags: list[str],
             uncertainty: Uncertainty | None = None, rapno_region: str = "TC", max_lesions: int = 5,
             brain_volume_ml: float | None = None) -> Measurements:
-    """Volumes (atlas and native space), component counts and RAPNO products for every region.
+    """Volumes (atlas and native space), component counts and RAPNO products for every region (on the native
+    grid when given, else on the atlas grid).
 
     Both label maps are in the internal convention. `Measurements.rapno` is the RAPNO measurement of
     `rapno_region`; TC and WT both get their sum of products in `bidimensional_mm2`. `uncertainty`: the model's
@@ -94,7 +97,10 @@ def measure(atlas_labels: sitk.Image, native_labels: sitk.Image | None, *, qc_fl
                               if native is not None else None),
         )
 
-    blocks = {name: _rapno(atlas, atlas_labels, name, max_lesions=max_lesions)
+    # RAPNO is read on the patient's own images: on the reference series' grid when there is one, so diameters
+    # and endpoints are in that series' patient LPS coordinates (the atlas' coordinates are not the patient's).
+    rapno_arr, rapno_labels = (native, native_labels) if native is not None else (atlas, atlas_labels)
+    blocks = {name: _rapno(rapno_arr, rapno_labels, name, max_lesions=max_lesions)
               for name in dict.fromkeys(("TC", "WT", rapno_region))}
     for name, block in blocks.items():
         regions[name].bidimensional_mm2 = block.sum_product_mm2

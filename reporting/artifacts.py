@@ -24,6 +24,8 @@ from pedseg.pipeline.types import (
     Session,
     StudyContext,
 )
+from pedseg.reporting.codes import MANUFACTURER
+from pedseg.reporting.derived import RunStamp
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ class RunArtifacts:
     timeline: Longitudinal | None  # this run compared with the subject's earlier ones; None when untracked
     # A child's study segmented by a bundle not trained on children (pedseg.pipeline.population); None otherwise.
     population_warning: PopulationWarning | None = None
+    # The label map on the native grid of each series that gets a DICOM SEG (role -> image; config.seg_roles).
+    seg_labels: dict[str, sitk.Image] = field(default_factory=dict)
+    # When the run wrote its DICOM objects: one series date/time and numbering for all of them.
+    stamp: RunStamp = field(default_factory=lambda: RunStamp.now(MANUFACTURER))
 
     @property
     def reference_role(self) -> str:

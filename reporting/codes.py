@@ -1,10 +1,12 @@
 """DICOM codes for the tumour regions, and the constants every DICOM output shares.
 
 Region names, colours and label values come from the label table (pedseg.pipeline.labels); this module maps
-each region to its coded concept, in one place. Segment numbers follow the table's order (1 ET, 2 NET, 3 CC,
-4 ED, 5 TC, 6 WT), so for the four sub-regions a SEG segment number equals the internal label value. TC and WT
-are composite, overlapping segments: the SR's TID 1411 groups reference exactly one segment each, so the
-composites need their own segments for their volumes to point at the voxels they were measured on.
+each region to its coded concept, in one place. A SEG numbers its segments from 1 in the order of its regions:
+the sub-region SEG 1 ET, 2 NET, 3 CC, 4 ED (segment number = internal label value), the composite SEG 1 TC,
+2 WT.
+
+A segment written by another tool (OHIF, Slicer, highdicom) maps back to a region by its segmented property
+type, or else by its label (`region_of_segment`).
 
 Every concept is looked up by keyword in pydicom's copy of the DICOM code dictionary (a typo fails at
 import), and every segmented property type is a member of CID 7159 "Lesion Segmentation Types"
@@ -42,5 +44,31 @@ PROPERTY_TYPES: MappingProxyType[str, Code] = MappingProxyType({
     "TC": codes.SCT.Neoplasm,  # 108369006
     "WT": codes.SCT.Lesion,  # 52988006
 })
-SEGMENT_NUMBERS: MappingProxyType[str, int] = MappingProxyType(
-    {name: number for number, name in enumerate(REGIONS, start=1)})
+# Segment labels other tools write for the regions (lower case, without spaces, hyphens or underscores).
+_LABEL_ALIASES = MappingProxyType({
+    "et": "ET", "enhancingtumour": "ET", "enhancingtumor": "ET", "enhancinglesion": "ET",
+    "net": "NET", "nonenhancingtumour": "NET", "nonenhancingtumor": "NET", "nonenhancinglesion": "NET",
+    "ncr": "NET", "necrosis": "NET",
+    "cc": "CC", "cyst": "CC", "cysticcomponent": "CC",
+    "ed": "ED", "oedema": "ED", "edema": "ED", "snfh": "ED",
+    "tc": "TC", "tumourcore": "TC", "tumorcore": "TC", "neoplasm": "TC",
+    "wt": "WT", "wholetumour": "WT", "wholetumor": "WT", "lesion": "WT",
+})
+
+
+def segment_numbers(regions: tuple[str, ...]) -> dict[str, int]:
+    """Region name -> segment number in a SEG holding `regions`, in that order."""
+    return {name: number for number, name in enumerate(regions, start=1)}
+
+
+def region_of_segment(item) -> str | None:
+    """The region a SEG's Segment Sequence item stands for: by its segmented property type code, else by its
+    label (display name, region name or a common synonym); None when neither matches."""
+    if "SegmentedPropertyTypeCodeSequence" in item:
+        coded = item.SegmentedPropertyTypeCodeSequence[0]
+        for name, code in PROPERTY_TYPES.items():
+            if (coded.CodeValue, coded.CodingSchemeDesignator) == (code.value, code.scheme_designator):
+                return name
+    label = "".join(ch for ch in str(item.get("SegmentLabel", "")).lower() if ch.isalnum())
+    by_display = {"".join(ch for ch in r.display_name.lower() if ch.isalnum()): r.name for r in REGIONS.values()}
+    return by_display.get(label) or _LABEL_ALIASES.get(label)

@@ -1,35 +1,29 @@
 """Encapsulated PDF output: the PDF report as a DICOM instance filed in the source study.
 
 highdicom has no Encapsulated PDF class, so the IOD (PS3.3 A.45.1) is built here with pydicom: Patient and
-General Study copied from the source series, a new Encapsulated Document Series, General and SC Equipment,
-Encapsulated Document and SOP Common.
+General Study copied from the source series (reporting.derived's allow-list), a new Encapsulated Document Series,
+General and SC Equipment, Encapsulated Document (its concept name LOINC 18748-4 "Diagnostic Imaging Report", so an
+archive can route it) and SOP Common.
 """
 from __future__ import annotations
 
-import datetime
 import logging
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
 from pedseg.pipeline.atomic import atomic_path
 from pedseg.pipeline.errors import InternalError
 from pedseg.reporting import codes
+from pedseg.reporting.derived import PDF_INDEX, RunStamp, copy_patient_study
 
 logger = logging.getLogger(__name__)
 
-# Patient, General Study and Patient Study attributes: type 2 ones are written empty when the source lacks them.
-_COPIED_TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)
-_COPIED_OPTIONAL = (
-    "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
-    "StudyDescription", "PatientIdentityRemoved", "DeidentificationMethod",
-)
+DOCUMENT_CONCEPT = dcm_codes.LN.DiagnosticImagingReport  # 18748-4, CID 7020 (document titles)
 
 
 def write_encapsulated_pdf(
@@ -38,7 +32,7 @@ def write_encapsulated_pdf(
     out_path: Path,
     *,
     title: str,
-    series_number: int = 9003,
+    stamp: RunStamp | None = None,
     identifies_patient: bool = True,
 ) -> Path:
     """Wrap `pdf_path` as Encapsulated PDF Storage in the study of `source_files`, in a new series.
@@ -52,7 +46,7 @@ def write_encapsulated_pdf(
     if not source_files:
         raise InternalError("No source images were given for the encapsulated PDF.")
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
-    ds = _dataset(sources, document, title, series_number, identifies_patient)
+    ds = _dataset(sources, document, title, stamp or RunStamp.now(codes.MANUFACTURER), identifies_patient)
     with atomic_path(out_path) as tmp:
         pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
     logger.debug("Wrote encapsulated PDF (%d bytes)", len(document))
@@ -60,33 +54,26 @@ def write_encapsulated_pdf(
 
 
 def _dataset(
-    sources: list[Dataset], document: bytes, title: str, series_number: int, identifies_patient: bool
+    sources: list[Dataset], document: bytes, title: str, stamp: RunStamp, identifies_patient: bool
 ) -> Dataset:
-    first = sources[0]
-    now = datetime.datetime.now()
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: holds the copied names and any title
     ds.SOPClassUID = EncapsulatedPDFStorage
     ds.SOPInstanceUID = generate_uid()
-    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    for keyword in _COPIED_TYPE2:
-        setattr(ds, keyword, first.get(keyword, ""))
-    for keyword in _COPIED_OPTIONAL:
-        if keyword in first:
-            setattr(ds, keyword, first[keyword].value)
-    ds.StudyInstanceUID = first.StudyInstanceUID
+    ds.InstanceCreationDate, ds.InstanceCreationTime = stamp.date, stamp.time
+    copy_patient_study(sources[0], ds)
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = series_number
+    ds.SeriesNumber = stamp.series_number(PDF_INDEX)
+    stamp.apply(ds)
     ds.SeriesDescription = title[:64]
     ds.Manufacturer = codes.MANUFACTURER
     ds.ConversionType = "WSD"  # workstation: the document was generated, not scanned
     ds.InstanceNumber = 1
-    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
-    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.AcquisitionDateTime = f"{stamp.created:%Y%m%d%H%M%S}"
     ds.BurnedInAnnotation = "YES" if identifies_patient else "NO"
     ds.DocumentTitle = title
-    ds.ConceptNameCodeSequence = Sequence()
+    ds.ConceptNameCodeSequence = Sequence([_code_item(DOCUMENT_CONCEPT)])
     ds.SourceInstanceSequence = Sequence([_reference(s) for s in sources])
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(document)
@@ -102,4 +89,10 @@ def _reference(source: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item
+
+
+def _code_item(code) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
     return item

@@ -5,13 +5,17 @@ resampled from it on exactly the plane of the source frame it belongs to (origin
 Position, axes from Image Orientation, spacing from Pixel Spacing), so frames match the source images
 pixel for pixel whatever the converter did, and irregular slice spacing is exact too.
 
-Segments (reporting.codes): 1 ET, 2 NET, 3 CC, 4 ED, 5 TC, 6 WT, named and coloured from the label table.
-All six are always written, empty or not, so consumers see a stable numbering; an empty segment is legal in a
-SEG. TC and WT overlap the others, which BINARY allows (Segments Overlap = YES).
+One SEG holds one set of regions, numbered from 1 in the order given (reporting.codes.segment_numbers), named
+and coloured from the label table, every segment described even when empty so consumers see a stable numbering.
+The default set, the four sub-regions (1 ET, 2 NET, 3 CC, 4 ED: segment number = internal label value), never
+overlaps, which viewers that flatten or refuse overlapping segments (OHIF before 3.10) and Slicer's merged view
+need; the composites TC and WT go into a SEG of their own when a run keeps them. Frames without any segment
+voxel are omitted unless asked for (highdicom's `omit_empty_frames`).
 """
 from __future__ import annotations
 
 import logging
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import highdicom as hd
@@ -22,8 +26,9 @@ from pydicom.dataset import Dataset
 
 from pedseg.pipeline.atomic import atomic_path
 from pedseg.pipeline.errors import InternalError, UnsupportedDataError
-from pedseg.pipeline.labels import INTERNAL, LABEL_VALUES, REGIONS, region_values
+from pedseg.pipeline.labels import BASE_REGIONS, INTERNAL, LABEL_VALUES, REGIONS, region_values
 from pedseg.reporting import codes
+from pedseg.reporting.derived import RunStamp, copy_patient_study
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +57,28 @@ def write_seg(
     *,
     algorithm_name: str,
     algorithm_version: str,
-    series_number: int = 9001,
+    stamp: RunStamp | None = None,
+    series_index: int = 1,
+    regions: tuple[str, ...] = BASE_REGIONS,
+    keep_empty_frames: bool = False,
 ) -> Path:
-    """Write `labels` (values 0-4, any grid in LPS space covering the series) as a DICOM SEG of the series."""
+    """Write `labels` (values 0-4, any grid in LPS space covering the series) as a DICOM SEG of the series with
+    one segment per region in `regions`; `series_index` numbers it among the run's derived series (RunStamp)."""
+    stamp = stamp or RunStamp.now(algorithm_name)
     sources = load_sources(source_files)
     label_frames = _resample_to_frames(_checked_labels(labels), _frame_planes(sources))
     _warn_if_lost(labels, label_frames, sources)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.ALGORITHM_FAMILY, version=algorithm_version
     )
+    composite = any(REGIONS[name].is_composite for name in regions)
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=_segment_stack(label_frames),
+        pixel_array=_segment_stack(label_frames, regions),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_segment_descriptions(algorithm),
+        segment_descriptions=_segment_descriptions(algorithm, regions),
         series_instance_uid=hd.UID(),
-        series_number=series_number,
+        series_number=stamp.series_number(series_index),
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=codes.MANUFACTURER,
@@ -75,11 +86,15 @@ def write_seg(
         software_versions=algorithm_version,
         device_serial_number=codes.DEVICE_SERIAL_NUMBER,
         content_label="TUMOR",
-        content_description="Automatic pediatric brain tumor segmentation",
-        series_description=f"Tumor segmentation ({algorithm_name})"[:64],
-        omit_empty_frames=False,
+        content_description=("Tumor core and whole tumor (composites)" if composite
+                             else "Tumor sub-regions (automatic pediatric brain tumor segmentation)"),
+        series_description=(f"Tumor {'composites' if composite else 'sub-regions'} on "
+                            f"{sources[0].get('SeriesDescription', 'source')} ({algorithm_name})")[:64],
+        omit_empty_frames=not keep_empty_frames,
         content_qualification=codes.CONTENT_QUALIFICATION,
     )
+    copy_patient_study(sources[0], seg)
+    stamp.apply(seg, content_creator=True)
     with atomic_path(out_path) as tmp:
         pydicom.dcmwrite(tmp, seg, enforce_file_format=True)
     logger.debug("Wrote DICOM SEG with %d frames (%d source frames)", seg.NumberOfFrames, len(label_frames))
@@ -179,16 +194,17 @@ def _warn_if_lost(labels: sitk.Image, label_frames: np.ndarray, sources: list[Da
                 _series_name(sources[0]))
 
 
-def _segment_stack(label_frames: np.ndarray) -> np.ndarray:
+def _segment_stack(label_frames: np.ndarray, regions: tuple[str, ...]) -> np.ndarray:
     """(frames, rows, columns, segments) binary masks in segment-number order."""
-    ordered = sorted(REGIONS, key=codes.SEGMENT_NUMBERS.get)
-    return np.stack([np.isin(label_frames, region_values(name)) for name in ordered], axis=-1).astype(np.uint8)
+    return np.stack([np.isin(label_frames, region_values(name)) for name in regions], axis=-1).astype(np.uint8)
 
 
-def _segment_descriptions(algorithm: hd.AlgorithmIdentificationSequence) -> list[hd.seg.SegmentDescription]:
+def _segment_descriptions(algorithm: hd.AlgorithmIdentificationSequence,
+                          regions: tuple[str, ...]) -> list[hd.seg.SegmentDescription]:
+    numbers = codes.segment_numbers(regions)
     return [
         hd.seg.SegmentDescription(
-            segment_number=codes.SEGMENT_NUMBERS[region.name],
+            segment_number=numbers[region.name],
             segment_label=region.display_name,
             segmented_property_category=codes.CATEGORY,
             segmented_property_type=codes.PROPERTY_TYPES[region.name],
@@ -197,5 +213,23 @@ def _segment_descriptions(algorithm: hd.AlgorithmIdentificationSequence) -> list
             anatomic_regions=[codes.ANATOMY],
             display_color=hd.color.CIELabColor.from_rgb(*region.colour),
         )
-        for region in sorted(REGIONS.values(), key=lambda r: codes.SEGMENT_NUMBERS[r.name])
+        for region in (REGIONS[name] for name in regions)
     ]
+
+
+def segment_volumes_ml(seg_path: Path) -> dict[str, float]:
+    """Region name (segment label's region) -> volume in mL of its voxels on the SEG's own grid: pixel area from
+    Pixel Spacing times the distance between adjacent frame planes (the source series' slice spacing)."""
+    seg = hd.seg.segread(seg_path)
+    numbers = {int(item.SegmentNumber): codes.region_of_segment(item) for item in seg.SegmentSequence}
+    volume = seg.get_volume(segment_numbers=sorted(numbers))
+    # Spacings to 0.1 µm: the slice spacing comes from the frame positions, which carry the rounding of the
+    # source's orientation cosines (5 mm comes back as 4.9999984 from an oblique series).
+    voxel_ml = float(np.prod([round(float(v), 4) for v in volume.spacing])) / 1000.0
+    counts = volume.array.reshape(-1, len(numbers)).sum(axis=0)
+    return {numbers[n]: _to_thousandth_ml(int(c) * voxel_ml) for n, c in zip(sorted(numbers), counts)}
+
+
+def _to_thousandth_ml(volume_ml: float) -> float:
+    """A volume to 0.001 mL, halves up (5.5125 -> 5.513 whatever float error the voxel size carried)."""
+    return float(Decimal(f"{volume_ml:.9f}").quantize(Decimal("0.001"), rounding=ROUND_HALF_UP))

@@ -201,19 +201,24 @@ def montage_png(base: np.ndarray, labels: np.ndarray, indices: list[int], z_mm: 
     return _png(fig)
 
 
+# What a radiologist calls each sequence, in figure titles.
+SEQUENCE_NAMES = {"t1n": "Pre-contrast T1", "t1c": "Post-contrast T1", "t2w": "T2", "t2f": "T2-FLAIR"}
+
+
 def report_figures(images: dict[str, Path], labels: sitk.Image) -> dict[str, bytes]:
     """PNG figures keyed "triplanar_<role>" (t1c and t2f when given) and "montage" (absent without tumour)."""
     data = load_display_data(images, labels)
     roles = [r for r in ("t1c", "t2f") if r in data.bases] or list(data.bases)[:1]
     centre = tumour_centre(data.labels)
     figures = {f"triplanar_{role}": triplanar_png(data.bases[role], data.labels, centre,
-                                                  f"{role.upper()} with segmentation overlay")
+                                                  f"{SEQUENCE_NAMES.get(role, role)} with segmentation overlay")
                for role in roles}
     indices = montage_indices(data.labels)
     if indices:
         role = roles[0]
         figures["montage"] = montage_png(data.bases[role], data.labels, indices, data.z_mm,
-                                         f"Axial slices through the tumour extent ({role.upper()})")
+                                         f"Axial slices through the tumour extent "
+                                         f"({SEQUENCE_NAMES.get(role, role)})")
     logger.debug("rendered %d report figure(s)", len(figures))
     return figures
 

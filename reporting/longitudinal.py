@@ -15,11 +15,12 @@ from pedseg.reporting.tables import VOLUME_DECIMALS
 # No subject key: an unsalted hash of a short PatientID can be reversed by trying every ID, so it stays in the store.
 HISTORY_COLUMNS = (
     "study_date", "study_instance_uid", "bundle_name", "bundle_version", "bundle_sha256",
-    "label_convention", "region", "volume_ml", "baseline_ml", "change_vs_baseline_ml", "change_vs_baseline_pct",
+    "label_convention", "region", "volume_ml", "automatic_volume_ml", "reviewed", "baseline_ml",
+    "change_vs_baseline_ml", "change_vs_baseline_pct",
     "nadir_ml", "change_vs_nadir_ml", "change_vs_nadir_pct", "previous_ml", "change_vs_previous_ml",
     "change_vs_previous_pct", "response", "rapno_region", "rapno_product_mm2", "qc_flags",
 )
-_TABLE = (("study_date", "date", 10), ("region", "region", 6), ("volume_ml", "mL", 9),
+_TABLE = (("study_date", "date", 10), ("region", "region", 6), ("volume_ml", "mL", 11),
           ("vs_baseline", "vs baseline", 20), ("vs_nadir", "vs nadir", 20), ("vs_previous", "vs previous", 20),
           ("response", "resp", 4), ("bundle", "bundle", 0))
 
@@ -42,7 +43,10 @@ def change_rows(longitudinal: Longitudinal) -> list[dict]:
     rows = []
     for region in REGIONS:
         c = longitudinal.changes.get(region)
-        rows.append({**shared, "region": region, "volume_ml": _ml(tp.volumes_ml.get(region)),
+        reviewed = region in tp.reviewed_volumes_ml  # the volume compared is the reviewed one where there is one
+        rows.append({**shared, "region": region, "volume_ml": _ml(tp.reviewed_volumes_ml.get(region,
+                                                                                        tp.volumes_ml.get(region))),
+                     "automatic_volume_ml": _ml(tp.volumes_ml.get(region)), "reviewed": reviewed,
                      "baseline_ml": _ml(c and c.baseline_ml), "change_vs_baseline_ml": _ml(c and c.vs_baseline.ml),
                      "change_vs_baseline_pct": _pct(c and c.vs_baseline), "nadir_ml": _ml(c and c.nadir_ml),
                      "change_vs_nadir_ml": _ml(c and c.vs_nadir.ml), "change_vs_nadir_pct": _pct(c and c.vs_nadir),
@@ -74,7 +78,8 @@ def format_change(ml: float | None, pct: float | None) -> str:
 
 
 def history_table(rows: list[dict]) -> str:
-    """Fixed-width text, a blank line between time points; "—" where a point had nothing to compare with."""
+    """Fixed-width text, a blank line between time points; "—" where a point had nothing to compare with; "r"
+    after a volume a radiologist's reviewed segmentation gave."""
     lines = ["  ".join(f"{title:<{width}}" for _, title, width in _TABLE).rstrip()]
     previous_point = None
     for row in rows:
@@ -86,7 +91,8 @@ def history_table(rows: list[dict]) -> str:
         cells = {
             "study_date": _date(row["study_date"]) if first else "",
             "region": row["region"],
-            "volume_ml": "—" if row["volume_ml"] is None else f"{row['volume_ml']:.{VOLUME_DECIMALS}f}",
+            "volume_ml": "—" if row["volume_ml"] is None else (f"{row['volume_ml']:.{VOLUME_DECIMALS}f}"
+                                                                + (" r" if row["reviewed"] else "")),
             "vs_baseline": format_change(row["change_vs_baseline_ml"], row["change_vs_baseline_pct"]),
             "vs_nadir": format_change(row["change_vs_nadir_ml"], row["change_vs_nadir_pct"]),
             "vs_previous": format_change(row["change_vs_previous_ml"], row["change_vs_previous_pct"]),

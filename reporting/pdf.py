@@ -1,4 +1,11 @@
-"""The PDF report (reportlab platypus): volumes, RAPNO, overlays, QC, series identification and provenance.
+"""The PDF report (reportlab platypus), written for the radiologist who reads it.
+
+Page 1: who and what (pseudonymised subject, study date, model and the population it was trained on), the
+volumes on the acquired T1c series (the voxels of the DICOM SEG and SR) beside the atlas-space ones, the RAPNO
+measurement, the response when tracked, and the quality checks in one line; then key images with overlays
+(axial, coronal and sagittal through the tumour, on T1c and FLAIR); the longitudinal page when tracked; the quality
+checks, each pass / warn / fail with its threshold and what to do; how each series was identified; provenance as a
+compact appendix. Plain words throughout: no internal key names.
 
 The report carries no patient identifiers beyond the study context's display id (a pseudonym unless a user
 turned pseudonymisation off).
@@ -21,11 +28,13 @@ from reportlab.lib.utils import ImageReader
 from reportlab.platypus import Image, KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from pedseg.pipeline.atomic import atomic_path
+from pedseg.pipeline.identify_rules import ROLE_NAMES
 from pedseg.pipeline.labels import REGIONS
 from pedseg.pipeline.longitudinal import RESPONSES, Longitudinal
 from pedseg.pipeline.types import QC, Identification, Measurements, PopulationWarning, StudyContext
 from pedseg.reporting.figures import report_figures, trend_png
 from pedseg.reporting.longitudinal import format_change
+from pedseg.reporting.qc_checks import Check, qc_checks
 from pedseg.reporting.tables import VOLUME_DECIMALS, measurement_rows, rapno_block
 
 logger = logging.getLogger(__name__)
@@ -59,23 +68,28 @@ _WARNING = ParagraphStyle("warning", parent=_BODY, fontSize=10, leading=13, text
 def write_report_pdf(out_path: Path, *, images: dict[str, Path], labels: sitk.Image, measurements: Measurements,
                      identification: Identification, qc: QC, provenance: dict, context: StudyContext,
                      fast_mode: bool, longitudinal: Longitudinal | None = None,
-                     population_warning: PopulationWarning | None = None) -> Path:
+                     population_warning: PopulationWarning | None = None, model_population: str = "") -> Path:
     """Render the report. `images`: role -> atlas-space NIfTI; `labels`: atlas-space, internal convention.
 
-    `qc` and `provenance` are shown as flattened key/value tables; `qc.flags` joins `measurements.qc_flags` in
-    the flag list. `longitudinal` (a tracked run): a page with the trend and change table when earlier time
-    points were compared. `population_warning`: boxed on the first page, under the disclaimer.
+    `qc` becomes the list of quality checks; its flags and `measurements.qc_flags` are listed with them.
+    `provenance` (provenance.json's document) fills the model line and the appendix. `longitudinal` (a tracked
+    run): the response on page 1 and a page with the trend and change table when earlier time points were compared.
+    `population_warning`: boxed on the first page, under the disclaimer. `model_population`: who the model was
+    trained on (the bundle's population).
     """
     figures = report_figures(images, labels)
+    checks = qc_checks(qc, age_years=context.age_years, whole_tumour_ml=measurements.regions["WT"].volume_ml)
+    flags = list(dict.fromkeys([*measurements.qc_flags, *qc.flags]))
     story = [
-        *_header(context, fast_mode, population_warning),
+        *_header(context, fast_mode, population_warning, provenance, model_population),
         *_volumes(measurements),
         *_rapno(measurements),
+        *_summary(checks, flags, longitudinal),
         *_figures(figures, measurements),
         *_longitudinal(longitudinal),
-        *_qc(qc, measurements.qc_flags),
+        *_qc(checks, flags),
         *_identification(identification),
-        *_provenance(provenance),
+        *_provenance(provenance, identification),
     ]
     footer = _footer(context.display_id)
     with atomic_path(out_path) as tmp:
@@ -131,9 +145,18 @@ def _table(rows: list[list[str]], widths: list[float], *, header: bool = True, n
     return table
 
 
-def _header(context: StudyContext, fast_mode: bool, population_warning: PopulationWarning | None) -> list:
-    info = _table([["Subject", context.display_id or "—"], ["Study date", _date(context.study_date)]], [35, 60],
-                  header=False)
+_POPULATIONS = {"pediatric": "children", "adult": "adults", "adult-and-pediatric": "adults and children",
+                "synthetic": "synthetic phantoms only (a demonstration model)", "unspecified": "not stated"}
+
+
+def _header(context: StudyContext, fast_mode: bool, population_warning: PopulationWarning | None,
+            provenance: dict, model_population: str) -> list:
+    bundle = provenance.get("bundle", {})
+    model = f"{bundle.get('name', '—')} {bundle.get('version', '')}".strip()
+    rows = [["Subject", context.display_id or "—"], ["Study date", _date(context.study_date)], ["Model", model]]
+    if model_population:
+        rows.append(["Trained on", _POPULATIONS.get(model_population, model_population)])
+    info = _table(rows, [35, 90], header=False)
     info.hAlign = "LEFT"
     disclaimer = Table([[Paragraph(_text(DISCLAIMER), _DISCLAIMER)]], colWidths=[178 * mm])
     disclaimer.setStyle(TableStyle([
@@ -164,11 +187,11 @@ def _volumes(measurements: Measurements) -> list:
     rows = measurement_rows(measurements)
     by_name = {r["region"]: r for r in rows if r["convention"] in ("2024", "composite")}
     volume = f"{{:.{VOLUME_DECIMALS}f}}"
-    table_rows = [["Region", "Description", "Volume (mL)", "Native volume (mL)", "Components"]]
+    table_rows = [["Region", "Description", "On the T1c series (mL)", "Atlas space (mL)", "Lesions"]]
     for name in ("ET", "NET", "CC", "ED", "TC", "WT"):
         r = by_name[name]
         native = "—" if r["native_volume_ml"] is None else volume.format(r["native_volume_ml"])
-        table_rows.append([name, REGION_DESCRIPTIONS[name], volume.format(r["volume_ml"]), native,
+        table_rows.append([name, REGION_DESCRIPTIONS[name], native, volume.format(r["volume_ml"]),
                            str(r["components"])])
     old = {r["region"]: r for r in rows if r["convention"] == "2023"}
     flow = [Paragraph("Tumour volumes", _H2)]
@@ -177,8 +200,9 @@ def _volumes(measurements: Measurements) -> list:
     flow += [
         _table(table_rows, [18, 62, 28, 36, 24], numeric_from=2),
         Spacer(1, 1.5 * mm),
-        Paragraph("Volumes in atlas space (after registration to the BraTS reference) and, where available, "
-                  "in the space of the acquired series. Components: 3D connected components (26-connectivity). "
+        Paragraph("On the T1c series: the segmentation's voxels on the acquired post-contrast T1, the volumes the "
+                  "DICOM SEG and SR carry. Atlas space: after rigid registration to the BraTS reference (1 mm "
+                  "voxels), the space the model segmented in. Lesions: 3D connected components. "
                   "BraTS-PEDs 2023 convention: " + ", ".join(
                       f"{n} {volume.format(old[n]['volume_ml'])} mL" for n in ("NCR", "ED", "ET"))
                   + " (NCR = NET + CC).", _SMALL),
@@ -263,46 +287,62 @@ def _longitudinal(longitudinal: Longitudinal | None) -> list:
             Paragraph(_text(legend), _SMALL), *notes]
 
 
-def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
-    rows = []
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows += _flatten(value, f"{name} / ")
-        elif isinstance(value, (list, tuple)):
-            rows.append((name, ", ".join(_fmt(v) for v in value) or "—"))
-        else:
-            rows.append((name, _fmt(value)))
-    return rows
+_STATUS_COLOURS = {"pass": "#1b7f3b", "warn": "#b36b00", "fail": "#b00020"}
+_STATUS_FILLS = {"pass": "#d9f2e1", "warn": "#ffefd1", "fail": "#fbd5da"}
 
 
-def _key_values(data: dict, empty: str) -> list:
-    rows = _flatten(data)
-    if not rows:
-        return [Paragraph(empty, _BODY)]
-    return [_table([["Item", "Value"], *[list(r) for r in rows]], [70, 108])]
+def _summary(checks: list[Check], flags: list[str], longitudinal: Longitudinal | None) -> list:
+    """Page 1's closing lines: the response when tracked, and the quality checks in one line."""
+    flow = []
+    if longitudinal is not None and longitudinal.priors and "WT" in longitudinal.changes:
+        wt = longitudinal.changes["WT"]
+        flow.append(Paragraph(f"<b>Response (whole tumour, volumetric):</b> {_text(wt.response)} — "
+                              f"{_text(RESPONSES.get(wt.response, ''))}; see the longitudinal page.", _BODY))
+    counts = {status: sum(c.status == status for c in checks) for status in ("pass", "warn", "fail")}
+    text = ", ".join(f'<font color="{_STATUS_COLOURS[k]}"><b>{n} {k}</b></font>' for k, n in counts.items() if n)
+    needs = [c.name for c in checks if c.status != "pass"]
+    line = f"<b>Quality checks:</b> {text or 'none recorded'}"
+    if needs:
+        line += " — review: " + _text("; ".join(needs))
+    elif flags:
+        line += f" — {len(flags)} message(s) from the run"
+    return [Spacer(1, 2 * mm), *flow, Paragraph(line + ". Details on the quality page.", _BODY)]
 
 
-def _qc(qc: QC, flags: list[str]) -> list:
-    all_flags = list(dict.fromkeys([*flags, *qc.flags]))
-    values = {k: v for k, v in qc.as_dict().items() if k != "flags"}
-    flag_text = "; ".join(_text(f) for f in all_flags) if all_flags else "none"
-    return [Paragraph("Quality control", _H2), *_key_values(values, "No QC values recorded."), Spacer(1, 2 * mm),
-            Paragraph(f"<b>Flags:</b> {flag_text}", _BODY)]
+def _qc(checks: list[Check], flags: list[str]) -> list:
+    rows = [["Check", "Result", "Found", "Threshold", "What to do"]]
+    rows += [[c.name, c.status.upper(), c.found, c.threshold, c.action or "—"] for c in checks]
+    table = _table(rows, [36, 14, 42, 32, 54])
+    for r, check in enumerate(checks, start=1):
+        table.setStyle(TableStyle([("BACKGROUND", (1, r), (1, r), colors.HexColor(_STATUS_FILLS[check.status]))]))
+    flow = [PageBreak(), Paragraph("Quality checks", _H2), table, Spacer(1, 2 * mm)]
+    if flags:
+        flow.append(Paragraph("<b>Messages from the run</b> (each names what to check):", _BODY))
+        flow += [Paragraph("• " + _text(flag), _BODY) for flag in flags]
+    else:
+        flow.append(Paragraph("No messages from the run.", _BODY))
+    return flow
 
 
 def _identification(identification: Identification) -> list:
-    rows = [["Series", "Description", "Role", "Confidence", "Chosen", "First reason"]]
+    rows = [["Series", "Description", "Used as", "Certainty", "Used", "Decided by"]]
     for d in identification.decisions:
-        rows.append([_fmt(d.series_number), d.description or "—", d.role, f"{d.confidence:.2f}",
-                     ("pinned" if d.pinned else "yes") if d.chosen else "", d.reasons[0] if d.reasons else "—"])
-    flow = [Paragraph("Series identification", _H2), _table(rows, [14, 50, 14, 20, 16, 64])]
+        decided = d.decided_by or (d.reasons[0] if d.reasons else "—")
+        if d.contrast_decided_by:
+            decided += f"; contrast: {d.contrast_decided_by}"
+        if not d.names_available:
+            decided += " (no series name in the headers)"
+        used_as = ROLE_NAMES.get(d.role, "not used" if d.role == "other" else d.role)
+        rows.append([_fmt(d.series_number), d.description or "—", used_as,
+                     f"{d.confidence:.2f}", ("pinned" if d.pinned else "yes") if d.chosen else "", decided])
+    flow = [Paragraph("Series identification", _H2), _table(rows, [14, 44, 30, 20, 14, 56])]
     if identification.pinned:
         pinned = [f"{role} → {_pinned_label(identification, key)}" for role, key in identification.pinned.items()]
         flow.append(Paragraph("<b>Roles pinned by hand</b> (not chosen by identification): "
                               + _text("; ".join(pinned)), _BODY))
     if identification.missing:
-        flow.append(Paragraph("Missing roles: " + _text(", ".join(identification.missing)), _BODY))
+        flow.append(Paragraph("Missing sequences: " + _text(", ".join(ROLE_NAMES.get(r, r)
+                                                                        for r in identification.missing)), _BODY))
     return flow
 
 
@@ -310,8 +350,72 @@ def _pinned_label(identification: Identification, key: str) -> str:
     return next((d.label for d in identification.decisions if d.key == key), key)
 
 
-def _provenance(provenance: dict) -> list:
-    return [Paragraph("Provenance", _H2), *_key_values(provenance, "No provenance recorded.")]
+_STAGES = {"ingest": "reading DICOM", "identify": "identification", "preprocess": "registration and skull "
+           "stripping", "infer": "segmentation", "postprocess": "clean-up", "measure": "measurement",
+           "report": "reports"}
+
+
+def _provenance(provenance: dict, identification: Identification) -> list:
+    """The appendix: what ran, on which series, how long; the full record is provenance.json."""
+    bundle = provenance.get("bundle", {})
+    series = {d.key: d for d in identification.decisions}
+    inputs = "; ".join(f"{ROLE_NAMES.get(role, role)}: {series[key].label if key in series else key}"
+                       for role, key in provenance.get("inputs", {}).get("series_instance_uids", {}).items())
+    models = provenance.get("models", [])
+    licence = bundle.get("licence") or "licence not stated"
+    fingerprint = str(bundle.get("sha256", ""))[:12] or "—"
+    rows = [
+        ["Model", f"{bundle.get('name', '—')} {bundle.get('version', '')} ({licence}); weights fingerprint "
+                  f"{fingerprint}"],
+        ["Ran", f"{len(models)} model(s), {len(provenance.get('folds', []))} fold(s), test-time augmentation "
+                f"{'on' if provenance.get('tta') else 'off'}, on {provenance.get('device', '—')}"
+                + (" (fast mode)" if provenance.get("fast_mode") else "")],
+        ["Series used", inputs or "—"],
+        ["Clean-up", "; ".join(f"{step['step']}: {step['voxels_changed']} voxels" for step in
+                                provenance.get("postprocessing", [])) or "none"],
+    ]
+    seconds = provenance.get("stage_seconds", {})
+    if seconds:
+        rows.append(["Time", f"{sum(seconds.values()):.0f} s: " + ", ".join(
+            f"{_STAGES.get(stage, stage)} {value:.1f} s" for stage, value in seconds.items())])
+    packages = provenance.get("packages", {})
+    rows.append(["Software", f"pedseg {provenance.get('pedseg_version', '—')}"
+                 + "".join(f", {name} {version}" for name, version in packages.items())])
+    return [Paragraph("Appendix: provenance", _H2), _table(rows, [28, 150], header=False),
+            Spacer(1, 1.5 * mm), Paragraph("The complete record, with every series UID, is provenance.json.", _SMALL)]
+
+
+REVIEWED_TITLE = "Reviewed segmentation: tumour volumes"
+
+
+def write_review_pdf(out_path: Path, *, reviewed: Measurements, automatic_volumes_ml: dict[str, float],
+                     study_date: str | None, model: str) -> Path:
+    """One page: the volumes of a radiologist's edited segmentation beside the automatic ones (`pedseg review`)."""
+    volume = f"{{:.{VOLUME_DECIMALS}f}}"
+    rows = [["Region", "Description", "Automatic (mL)", "Reviewed (mL)", "Change (mL)"]]
+    for name in REGIONS:
+        after = reviewed.regions[name].volume_ml
+        before = automatic_volumes_ml.get(name)
+        rows.append([name, REGION_DESCRIPTIONS[name], "—" if before is None else volume.format(before),
+                     volume.format(after), "—" if before is None else f"{after - before:+.{VOLUME_DECIMALS}f}"])
+    info = _table([["Study date", _date(study_date or "")], ["Automatic segmentation by", model or "—"]], [50, 90],
+                  header=False)
+    info.hAlign = "LEFT"
+    rapno = reviewed.rapno
+    story = [Paragraph(REVIEWED_TITLE, _H1), info, Spacer(1, 3 * mm),
+             Paragraph("<b>REVIEWED</b>: these volumes come from a segmentation edited by a reader, measured on the "
+                       "grid of the edited DICOM SEG; they replace the automatic volumes in the longitudinal "
+                       "record.", _BODY), Spacer(1, 2 * mm),
+             _table(rows, [18, 62, 32, 32, 32], numeric_from=2), Spacer(1, 2 * mm),
+             Paragraph(f"RAPNO ({_text(rapno.region)}) sum of products on the reviewed segmentation: "
+                       f"{rapno.sum_product_mm2:.1f} mm² over {len(rapno.lesions)} measured lesion(s).", _BODY),
+             Spacer(1, 3 * mm), Paragraph(_text(DISCLAIMER), _SMALL)]
+    with atomic_path(out_path) as tmp:
+        doc = SimpleDocTemplate(str(tmp), pagesize=A4, leftMargin=16 * mm, rightMargin=16 * mm,
+                                topMargin=14 * mm, bottomMargin=16 * mm, title=REVIEWED_TITLE,
+                                subject="For research use only", creator="pedseg", invariant=1)
+        doc.build(story, onFirstPage=_footer(""), onLaterPages=_footer(""))
+    return Path(out_path)
 
 
 def _footer(display_id: str):

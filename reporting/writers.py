@@ -13,9 +13,10 @@ import SimpleITK as sitk
 
 from pedseg.pipeline.atomic import write_image, write_text
 from pedseg.pipeline.identify import session_to_json
-from pedseg.pipeline.labels import INTERNAL, convert_labels
+from pedseg.pipeline.labels import BASE_REGIONS, COMPOSITES, INTERNAL, convert_labels
 from pedseg.pipeline.longitudinal import tracking_uids
 from pedseg.reporting.artifacts import RunArtifacts
+from pedseg.reporting.derived import COMPOSITE_SEG_INDEX, SEG_INDEX
 from pedseg.reporting.dicom_pdf import write_encapsulated_pdf
 from pedseg.reporting.dicom_seg import write_seg
 from pedseg.reporting.dicom_sr import write_sr
@@ -70,18 +71,33 @@ def longitudinal_table(run: RunArtifacts, staging: Path) -> dict[str, Path]:
 
 
 def dicom_seg_and_sr(run: RunArtifacts, staging: Path) -> dict[str, Path]:
-    """The SEG on the reference series and the SR over it; neither when no tumour was found (or when off)."""
+    """A sub-region SEG on the reference series (`seg`) and on each series of config.seg_roles, each on that
+    series' own grid; a composite SEG beside each when configured; the SR over the reference series' SEGs.
+    Nothing when no tumour was found (or when off)."""
     if not (run.config.write_seg and run.has_tumour):
         return {}
-    sources = _reference_files(run)
-    name, version = run.bundle.name, run.bundle.version
-    outputs = {"seg": write_seg(run.native_labels, sources, staging / "seg" / "segmentation.dcm",
-                                algorithm_name=name, algorithm_version=version)}
-    if run.config.write_sr:
+    name, version, config = run.bundle.name, run.bundle.version, run.config
+    outputs, reference_segs = {}, []
+    seg_labels = run.seg_labels or {run.reference_role: run.native_labels}
+    for position, role in enumerate(seg_labels):
+        for composite in (False, True) if config.seg_composites else (False,):
+            stem = "composites" if composite else "segmentation"
+            file_stem = stem if role == run.reference_role else f"{stem}_{role}"
+            key = "seg" if file_stem == "segmentation" else f"seg_{file_stem.removeprefix('segmentation_')}"
+            outputs[key] = write_seg(
+                seg_labels[role], _role_files(run, role), staging / "seg" / f"{file_stem}.dcm",
+                algorithm_name=name, algorithm_version=version, stamp=run.stamp,
+                series_index=(COMPOSITE_SEG_INDEX if composite else SEG_INDEX) + position,
+                regions=COMPOSITES if composite else BASE_REGIONS, keep_empty_frames=config.seg_keep_empty_frames)
+            if role == run.reference_role:
+                reference_segs.append(outputs[key])
+    if config.write_sr and reference_segs:
         # One Tracking UID per region for the subject at every time point.
         uids = tracking_uids(run.timeline.current.subject_key) if run.timeline else None
-        outputs["sr"], _ = write_sr(run.measurements, outputs["seg"], sources, staging / "sr" / "measurements.dcm",
-                                    algorithm_name=name, algorithm_version=version, tracking_uids=uids)
+        evidence = [f for role in run.identification.chosen for f in _role_files(run, role)]
+        outputs["sr"], _ = write_sr(reference_segs, evidence, staging / "sr" / "measurements.dcm",
+                                    algorithm_name=name, algorithm_version=version, tracking_uids=uids,
+                                    stamp=run.stamp, rapno=run.measurements.rapno)
     return outputs
 
 
@@ -93,18 +109,19 @@ def pdf_report(run: RunArtifacts, staging: Path) -> dict[str, Path]:
         staging / "report.pdf", images=run.preprocessed.images, labels=run.labels, measurements=run.measurements,
         identification=run.identification, qc=run.preprocessed.qc, provenance=run.provenance.as_dict(),
         context=run.context, fast_mode=run.config.fast, longitudinal=run.timeline,
-        population_warning=run.population_warning,
+        population_warning=run.population_warning, model_population=run.bundle.population,
     )
-    return {"pdf": pdf, "pdf_dicom": write_encapsulated_pdf(pdf, _reference_files(run),
-                                                            staging / "report" / "report_pdf.dcm", title=PDF_TITLE)}
+    return {"pdf": pdf, "pdf_dicom": write_encapsulated_pdf(pdf, _role_files(run, run.reference_role),
+                                                            staging / "report" / "report_pdf.dcm", title=PDF_TITLE,
+                                                            stamp=run.stamp)}
 
 
 DEFAULT_WRITERS: tuple[Writer, ...] = (identification_json, nifti_images, measurement_tables, longitudinal_table,
                                        dicom_seg_and_sr, pdf_report)
 
 
-def _reference_files(run: RunArtifacts) -> list[Path]:
-    return run.session.by_uid(run.identification.chosen[run.reference_role]).files
+def _role_files(run: RunArtifacts, role: str) -> list[Path]:
+    return run.session.by_uid(run.identification.chosen[role]).files
 
 
 def _copy(source: Path, target: Path) -> Path:

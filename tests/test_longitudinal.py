@@ -341,6 +341,7 @@ def test_trend_page_renders(phantoms, points, tmp_path):
     text = "".join(pdf_pages(pdf))
     assert "Compared with 2 earlier time point(s)" in text
     assert "baseline 2026-01-05" in text
+    assert "Response (whole tumour, volumetric): PD" in " ".join(pdf_pages(pdf)[0].split())  # on page 1
     pixels = np.asarray(Image.open(longitudinal_page_png(pdf, tmp_path / "page")).convert("RGB")).astype(int)
     assert (pixels.min(axis=2) < 200).mean() > 0.03  # not a blank page
     near = lambda rgb: (np.abs(pixels - rgb).sum(axis=2) < 60).sum()  # noqa: E731
@@ -463,7 +464,7 @@ def test_runner_records_each_run_and_reports_the_change(tmp_path, monkeypatch):
         [SeriesDecision("1.2.3", 3, "T1 post", "t1c", 0.9, [], chosen=True)], {"t1c": "1.2.3"}, []))
     monkeypatch.setattr("pedseg.reporting.writers.write_seg", lambda labels, files, out, **kw: output(out))
     monkeypatch.setattr("pedseg.reporting.writers.write_sr",
-                        lambda m, seg, files, out, **kw: sr_uids.append(kw["tracking_uids"]) or (output(out), {}))
+                        lambda segs, files, out, **kw: sr_uids.append(kw["tracking_uids"]) or (output(out), {}))
     monkeypatch.setattr("pedseg.reporting.writers.write_encapsulated_pdf", lambda pdf, files, out, **kw: output(out))
     store = SQLiteStore(tmp_path / "m.db")
     config = PipelineConfig(device="cpu", bundle=fake_bundle(tmp_path / "bundle", required=("t1c",)))

@@ -5,6 +5,8 @@ import base64
 import csv
 import json
 import re
+import shutil
+import subprocess
 import zlib
 
 import numpy as np
@@ -14,9 +16,9 @@ from pypdf import PdfReader
 from scipy import ndimage
 
 from pedseg.pipeline.config import PipelineConfig
-from pedseg.pipeline.labels import convert_labels
+from pedseg.pipeline.labels import convert_labels, region_mask
 from pedseg.pipeline.measure import measure
-from pedseg.pipeline.types import Identification, SeriesDecision, StudyContext
+from pedseg.pipeline.types import Identification, SeriesDecision, Similarity, StudyContext
 from pedseg.reporting.figures import VIEWS, display_grid, radiological_plane, report_figures, to_display
 from pedseg.reporting.pdf import DISCLAIMER, FAST_MODE_LINE, NO_TUMOUR, write_report_pdf
 from pedseg.reporting.tables import CSV_COLUMNS, SCHEMA_VERSION, write_measurements_csv, write_measurements_json
@@ -239,3 +241,77 @@ def test_a_2023_run_draws_and_names_every_region_as_the_2024_run_does(tmp_path, 
                for c, r in runs.items()}
     assert len(figures["2024"]) >= 2  # the overlays (their legend is part of each figure)
     assert figures["2023"] == figures["2024"]
+
+
+def test_rapno_endpoints_in_measurements_json_lie_on_the_lesion_in_the_patient(tmp_path):
+    """Atlas coordinates are not the patient's: RAPNO is measured on the reference series' native label map, so the
+    endpoints measurements.json gives lie on the lesion's border in that series' own LPS space."""
+    _, atlas_labels = phantom(blobs=((np.array([-20.0, 10.0, 5.0]), 14.0),))
+    atlas_to_native = sitk.Euler3DTransform((0, 0, 0), np.radians(8), np.radians(-5), np.radians(20), (35, -25, 40))
+    native_grid = sitk.Image([96] * 3, sitk.sitkUInt8)  # where the head lay in the scanner: moved and turned
+    native_grid.SetSpacing((2.0, 2.0, 2.0))
+    native_grid.SetOrigin((-60.0, -110.0, -50.0))
+    native_labels = sitk.Resample(atlas_labels, native_grid, atlas_to_native.GetInverse(), sitk.sitkNearestNeighbor)
+    measured = measure(atlas_labels, native_labels, qc_flags=[])
+    doc = json.loads(write_measurements_json(measured, tmp_path / "m.json", context=CONTEXT).read_text())
+    (lesion,) = doc["rapno"]["lesions"]
+    tumour = np.argwhere(region_mask(sitk.GetArrayFromImage(native_labels), "TC"))[:, ::-1]  # (x, y, z) index
+    tumour_lps = np.array([native_labels.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in tumour])
+    ends = np.array(lesion["endpoints_lps_mm"] + lesion["perp_endpoints_lps_mm"])
+    nearest = np.min(np.linalg.norm(tumour_lps[None] - ends[:, None], axis=-1), axis=1)
+    assert nearest.max() <= 2.0 * np.sqrt(3)  # on the lesion, within a native voxel
+    atlas_ends = np.array(measure(atlas_labels, None, qc_flags=[]).rapno.lesions[0].endpoints_lps_mm)
+    assert np.min(np.linalg.norm(tumour_lps[None] - atlas_ends[:, None], axis=-1)) > 20  # atlas mm are elsewhere
+    assert np.linalg.norm(ends[0] - ends[1]) == pytest.approx(lesion["longest_mm"], abs=0.01)
+
+
+INTERNAL_KEYS = ("step_seconds", "stage_seconds", "t1c_to_atlas_mattes_mi", "t2f_to_t1c_mattes_mi", "_vs_",
+                 "brain_inside_atlas_brain", "mask_fraction_of_head", "similarity_in_brain", "series_instance_uids")
+
+
+def rendered_report(tmp_path):
+    """A report whose inputs carry every kind of internal key (QC metrics, stage timings, provenance), rendered
+    page by page with poppler: (PNG paths, the text pdftotext reads)."""
+    images, labels = write_inputs(tmp_path, ONE_BLOB)
+    m = measure(labels, labels, qc_flags=[])
+    identification = Identification(
+        decisions=[SeriesDecision("1.2.3", 7, "AX T1 POST", "t1c", 0.95, ["contrast agent"], True),
+                   SeriesDecision("1.2.4", 9, "AX FLAIR", "t2f", 0.9, ["inversion time"], True)],
+        chosen={"t1c": "1.2.3", "t2f": "1.2.4"}, missing=["t1n", "t2w"])
+    qc = passing_qc(registration={"t1c_to_atlas_mattes_mi": -0.4553, "t2f_to_t1c_mattes_mi": -0.81},
+                    similarity_in_brain={"t2f_vs_t1c": Similarity(nmi=1.21, peak=1.08)},
+                    step_seconds={"convert": 1.5}, flags=("t2f to t1c alignment is not a clear similarity peak "
+                                                          "(1.08 < 1.15): check the registration",))
+    provenance = {"pedseg_version": "0.1.0", "packages": {"highdicom": "0.28.2"},
+                  "bundle": {"name": "pedseg-demo", "version": "0.1.0", "licence": "CC-BY-4.0", "sha256": "ab" * 32},
+                  "inputs": {"series_instance_uids": {"t1c": "1.2.3", "t2f": "1.2.4"}}, "device": "cpu",
+                  "models": ["3d_fullres"], "folds": ["0", "1"], "tta": True, "fast_mode": False,
+                  "postprocessing": [{"step": "drop whole-tumour components", "voxels_changed": 12}],
+                  "stage_seconds": {"ingest": 1.5, "infer": 12.5}, "qc": qc.as_dict()}
+    out = write_report_pdf(tmp_path / "report.pdf", images=images, labels=labels, measurements=m,
+                           identification=identification, qc=qc, provenance=provenance,
+                           context=StudyContext("SUBJ-0001", "20240102", 7.0, ""), fast_mode=False,
+                           model_population="synthetic")
+    subprocess.run(["pdftoppm", "-r", "70", "-png", str(out), str(tmp_path / "page")], check=True, timeout=120)
+    text = subprocess.run(["pdftotext", str(out), "-"], check=True, capture_output=True, text=True,
+                          timeout=120).stdout
+    return sorted(tmp_path.glob("page-*.png")), text, m
+
+
+@pytest.mark.skipif(shutil.which("pdftoppm") is None, reason="poppler-utils not installed")
+def test_every_page_renders_and_reads_without_internal_keys(tmp_path):
+    pages, text, m = rendered_report(tmp_path)
+    assert len(pages) == page_count(tmp_path / "report.pdf") >= 3
+    assert all(png.stat().st_size > 5000 for png in pages)  # drawn, not blank
+    for key in INTERNAL_KEYS:
+        assert key not in text, key
+    assert not re.findall(r"\b[a-z0-9]+_[a-z0-9_]+\b", text)  # no identifier-like snake_case word at all
+    first = " ".join(text.split("\f")[0].split())
+    text = " ".join(text.split())
+    for words in ("SUBJ-0001", "pedseg-demo 0.1.0", "synthetic phantoms", "On the T1c series",
+                  f"{m.regions['WT'].native_volume_ml:.3f}", "RAPNO", "Quality checks:", "1 fail"):
+        assert words in first, words
+    assert "Each series aligned with the post-contrast T1" in text
+    assert "FAIL" in text and "similarity peak at least 1.15" in text  # the threshold beside the result
+    assert "T2-FLAIR (t2f): series 9 'AX FLAIR'" in text  # series by number and name, not by UID
+    assert "Appendix: provenance" in text

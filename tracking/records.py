@@ -6,8 +6,9 @@ measurements.json yields exactly the time point that run would have recorded.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+from pedseg.pipeline.errors import InputError
 from pedseg.pipeline.labels import REGIONS, REGIONS_2023
 from pedseg.pipeline.longitudinal import BundleId, TimePoint
 from pedseg.pipeline.types import Measurements
@@ -48,3 +49,17 @@ def to_dict(tp: TimePoint) -> dict:
 
 def from_dict(data: dict) -> TimePoint:
     return TimePoint(**{**data, "bundle": BundleId(**data["bundle"]), "qc_flags": tuple(data.get("qc_flags", ()))})
+
+
+def record_review(store, subject_key: str, study_uid: str, bundle_sha256: str,
+                  volumes_ml: dict[str, float]) -> TimePoint:
+    """Record a reviewed segmentation's volumes beside the automatic ones of the study's time point (the one the
+    same model measured), and return the updated time point. `store`: a tracking.store.MeasurementStore."""
+    recorded = [tp for tp in store.history(subject_key)
+                if tp.study_uid == study_uid and tp.bundle.sha256 == bundle_sha256]
+    if not recorded:
+        raise InputError("The measurement store holds no automatic time point of this study for this subject.",
+                         hint="Review a study that `pedseg run --db` recorded, with the same subject key.")
+    updated = replace(recorded[0], reviewed_volumes_ml={region: round(float(v), 3) for region, v in volumes_ml.items()})
+    store.record(updated)
+    return updated

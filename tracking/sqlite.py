@@ -48,8 +48,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (time_point_id, convention, region))""",
     ),
 )
-# Volumes table conventions: "2024" holds ET, NET, CC, ED and the composites TC, WT; "2023" holds NCR, ED, ET.
-_CONVENTIONS = {"2024": "volumes_ml", "2023": "volumes_2023_ml"}
+# Volumes table conventions: "2024" holds ET, NET, CC, ED and the composites TC, WT; "2023" holds NCR, ED, ET;
+# "reviewed" the volumes of a radiologist's edited segmentation (2024 regions), beside the automatic ones.
+_CONVENTIONS = {"2024": "volumes_ml", "2023": "volumes_2023_ml", "reviewed": "reviewed_volumes_ml"}
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 60.0) -> None:
@@ -153,6 +154,7 @@ def _time_point(row: sqlite3.Row, volumes: dict[str, dict[str, float]]) -> TimeP
         subject_key=row["subject_key"], study_uid=row["study_uid"], study_date=row["study_date"],
         bundle=BundleId(row["bundle_name"], row["bundle_version"], row["bundle_sha256"], row["label_convention"]),
         volumes_ml=volumes.get("2024", {}), volumes_2023_ml=volumes.get("2023", {}),
+        reviewed_volumes_ml=volumes.get("reviewed", {}),
         rapno_region=row["rapno_region"], rapno_product_mm2=row["rapno_product_mm2"],
         qc_flags=tuple(json.loads(row["qc_flags"])),
     )
