@@ -243,7 +243,24 @@ def series_header(ds: Dataset, part: str = "", stats: SeriesTallies | None = Non
         num_orientations=orientations,
         pixel_values=pixel_values,
         conflicting_instances=conflicting_instances,
+        echo_times=_echo_times(ds, stats),
+        angio_flag=_angio(ds),
+        b_value=as_float(ds.get("DiffusionBValue") or group_value(ds, "MRDiffusionSequence", "DiffusionBValue")),
     )
+
+
+def _echo_times(ds: Dataset, stats: SeriesTallies | None) -> tuple[float, ...]:
+    """Every echo time of an enhanced multi-frame object (its frames' EffectiveEchoTime); () for classic images,
+    whose echoes are split into parts of one echo each (the tallies of a classic series may hold echo numbers)."""
+    if stats is None or "PerFrameFunctionalGroupsSequence" not in ds:
+        return ()
+    return tuple(sorted(e for e in stats.echoes if e)) if len(stats.echoes - {None}) > 1 else ()
+
+
+def _angio(ds: Dataset) -> bool:
+    """AngioFlag Y (classic) or TimeOfFlightContrast YES (enhanced): the scanner marks a time-of-flight angiogram."""
+    tof = ds.get("TimeOfFlightContrast") or group_value(ds, "MRModifierSequence", "TimeOfFlightContrast")
+    return as_text(ds.get("AngioFlag")).upper() == "Y" or as_text(tof).upper() == "YES"
 
 
 # ------------------------------------------------------------------------ enhanced multi-frame helpers

@@ -23,7 +23,8 @@ def series_key(series_uid: str, part: str) -> str:
 
 def series_label(number: int | None, description: str, part: str = "") -> str:
     """How messages name a series: number and description (never patient identifiers), and the part."""
-    label = f"series {number if number is not None else '?'} '{description}'"
+    named = f"'{description}'" if description.strip() else "(no description)"  # de-identified data often has none
+    label = f"series {number if number is not None else '?'} {named}"
     return f"{label} part {part}" if part else label
 
 
@@ -86,6 +87,11 @@ class SeriesHeader(_NamedSeries):
     pixel_values: int | None = None
     # SOPInstanceUIDs this series holds twice with different pixel data or position: an inconsistent export
     conflicting_instances: int = 0
+    # Physics that identification reads without names: every echo time of an enhanced multi-frame object (the parts
+    # of a split classic series carry one each), AngioFlag / TimeOfFlightContrast, and the diffusion b-value.
+    echo_times: tuple[float, ...] = ()
+    angio_flag: bool = False
+    b_value: float | None = None
 
 
 @dataclass
@@ -149,6 +155,13 @@ class SeriesDecision(_NamedSeries):
     chosen: bool = False
     part: str = ""
     pinned: bool = False  # the user pinned this series to `role` (PipelineConfig.role_overrides)
+    # Whether the series still had a SeriesDescription, ProtocolName or SequenceName (de-identified data often
+    # has none), and which kind of evidence decided its role: "physics" (TR/TE/TI/flip, sequence type, geometry),
+    # "header" (ImageType, counts, contrast agent, flags), "names", "acquisition order" or "images" (contrast seen
+    # in the pixels, pipeline.contrast). `contrast_decided_by`: what told pre from post for a T1, else "".
+    names_available: bool = True
+    decided_by: str = ""
+    contrast_decided_by: str = ""
 
 
 @dataclass
@@ -161,6 +174,12 @@ class Identification:
     reference_role: str = "t1c"
     # Roles the user pinned by hand (PipelineConfig.role_overrides): role -> series key, a subset of `chosen`.
     pinned: dict[str, str] = field(default_factory=dict)
+    # Two or more T1s and no header saying which is post-contrast: what the images said (pipeline.contrast), in
+    # words, and its confidence; `contrast_unresolved` says why no T1 could be made post-contrast ("" when none
+    # was needed or the images decided): a run then stops and asks for `--role t1c=SERIES`.
+    contrast_from_images: tuple[str, ...] = ()
+    contrast_confidence: float | None = None
+    contrast_unresolved: str = ""
 
 
 # --------------------------------------------------------------------------------------- preprocess

@@ -3,6 +3,8 @@ fake Flywheel SDK that behaves as the parts of flywheel-sdk the gear and the Fly
 from __future__ import annotations
 
 import copy
+import gzip
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -203,3 +205,98 @@ class FakeClient:
     def get_subject(self, subject_id):
         members = [s for s in self.sessions.values() if s.parents.subject == subject_id]
         return SimpleNamespace(id=subject_id, sessions=lambda: members)
+
+
+# ------------------------------------------------------------------------------------- de-identification
+
+# What the DICOM Basic Application Level Confidentiality Profile removes unless "Retain Descriptors" is kept, and
+# the vendor's sequence name that de-identification tools often blank with them.
+NAME_ATTRIBUTES = ("SeriesDescription", "ProtocolName", "SequenceName", "PulseSequenceName")
+
+
+# What says a series is post-contrast in its header, for sessions whose contrast only the images can tell.
+CONTRAST_ATTRIBUTES = ("ContrastBolusAgent", "ContrastBolusIngredient", "ContrastBolusAgentSequence",
+                       "ContrastBolusUsageSequence")
+
+
+def blank_names(src: Path, dst: Path, *, remove: tuple[str, ...] = ()) -> Path:
+    """A copy of the DICOM files under `src` (a file or a folder) in `dst`, with every NAME_ATTRIBUTES value blanked
+    wherever it occurs (top level, functional groups) and the `remove` attributes (e.g. CONTRAST_ATTRIBUTES)
+    deleted; everything else as the scanner wrote it."""
+    def blank(ds, elem):
+        if elem.keyword in NAME_ATTRIBUTES:
+            elem.value = ""
+        elif elem.keyword in remove:
+            del ds[elem.tag]
+
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    for path in files:
+        target = dst / (path.name if src.is_file() else path.relative_to(src))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        zipped = path.suffix == ".gz"  # the shared data keeps some objects gzipped, as ingest accepts them
+        try:
+            with (gzip.open(path) if zipped else open(path, "rb")) as fh:
+                ds = pydicom.dcmread(fh, force=True)
+            if "SOPClassUID" not in ds:
+                raise ValueError("not DICOM")
+            ds.walk(blank)
+            out = io.BytesIO()
+            ds.save_as(out)
+        except Exception:  # noqa: BLE001 - not DICOM (a README, a licence): copied as it is
+            target.write_bytes(path.read_bytes())
+            continue
+        target.write_bytes(gzip.compress(out.getvalue()) if zipped else out.getvalue())
+    return dst
+
+
+# ---------------------------------------------------------------------------------------- T1 head phantom
+
+
+def t1_head(grid: sitk.Image, *, post: bool, seed: int = 0) -> sitk.Image:
+    """A T1-weighted head on `grid` (any spacing, orientation, origin: the anatomy is defined in LPS millimetres, so
+    two grids image one head): scalp fat, grey and white matter, asymmetric ventricles (the left one larger), and
+    the structures gadolinium brightens: the superior sagittal sinus, the choroid plexus of the left ventricle, the
+    pituitary and an enhancing tumour rim in the right hemisphere. `post`: after contrast. White matter is 1000."""
+    size, spacing = np.array(grid.GetSize()), np.array(grid.GetSpacing())
+    direction, origin = np.array(grid.GetDirection()).reshape(3, 3), np.array(grid.GetOrigin())
+    k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
+    index = np.stack([i, j, k], axis=-1) * spacing
+    x, y, z = np.moveaxis(origin + index @ direction.T, -1, 0)
+
+    def ellipsoid(cx, cy, cz, ax, ay, az):
+        return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 + ((z - cz) / az) ** 2 <= 1
+
+    head, brain = ellipsoid(0, 0, 0, 75, 95, 80), ellipsoid(0, 0, 0, 65, 85, 70)
+    t1 = np.where(head, 1400.0, 0.0)  # scalp fat
+    t1[ellipsoid(0, 0, 0, 70, 90, 75) & ~brain] = 150.0  # skull and CSF
+    t1[brain] = 750.0  # grey matter
+    t1[ellipsoid(0, 0, 5, 55, 75, 55)] = 1000.0  # white matter
+    ventricles = ellipsoid(12, 5, 10, 7, 25, 12) | ellipsoid(-10, 5, 10, 5, 22, 10)
+    t1[ventricles] = 300.0
+    sinus = (np.hypot(x, z - 68) <= 4) & (np.abs(y) <= 70)  # along the top of the falx, posterior to anterior
+    choroid = ellipsoid(12, 15, 8, 3, 6, 3)
+    pituitary = ellipsoid(0, -20, -35, 5, 4, 4)
+    rim = ellipsoid(-35, -20, 20, 14, 14, 14) & ~ellipsoid(-35, -20, 20, 10, 10, 10)
+    for structure, pre, gad in ((sinus, 600.0, 1900.0), (choroid, 650.0, 1700.0), (pituitary, 800.0, 1600.0),
+                                (rim, 700.0, 1500.0)):
+        t1[structure] = gad if post else pre
+    t1[ellipsoid(-35, -20, 20, 10, 10, 10)] = 350.0  # necrotic core
+    noisy = t1 + np.random.default_rng(seed).normal(0.0, 20.0, t1.shape) * head
+    image = sitk.GetImageFromArray(np.clip(noisy, 0, None).astype(np.float32))
+    image.CopyInformation(grid)
+    return image
+
+
+def grid(size: tuple[int, int, int], spacing: tuple[float, float, float], axes=((1, 0, 0), (0, 1, 0), (0, 0, 1)),
+         rotate_deg: float = 0.0) -> sitk.Image:
+    """An empty image of `size` voxels centred on the origin, its axes (row, column, slice normal in LPS) turned
+    by `rotate_deg` about the left-right axis (a head pose)."""
+    turn = np.deg2rad(rotate_deg)
+    tilt = np.array([[1, 0, 0], [0, np.cos(turn), -np.sin(turn)], [0, np.sin(turn), np.cos(turn)]])
+    direction = tilt @ np.array(axes, float).T
+    image = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image.SetDirection(tuple(direction.flatten()))
+    centre = direction @ ((np.array(size) - 1) * np.array(spacing) / 2)
+    image.SetOrigin(tuple(-centre))
+    return image

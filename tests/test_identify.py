@@ -73,6 +73,38 @@ def t1_se(n, desc="Ax T1 SE", **kw):
     return hdr(n, desc, **{**dict(repetition_time=550.0, echo_time=12.0), **kw})
 
 
+# Header values as vendors write them, for series the rules must recognise without a name.
+def siemens_3d_scout(n, desc="", **kw):
+    """AAHead_Scout: a 1.6 mm 3D gradient echo, TR 3.15 ms, TE 1.37 ms, flip 8°, 160 × 160."""
+    return hdr(n, desc, **{**dict(
+        repetition_time=3.15, echo_time=1.37, flip_angle=8.0, scanning_sequence=("GR",), sequence_variant=("SP",),
+        mr_acquisition_type="3D", image_type=("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), num_images=128,
+        slice_thickness=1.6, pixel_spacing=(1.6, 1.6), rows=160, columns=160), **kw})
+
+
+def philips_dual_echo_b0(n, desc="", **kw):
+    """Philips 3D B0 map: dual-echo FFE, TR 20 ms, TE 2.3 / 4.6 ms, both echoes in one enhanced object."""
+    return hdr(n, desc, **{**dict(
+        manufacturer="Philips", repetition_time=20.0, echo_time=2.3, echo_times=(2.3, 4.6), flip_angle=10.0,
+        scanning_sequence=("GR",), sequence_variant=("SP",), mr_acquisition_type="3D",
+        image_type=("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"), num_images=120, num_echoes=2, slice_thickness=3.0,
+        pixel_spacing=(3.0, 3.0), rows=80, columns=80), **kw})
+
+
+def siemens_tof(n, desc="", **kw):
+    """3D multi-slab TOF: TR 21 ms, TE 3.43 ms, flip 18°, 0.5 mm slices in an 80 mm slab."""
+    return hdr(n, desc, **{**dict(
+        repetition_time=21.0, echo_time=3.43, flip_angle=18.0, scanning_sequence=("GR",),
+        sequence_variant=("SP", "OSP"), mr_acquisition_type="3D", num_images=160, slice_thickness=0.5,
+        pixel_spacing=(0.3, 0.3), rows=768, columns=696), **kw})
+
+
+def ge_tof(n, desc="", **kw):
+    return siemens_tof(n, desc, **{**dict(manufacturer="GE MEDICAL SYSTEMS", repetition_time=24.0, echo_time=2.6,
+                                           flip_angle=20.0, slice_thickness=1.2,
+                                           scan_options=("FC_SLICE_AX_GEMS", "VASCTOF_GEMS", "SEQ_GEMS")), **kw})
+
+
 def session_of(*headers: SeriesHeader) -> Session:
     return Session(series=[Series(h, []) for h in headers], study_uid="1.2.3", root=Path("."))
 
@@ -136,6 +168,20 @@ SINGLE_SERIES_CASES = [
     (t1_se(1, "Ax T1 SE", num_images=5), "other", "fewer than 10 slices"),
     (mprage(1, "t1_vibe_dynamic", num_temporal_positions=40), "other", "4D time series"),
     (t2_tse(1, "Ax T2", modality="CT"), "other", "not an MR series"),
+    # Rejections from the header and the physics alone (no name to go by), with vendor values.
+    (siemens_3d_scout(1), "other", "low-resolution 3D localizer"),
+    (philips_dual_echo_b0(1), "other", "two short echoes a few ms apart"),
+    (philips_dual_echo_b0(1, image_type=("ORIGINAL", "PRIMARY", "B0", "B0")), "other", "ImageType B0: field map"),
+    (siemens_tof(1), "other", "0.5 mm slices in a 80 mm slab: time-of-flight angiography"),
+    (siemens_tof(1, slice_thickness=1.0, num_images=40, scan_options=("FC",)), "other", "flow compensation"),
+    (siemens_tof(1, angio_flag=True, slice_thickness=1.0), "other", "AngioFlag Y"),
+    (ge_tof(1), "other", "ScanOptions VASCTOF_GEMS: angiography"),
+    (hdr(1, "", scanning_sequence=("EP",), b_value=1000.0), "other", "diffusion b-value 1000"),
+    (hdr(1, "", scanning_sequence=("EP",), image_type=("ORIGINAL", "PRIMARY", "PERFUSION", "NONE")), "other",
+     "ImageType PERFUSION"),
+    (hdr(1, "Cor STIR"), "other", "STIR"),
+    # A name never outweighs physics that contradicts it: T2 timing named as a post-contrast MPRAGE.
+    (t2_tse(1, "T1 MPRAGE +C"), "other", "a name alone never decides"),
     # Weak or contradictory evidence: "other", with what was seen.
     (hdr(1, "series 1"), "other", "not recognised"),
     (hdr(1, "PD TSE", repetition_time=3000.0, echo_time=15.0), "other", "proton-density"),
@@ -280,9 +326,17 @@ def test_json_is_deterministic_and_complete():
     assert payload["missing"] == []
     assert [s["SeriesNumber"] for s in payload["series"]] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert set(payload["series"][0]) == {"SeriesInstanceUID", "part", "SeriesNumber", "SeriesDescription", "role",
-                                         "confidence", "reasons", "chosen"}
+                                         "confidence", "reasons", "chosen", "names_available", "decided_by",
+                                         "contrast_decided_by"}
     assert payload["series"][0]["part"] is None
     assert payload["chosen"]["t1c"] == "1.2.3.7"
+    # What decided each chosen role: the MPRAGEs are T1 by physics (their names agree, but were not needed), and
+    # pre/post by the contrast agent series 7 records and series 2 precedes.
+    rows = {s["SeriesNumber"]: s for s in payload["series"]}
+    assert {n: (rows[n]["decided_by"], rows[n]["contrast_decided_by"]) for n in (1, 2, 3, 4, 6, 7)} == {
+        1: ("header", None), 2: ("physics", "acquisition order"), 3: ("physics", None), 4: ("physics", None),
+        6: ("physics", None), 7: ("physics", "header")}
+    assert all(s["names_available"] for s in payload["series"])
 
 
 def test_synthetic_headers_use_the_real_dataclass():
