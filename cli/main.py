@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pedseg.cli.batch import add_cluster_options, cmd_batch
+from pedseg.cli.batch import add_parser as add_batch_parser
 from pedseg.cli.evaluate import add_parser as add_evaluate_parser
 from pedseg.cli.evaluate import cmd_evaluate
 from pedseg.cli.review import add_parser as add_review_parser
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--allow-aet", action="append", default=[],
                         help="accept only these calling AE titles (repeatable)")
     listen.add_argument("--send-attempts", type=int, default=5, help="C-STORE / STOW-RS attempts, with doubling delays")
+    add_cluster_options(listen)  # studies run on a Dask cluster, several at once (README: Batches)
     _add_run_options(listen)
     listen.add_argument("--db", type=Path, default=os.environ.get("PEDSEG_DB"),
                         help="SQLite measurement store: record each study under its subject (SHA-256 of "
@@ -113,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)  # pedseg evaluate PRED GT (cli/evaluate.py)
     add_review_parser(sub)  # pedseg review EDITED_SEG OUTDIR (cli/review.py)
+    _add_compare_option(add_batch_parser(sub, _add_run_options))  # pedseg batch SOURCE... OUTROOT (cli/batch.py)
     return parser
 
 
@@ -259,8 +263,28 @@ def _cmd_listen(args) -> int:
         destination=parse_destination(args.dest), quiet_s=args.quiet_seconds,
         allowed_calling_aets=tuple(check_aet(a) for a in args.allow_aet), send=SendPolicy(attempts=args.send_attempts),
     )
-    Listener(config, pipeline_config, store=store).serve_forever()
+    if not (args.workers or args.scheduler):
+        Listener(config, pipeline_config, store=store).serve_forever()
+        return 0
+    from pedseg.batch.cluster import dashboard, dask_client
+    from pedseg.batch.task import ClusterRunner
+    from pedseg.cli.batch import worker_plan
+
+    plan = worker_plan(args)
+    if not args.scheduler:  # each local worker's share of the cores
+        pipeline_config = dataclasses.replace(pipeline_config, threads=plan.threads)
+    with dask_client(args.scheduler, plan, gpu=pipeline_config.device == "cuda") as client:
+        slots = plan.workers if not args.scheduler else sum(client.nthreads().values()) or 1
+        logger.info("studies run on %s (%d at once); dashboard: %s", args.scheduler or "an embedded Dask cluster",
+                    slots, dashboard(client))
+        runner = ClusterRunner(client, gpu=pipeline_config.device == "cuda")
+        Listener(dataclasses.replace(config, workers=slots), pipeline_config, runner=runner,
+                 store=store).serve_forever()
     return 0
+
+
+def _cmd_batch(args) -> int:
+    return cmd_batch(args, dataclasses.replace(_config(args), compare_across_bundles=args.compare_across_bundles))
 
 
 def _cmd_push(args) -> int:
@@ -285,7 +309,7 @@ def _cmd_pull(args) -> int:
 
 COMMANDS = {"run": _cmd_run, "identify": _cmd_identify, "synth": _cmd_synth, "demo": _cmd_demo,
             "listen": _cmd_listen, "push": _cmd_push, "pull": _cmd_pull, "history": _cmd_history,
-            "evaluate": cmd_evaluate, "review": cmd_review}
+            "evaluate": cmd_evaluate, "review": cmd_review, "batch": _cmd_batch}
 
 
 def main(argv: list[str] | None = None) -> int:

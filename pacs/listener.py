@@ -1,11 +1,13 @@
-"""`pedseg listen`: a C-STORE SCP that files instances per study, runs the pipeline on each complete study in
-one worker, and sends the results to a destination. With a measurement store (`pedseg listen --db`), each run is
-recorded under its subject (a salted PatientID hash) and compared with that subject's earlier studies.
+"""`pedseg listen`: a C-STORE SCP that files instances per study, runs the pipeline on each complete study,
+and sends the results to a destination. With a measurement store (`pedseg listen --db`), each run is recorded
+under its subject (a salted PatientID hash) and compared with that subject's earlier studies.
 
 Threads: pynetdicom's association threads store instances; a scheduler marks a study complete once no
-instance has arrived for the quiet period and no open association has sent to it; one worker runs the
-pipeline and the send, a study at a time. Every state change is written to the journal first, so a listener
-killed at any point resumes on restart: interrupted runs are re-run, interrupted sends re-sent.
+instance has arrived for the quiet period and no open association has sent to it; `workers` worker threads
+(one by default) each run the pipeline and the send, a study at a time. With `pedseg listen --workers N` or
+`--scheduler ADDRESS` the runner hands each run to a Dask cluster (pedseg.batch.task.ClusterRunner). Every
+state change is written to the journal first, so a listener killed at any point resumes on restart:
+interrupted runs are re-run, interrupted sends re-sent; the journal, not the cluster, is the queue.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class ListenerConfig:
     send: SendPolicy = field(default_factory=SendPolicy)
     max_attempts: int = 3  # pipeline runs per study, counting runs cut short by a listener crash
     poll_s: float = 0.5
+    workers: int = 1  # studies processed at once (each by the runner: in this process, or on a Dask cluster)
 
 
 class _Stopping(Exception):
@@ -87,6 +90,7 @@ class Listener:
         self._work = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._records: dict[str, StudyRecord] = {}
+        self._claimed: set[str] = set()  # studies a worker thread has taken: no other thread takes them too
         self._last_arrival: dict[str, float] = {}
         self._open: dict[int, dict] = {}  # association -> studies it stored to, and instance counts for the log
         self._server = None
@@ -106,8 +110,10 @@ class Listener:
             self.stop()
             raise NetworkError(f"Cannot listen on {self.config.bind}:{self.config.port} ({exc.strerror}).",
                                hint="Choose a free --port, or stop the program that uses it.") from exc
-        for target in (self._schedule_loop, self._work_loop):
-            thread = threading.Thread(target=target, name=f"pedseg-{target.__name__.strip('_')}", daemon=True)
+        loops = [self._schedule_loop] + [self._work_loop] * max(1, self.config.workers)
+        for number, target in enumerate(loops):
+            thread = threading.Thread(target=target, name=f"pedseg-{target.__name__.strip('_')}-{number}",
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
         with self._lock:
@@ -256,6 +262,7 @@ class Listener:
                 if record is None:
                     self._work.wait(self.config.poll_s)
                     continue
+                self._claimed.add(record.study_uid)
             try:
                 if record.state == SENDING:
                     self._send(record)
@@ -263,10 +270,14 @@ class Listener:
                     self._run(record)
             except _Stopping:
                 return
+            finally:
+                with self._lock:
+                    self._claimed.discard(record.study_uid)
 
     def _next(self) -> StudyRecord | None:
         # Interrupted sends first: their results are ready.
-        ready = [r for r in self._records.values() if r.state in (QUEUED, SENDING)]
+        ready = [r for r in self._records.values()
+                 if r.state in (QUEUED, SENDING) and r.study_uid not in self._claimed]
         return min(ready, key=lambda r: (r.state != SENDING, r.queued_at or 0.0), default=None)
 
     def _run(self, record: StudyRecord) -> None:

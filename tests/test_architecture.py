@@ -24,7 +24,8 @@ LAYERS = {
     "pedseg": {"pedseg", "tracking", "reporting", "pipeline"},
     "gear": {"gear", "pedseg", "tracking", "reporting", "pipeline"},
     "pacs": {"pacs", "pedseg", "tracking", "pipeline"},
-    "cli": {"cli", "pacs", "synth", "pedseg", "tracking", "reporting", "pipeline"},
+    "batch": {"batch", "pedseg", "tracking", "reporting", "pipeline"},
+    "cli": {"cli", "pacs", "batch", "synth", "pedseg", "tracking", "reporting", "pipeline"},
 }
 SUBPACKAGES = set(LAYERS) - {"pedseg"}
 

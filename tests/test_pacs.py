@@ -58,10 +58,11 @@ def listen(tmp_path):
     """Start listeners on `tmp_path/spool`; all are stopped at the end."""
     started = []
 
-    def start(runner, dest, *, quiet_s=0.3, spool=None, send=FAST_SEND, port=None, store=None) -> Listener:
+    def start(runner, dest, *, quiet_s=0.3, spool=None, send=FAST_SEND, port=None, store=None,
+              workers=1) -> Listener:
         config = ListenerConfig(aet="PEDSEG", port=port or free_port(), bind="127.0.0.1",
                                 spool=spool or tmp_path / "spool", destination=parse_node(str(dest)), quiet_s=quiet_s,
-                                send=send, poll_s=0.05)
+                                send=send, poll_s=0.05, workers=workers)
         listener = Listener(config, PipelineConfig(), runner=runner, store=store)
         listener.start()
         started.append(listener)
@@ -339,3 +340,64 @@ def test_node_and_destination_parsing():
     for bad in ("ORTHANC@host", "host:4242", "@host:1", "A@host:0", "THIS-AE-TITLE-IS-TOO-LONG@h:1", "A\\B@h:1"):
         with pytest.raises(InputError):
             parse_node(bad)
+
+
+# ------------------------------------------------------------------------- workers: `pedseg listen --workers N`
+
+
+def test_two_workers_process_two_studies_at_once_each_once(listen, destination, tmp_path):
+    release = threading.Event()
+    fake = FakePipeline(block=release)
+    listener = listen(fake, destination, workers=2)
+    studies = [make_study(tmp_path / name, 2) for name in "abc"]
+    uids = [study_uid_of(files[0]) for files in studies]
+    for files in studies:
+        store(files, listener.config.port)
+    spool = listener.config.spool
+    wait_for(lambda: sorted(state(spool, uid) for uid in uids) == ["queued", "running", "running"],
+             what="two studies running, the third queued")
+    release.set()
+    wait_for(lambda: all(state(spool, uid) == "sent" for uid in uids), what="all three sent")
+    assert sorted(uid for uid, _ in fake.calls) == sorted(uids)  # each study run once
+    assert fake.max_running == 2
+
+
+def test_studies_run_on_a_dask_cluster_and_its_errors_keep_their_kind(listen, destination, tmp_path):
+    """ClusterRunner hands the run to a Dask worker (pedseg.batch.task.run_one, the real pipeline call): a study
+    the pipeline refuses fails in the journal with the error model's kind, and the listener goes on."""
+    from distributed import Client, LocalCluster
+
+    from pedseg.batch.task import ClusterRunner
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        listener = listen(ClusterRunner(client), destination, workers=2)
+        files = make_study(tmp_path / "in", 2)  # two MR images: no series the model could use
+        uid = study_uid_of(files[0])
+        store(files, listener.config.port)
+        wait_for(lambda: state(listener.config.spool, uid) == "failed", timeout=120, what="study failed")
+    message = status(listener.config.spool)["studies"][uid]["message"]
+    assert message.startswith(("missing_sequence: ", "bad_input: ", "unsupported_data: ")), message
+    assert (listener.journal.output_dir(listener.records()[uid]) / "error.json").is_file()
+
+
+def test_listen_workers_and_scheduler_options_hand_studies_to_the_executor(tmp_path, monkeypatch, destination):
+    started = []
+
+    class Recorder:
+        def __init__(self, config, pipeline_config, runner=None, store=None):
+            started.append((config, pipeline_config, runner))
+
+        def serve_forever(self):
+            pass
+
+    monkeypatch.setattr("pedseg.pacs.listener.Listener", Recorder)
+    monkeypatch.setattr("pedseg.pipeline.bundle.load_bundle", lambda path: None)
+    common = ["listen", "--port", "11112", "--dest", str(destination), "--spool", str(tmp_path / "spool")]
+    assert main([*common, "--workers", "2", "--threads", "1"]) == 0
+    assert main(common) == 0
+    [(config, pipeline_config, runner), (plain, _, plain_runner)] = started
+    assert config.workers == 2 and pipeline_config.threads == 1
+    assert type(runner).__name__ == "ClusterRunner"
+    assert plain.workers == 1 and plain_runner is None
+    with pytest.raises(SystemExit):
+        main([*common, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])  # one or the other
