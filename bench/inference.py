@@ -2,11 +2,14 @@
 in one run: wall time, peak memory, the speed ratio and how far the two label maps agree.
 
     .venv/bin/python bench/inference.py [--bundle bundles/pedseg-demo] [--device cpu|cuda|all] [--no-tta]
-                                        [--fast] [--threads N] [--seed 9001]
+                                        [--fast] [--threads N] [--seed 9001] [--precision fp32|fp16|bf16]
+                                        [--variants stock,ours]
 
 Stock: per bundle model, nnUNetPredictor.initialize_from_trained_model_folder and predict_single_npy_array
 (returning probabilities), averaged with the bundle weights (what pipeline/infer.py ran before the engine).
-Ours: pedseg.pipeline.ensemble.run_ensemble. The input is one synthetic held-out case (atlas space, 240x240x155).
+Ours: pedseg.pipeline.ensemble.run_ensemble through PyTorch (bench/cpu_backends.py compares the CPU backends),
+at `--precision` (autocast; default fp32 on the CPU, nnU-Net's fp16 on CUDA). The input is one synthetic
+held-out case (atlas space, 240x240x155).
 Each variant runs in a fresh child process; time runs from model loading to the label map (imports and input
 loading excluded); peak RSS is the child's (ru_maxrss), peak GPU memory torch's maximum reserved.
 """
@@ -56,6 +59,7 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
+    from pedseg.pipeline.backend import Execution
     from pedseg.pipeline.ensemble import run_ensemble
 
     device = torch.device(args.device)
@@ -67,7 +71,8 @@ def worker(args) -> None:
     if args.worker == "stock":
         labels = _stock(data, spacing, members, device, args.tta)
     else:
-        labels = run_ensemble(data, spacing, members, device, args.tta).labels
+        precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+        labels = run_ensemble(data, spacing, members, device, args.tta, Execution("torch", precision)).labels
     seconds = time.perf_counter() - t0
     np.save(args.output, np.asarray(labels, np.uint8))
     print(json.dumps({
@@ -98,6 +103,8 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="the bundle's fast folds only")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=9001, help="synthetic held-out case")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="autocast precision of ours")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which to run, comma-separated")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -122,12 +129,13 @@ def main() -> None:
         print(f"input: synthetic case {args.seed}, shape {_write_case(args.seed, case)}")
         for device in devices:
             results = {}
-            for variant in VARIANTS:
+            for variant in args.variants.split(","):
                 out = Path(tmp) / f"{variant}_{device}.npy"
                 cmd = [sys.executable, __file__, "--worker", variant, "--device", device, "--bundle", str(args.bundle),
                        "--threads", str(args.threads), "--input", str(case), "--output", str(out)]
                 cmd += [] if args.tta else ["--no-tta"]
                 cmd += ["--fast"] if args.fast else []
+                cmd += ["--precision", args.precision] if args.precision else []
                 run = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 results[variant] = json.loads(run.stdout.strip().splitlines()[-1])
                 results[variant]["labels"] = np.load(out)
@@ -135,6 +143,8 @@ def main() -> None:
                 print(f"{device:4s} {variant:5s} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_gib']:.2f} GiB"
                       + (f"  peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""),
                       flush=True)
+            if len(results) < 2:
+                continue
             agreement = region_dice(results["stock"]["labels"], results["ours"]["labels"])
             print(f"{device:4s} speed-up {results['stock']['seconds'] / results['ours']['seconds']:.2f}x; "
                   "label Dice ours vs stock: " + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}"

@@ -127,6 +127,12 @@ def _add_run_options(p: argparse.ArgumentParser, bundle: Path = DEFAULT_BUNDLE) 
     defaults = PipelineConfig()
     p.add_argument("--bundle", type=Path, default=bundle, help=f"model bundle folder (bundle.json); default {bundle}")
     p.add_argument("--device", choices=PipelineConfig.choices("device"), default=defaults.device)
+    p.add_argument("--backend", choices=PipelineConfig.choices("backend"), default=defaults.backend,
+                   help="what runs the networks: auto = OpenVINO on the CPU (DeepMedic at fp32: PyTorch, as "
+                        "fast there), PyTorch on a GPU")
+    p.add_argument("--precision", choices=PipelineConfig.choices("precision"), default=defaults.precision,
+                   help="auto = bf16 where the CPU has it natively and the bundle allows it, else fp32 (fp16 "
+                        "autocast for nnU-Net on a GPU); the log and provenance.json say which ran")
     p.add_argument("--fast", action="store_true", help="fewest folds and no test-time augmentation")
     p.add_argument("--reference", choices=PipelineConfig.choices("reference_role"), default=defaults.reference_role,
                    help="series the others are registered to and the SEG refers to")
@@ -145,7 +151,8 @@ def _add_compare_option(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(
-        bundle=args.bundle, device=args.device, fast=args.fast, reference_role=args.reference,
+        bundle=args.bundle, device=args.device, backend=args.backend, precision=args.precision, fast=args.fast,
+        reference_role=args.reference,
         missing_policy="allow" if args.allow_missing else "fail", label_convention=args.label_convention,
         pseudonymize=not args.no_pseudonymize, threads=args.threads, keep_workdir=args.keep_workdir,
         role_overrides=parse_role_overrides(getattr(args, "role", [])),

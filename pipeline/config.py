@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pedseg.pipeline.backend import Backend, Precision
 from pedseg.pipeline.errors import InputError
 from pedseg.pipeline.identify_rules import ROLE_NAMES
 from pedseg.pipeline.labels import Convention
@@ -39,6 +40,8 @@ RoleOverrides = tuple[tuple[Role, str], ...]
 class PipelineConfig:
     bundle: Path = DEFAULT_BUNDLE
     device: Device = "auto"
+    backend: Backend = "auto"  # engine of the networks: auto = OpenVINO on the CPU, PyTorch on CUDA (pipeline.backend)
+    precision: Precision = "auto"  # auto = bf16 on a CPU with native bf16 if the bundle allows it, else fp32
     fast: bool = False  # fewest folds, no mirroring TTA
     reference_role: Role = "t1c"  # series the others are registered to, and the SEG and native label map refer to
     missing_policy: MissingPolicy = "fail"

@@ -9,7 +9,9 @@ and its export code resamples the logits to the input grid and applies the softm
   convolutions of a small tile to its slow reference kernel, a batch of tiles to oneDNN (about 5x faster per
   tile on the demo network);
 - the models' class probabilities are averaged with the bundle's weights (nnU-Net's own ensembling averages
-  models' probabilities too, unweighted); one model is resident at a time.
+  models' probabilities too, unweighted); one model is resident at a time;
+- the network call goes through the run's `Execution` (pipeline.backend): OpenVINO on the CPU, or PyTorch with
+  the chosen autocast precision; tiling, weighting and mirroring stay nnU-Net's.
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 
+from pedseg.pipeline.backend import TORCH_FP32, Execution
 from pedseg.pipeline.bundle import BundleModel
 from pedseg.pipeline.errors import BundleError
 from pedseg.pipeline.model_output import EnsembleResult
+from pedseg.pipeline.openvino_backend import OpenVINONetwork
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +56,11 @@ class Member:
 
 class TileBatchPredictor(nnUNetPredictor):
     """nnUNetPredictor running `tiles_per_batch` sliding-window tiles per forward pass. Tile order, Gaussian
-    weighting, half-precision accumulation, mirroring and the caller's out-of-memory retry are nnU-Net's."""
+    weighting, half-precision accumulation, mirroring and the caller's out-of-memory retry are nnU-Net's.
+    `autocast_dtype` (None: fp32) replaces nnU-Net's fixed choice (fp16 autocast on CUDA, none on the CPU)."""
 
     tiles_per_batch = 1
+    autocast_dtype: torch.dtype | None = None
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
@@ -71,7 +77,9 @@ class TileBatchPredictor(nnUNetPredictor):
             for start in range(0, len(slicers), self.tiles_per_batch):
                 batch = slicers[start:start + self.tiles_per_batch]
                 tiles = torch.stack([data[s] for s in batch]).to(self.device, non_blocking=True)
-                predictions = self._internal_maybe_mirror_and_predict(tiles).to(results_device)
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    predictions = self._internal_maybe_mirror_and_predict(tiles).to(results_device)
                 for prediction, s in zip(predictions, batch):
                     if self.use_gaussian:
                         prediction *= gaussian
@@ -95,7 +103,8 @@ def tiles_per_batch(patch_size: list[int]) -> int:
     return max(1, min(8, 2 ** 20 // math.prod(patch_size)))
 
 
-def load_member(member: Member, device: torch.device, tta: bool) -> TileBatchPredictor:
+def load_member(member: Member, device: torch.device, tta: bool,
+                execution: Execution = TORCH_FP32) -> TileBatchPredictor:
     # On CPU nnU-Net prints "perform_everything_on_device=True is only supported for cuda devices!" whatever
     # the argument says; users would read it as a misconfiguration.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -109,6 +118,10 @@ def load_member(member: Member, device: torch.device, tta: bool) -> TileBatchPre
         raise BundleError(f"Model '{member.model.path.name}' is a cascade stage; cascades are not supported.",
                           hint="Use full-resolution (non-cascade) nnU-Net configurations in the bundle.")
     predictor.tiles_per_batch = tiles_per_batch(predictor.configuration_manager.patch_size)
+    if execution.backend == "openvino":
+        predictor.network = OpenVINONetwork(predictor.network, execution)
+    else:
+        predictor.autocast_dtype = execution.autocast_dtype
     return predictor
 
 
@@ -128,7 +141,7 @@ def nnunet_input(images: list[sitk.Image]) -> tuple[np.ndarray, list[float]]:
 
 
 def run_ensemble(image: np.ndarray, spacing_zyx: list[float], members: list[Member], device: torch.device,
-                 tta: bool) -> EnsembleResult:
+                 tta: bool, execution: Execution = TORCH_FP32) -> EnsembleResult:
     """`image`, `spacing_zyx`: see `nnunet_input`."""
     preprocessed: dict[str, tuple[torch.Tensor, dict]] = {}
     mean = label_manager = None
@@ -136,7 +149,7 @@ def run_ensemble(image: np.ndarray, spacing_zyx: list[float], members: list[Memb
     seconds = {}
     for member in members:
         t0 = time.perf_counter()
-        predictor = load_member(member, device, tta)
+        predictor = load_member(member, device, tta, execution)
         key = preprocessing_key(predictor)
         if key not in preprocessed:
             data, _, properties = predictor.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
@@ -146,6 +159,8 @@ def run_ensemble(image: np.ndarray, spacing_zyx: list[float], members: list[Memb
             preprocessed[key] = (tensor.pin_memory() if device.type == "cuda" else tensor, properties)
         data, properties = preprocessed[key]
         logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+        if isinstance(predictor.network, OpenVINONetwork):
+            predictor.network.release()
         _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties,
             return_probabilities=True)

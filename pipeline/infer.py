@@ -4,7 +4,8 @@ DeepMedic members (pipeline.deepmedic), by the bundle's model kind.
 Writes the label map (internal BraTS-PEDs 2024 values), one probability map per region and an uncertainty
 map (normalised entropy of the ensemble's mean probabilities) as NIfTI on the atlas grid. `--fast` runs the
 bundle's fast folds without mirroring TTA. With `--device auto`, a GPU that runs out of memory hands the
-run to the CPU.
+run to the CPU. The networks run on the backend and at the precision `pipeline.backend` resolves for the device
+(`--backend`, `--precision`); the log and provenance say which.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pedseg.pipeline.atomic import write_image
+from pedseg.pipeline.backend import Execution, resolve_execution
 from pedseg.pipeline.bundle import BundleModel, ModelBundle
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import BundleError, MissingSequenceError, ResourceError
@@ -57,23 +59,27 @@ def _read_inputs(pre: Preprocessed, bundle: ModelBundle) -> list[sitk.Image]:
 def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: PipelineConfig) -> Prediction:
     import torch
 
-    device = pick_device(config.device)
+    # OpenVINO runs on the CPU: asked for by name, it keeps `--device auto` off a GPU.
+    device = torch.device("cpu") if config.backend == "openvino" and config.device == "auto" else (
+        pick_device(config.device))
     images = _read_inputs(pre, bundle)
     reference = images[0]
     plan = _plan(bundle, images, config)
+    execution = _execution(config, bundle, device.type)
     t0 = time.perf_counter()
     try:
         if device.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        result = plan.run(device)
+        result = plan.run(device, execution)
     except torch.OutOfMemoryError as exc:
         if config.device != "auto":
             raise ResourceError("The GPU ran out of memory during inference.",
                                 hint="Use --device auto (falls back to the CPU) or --device cpu, or --fast.") from exc
         logger.warning("out of GPU memory (%s): running the ensemble on the CPU instead", str(exc).splitlines()[0])
         device = torch.device("cpu")
+        execution = _execution(config, bundle, device.type)
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        result = plan.run(device)
+        result = plan.run(device, execution)
 
     out = workdir / "prediction"
     out.mkdir(parents=True, exist_ok=True)
@@ -92,14 +98,27 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
         models_used=[m.name for m in plan.models], folds_used=plan.units, tta=plan.tta, device=device.type,
         ensemble=EnsembleInfo(weights={m.name: m.weight for m in plan.models},
                               preprocessing_runs=result.preprocessing_runs, seconds_per_model=result.model_seconds,
-                              seconds=round(time.perf_counter() - t0, 2)),
+                              seconds=round(time.perf_counter() - t0, 2), backend=execution.backend,
+                              precision=execution.precision),
     )
+
+
+def _execution(config: PipelineConfig, bundle: ModelBundle, device_type: str) -> Execution:
+    execution = resolve_execution(config.backend, config.precision, device_type, bundle_name=bundle.name,
+                                  allow_bf16=bundle.allow_bf16, kind=_kind(bundle), threads=config.threads)
+    logger.info("inference on %s with %s at %s (%s)", device_type, execution.backend, execution.precision,
+                execution.reason)
+    return execution
+
+
+def _kind(bundle: ModelBundle) -> str:
+    return "deepmedic" if set(bundle.kinds) == {"deepmedic"} else "nnunetv2"
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How a bundle's models run: `run(device)` gives their EnsembleResult; `models` and `units` (nnU-Net folds,
-    or the DeepMedic members) are what provenance lists; `tta`: test-time mirroring on."""
+    """How a bundle's models run: `run(device, execution)` gives their EnsembleResult; `models` and `units`
+    (nnU-Net folds, or the DeepMedic members) are what provenance lists; `tta`: test-time mirroring on."""
 
     run: Callable[..., EnsembleResult]
     models: list[BundleModel]
@@ -111,14 +130,15 @@ def _plan(bundle: ModelBundle, images: list[sitk.Image], config: PipelineConfig)
     if bundle.kinds == ("deepmedic",):  # no folds, no mirroring, nothing to leave out in --fast
         from pedseg.pipeline.deepmedic import run_deepmedic
 
-        return _Plan(lambda device: run_deepmedic(images, bundle, device), list(bundle.models),
+        return _Plan(lambda device, execution: run_deepmedic(images, bundle, device, execution), list(bundle.models),
                      [m.name for m in bundle.models], tta=False)
     from pedseg.pipeline.ensemble import Member, nnunet_input, run_ensemble
 
     tta = bundle.tta and not config.fast
     members = [Member(model, folds) for model, folds in bundle.folds_to_run(config.fast)]
     data, spacing_zyx = nnunet_input(images)
-    return _Plan(lambda device: run_ensemble(data, spacing_zyx, members, device, tta), [m.model for m in members],
+    return _Plan(lambda device, execution: run_ensemble(data, spacing_zyx, members, device, tta, execution),
+                 [m.model for m in members],
                  [f"{m.model.name}/fold_{f}" for m in members for f in m.folds], tta)
 
 

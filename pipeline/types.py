@@ -230,6 +230,8 @@ class EnsembleInfo:
     preprocessing_runs: int  # nnU-Net preprocessings: one per group of models whose plans preprocess alike
     seconds_per_model: dict[str, float]
     seconds: float
+    backend: str = "torch"  # what ran the networks: torch or openvino (pipeline.backend)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast)
 
 
 @dataclass(frozen=True)

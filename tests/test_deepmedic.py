@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 from safetensors import safe_open
 
+from pedseg.pipeline.backend import Execution, cpu_has_native_bf16
 from pedseg.pipeline.bundle import load_bundle
 from pedseg.pipeline.deepmedic import (
     DeepMedicArchitecture,
@@ -26,6 +27,7 @@ from pedseg.pipeline.deepmedic import (
     tile_starts,
 )
 from pedseg.pipeline.errors import BundleError
+from pedseg.pipeline.openvino_backend import OpenVINONetwork
 
 from factories import SHARED_DATA
 
@@ -37,6 +39,8 @@ CASE = "BraTS-GLI-00001-000"
 CHANNELS = ("t1", "t1ce", "t2", "flair")  # DeepMedic's order; the bundle maps t1n, t1c, t2w, t2f onto it
 ROLE_FILES = {"t1n": "t1n", "t1c": "t1c", "t2w": "t2w", "t2f": "t2f"}
 CPU = torch.device("cpu")
+OPENVINO_FP32 = Execution("openvino", "fp32", threads=2)
+ENGINES = [pytest.param(Execution(), id="torch"), pytest.param(OPENVINO_FP32, id="openvino")]
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +59,13 @@ def _normalised_inputs() -> np.ndarray:
                      for c in CHANNELS])
 
 
-def test_one_tile_matches_the_original(network, shared_data):
+@pytest.mark.parametrize("execution", ENGINES)
+def test_one_tile_matches_the_original(network, shared_data, execution):
     tile = np.load(REFERENCE / f"{CASE}_single_tile_reference.npz")
+    run = OpenVINONetwork(network, execution) if execution.backend == "openvino" else network
     with torch.inference_mode():
-        ours = network(torch.from_numpy(tile["x_normal"])[None],
-                       [torch.from_numpy(tile["x_sub3"])[None], torch.from_numpy(tile["x_sub5"])[None]])[0].numpy()
+        ours = run(torch.from_numpy(tile["x_normal"])[None],
+                   [torch.from_numpy(tile["x_sub3"])[None], torch.from_numpy(tile["x_sub5"])[None]])[0].numpy()
     assert ours.shape == (5, 29, 29, 29)
     assert np.abs(ours - tile["prob"]).max() < 1e-4
     assert (ours.argmax(0) == tile["prob"].argmax(0)).all()
@@ -83,12 +89,14 @@ def test_tile_starts_end_at_the_border():
 
 
 @pytest.mark.slow
-def test_whole_volume_matches_the_original(network, fixture_json):
+@pytest.mark.parametrize("execution", ENGINES)
+def test_whole_volume_matches_the_original(network, fixture_json, execution):
     """The 64^3 crop of class probabilities within 1e-3 and the labels of every brain voxel, from the normalised
-    inputs DeepMedic read (the crop's tiles start at z 0 and 29, where DeepMedic's subsampling grid restarts)."""
+    inputs DeepMedic read (the crop's tiles start at z 0 and 29, where DeepMedic's subsampling grid restarts),
+    through PyTorch and through OpenVINO."""
     volume = _normalised_inputs()
     brain = nib.load(SHARED_DATA / "nifti" / f"brats_space_{CASE}" / f"{CASE}-t1n.nii.gz").get_fdata() > 0
-    probabilities = segment_volume(network, volume, CPU, roi=brain)
+    probabilities = segment_volume(network, volume, CPU, roi=brain, execution=execution)
     box = fixture_json["crop_box"]
     crop = tuple(slice(a, b) for a, b in zip(box["start_ijk"], box["end_ijk_exclusive"]))
     reference_crop = nib.load(REFERENCE / f"{CASE}_probs_crop64_classes0-4.nii.gz").get_fdata(dtype=np.float32)
@@ -116,6 +124,23 @@ def test_bundle_from_raw_images_labels_like_captk(fixture_json):
     assert (result.labels[brain] == expected[brain]).mean() >= 0.999
     assert result.channel_labels == ((0,), (1,), (2,), (3,))
     np.testing.assert_allclose(result.probabilities.sum(0), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_has_native_bf16(),
+                    reason="this CPU has no native bf16 (AMX or AVX512-BF16); auto never picks it here")
+def test_bf16_labels_agree_with_fp32(network):
+    """The real model at bf16 against fp32, Dice per region on the whole volume."""
+    from pedseg.evaluation import region_dice
+
+    volume = _normalised_inputs()
+    brain = nib.load(SHARED_DATA / "nifti" / f"brats_space_{CASE}" / f"{CASE}-t1n.nii.gz").get_fdata() > 0
+    to_2024 = np.array([0, 2, 4, 1, 1])  # CaPTk's class -> 2024 label (NCR counts as NET, ED, ET)
+    fp32, bf16 = (to_2024[segment_volume(network, volume, CPU, roi=brain, execution=e).argmax(0)]
+                  for e in (OPENVINO_FP32, Execution("openvino", "bf16", threads=2)))
+    scores = region_dice(fp32, bf16)
+    assert all(s is None or s >= 0.99 for s in scores.values()), scores
+    assert scores["WT"] is not None
 
 
 def test_conversion_reproduces_the_committed_weights(tmp_path, shared_data):

@@ -2,11 +2,13 @@
 NIfTI outputs and uncertainty summary, the GPU out-of-memory fallback (bundle checks and post-processing:
 tests/test_pipeline_units.py).
 
-The parity and ensemble tests run the committed demo bundles on one synthetic held-out case on the CPU; the
-variants with all folds and mirroring TTA are marked slow.
+The parity and ensemble tests run the committed demo bundles on one synthetic held-out case on the CPU, through
+PyTorch and through OpenVINO (the CPU default); the variants with all folds and mirroring TTA are marked slow.
+bf16 against fp32 runs only on a CPU with native bf16.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +20,7 @@ import torch
 import pedseg.pipeline.ensemble as ensemble
 import pedseg.pipeline.infer as infer_module
 from pedseg.evaluation import mask_dice, region_dice
+from pedseg.pipeline.backend import Execution, cpu_has_native_bf16
 from pedseg.pipeline.bundle import load_bundle
 from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
 from pedseg.pipeline.ensemble import Member, nnunet_input, preprocessing_key, run_ensemble, tiles_per_batch
@@ -30,6 +33,8 @@ from pedseg.synth.session import HOLDOUT_SEEDS, generate_training_case
 ENSEMBLE_BUNDLE = DEMO_BUNDLE.parent / "pedseg-demo-ensemble"
 CPU = torch.device("cpu")
 PARITY_DICE = 0.999
+BF16_DICE = 0.99  # bf16 against fp32, per region
+OPENVINO_FP32 = Execution("openvino", "fp32", threads=2)
 
 
 def _bundle(path: Path):
@@ -72,18 +77,23 @@ def _assert_parity(ours: np.ndarray, stock: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------------ parity with nnU-Net
 
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+ENGINES = [pytest.param("cpu", Execution(), id="cpu-torch"),
+           pytest.param("cpu", OPENVINO_FP32, id="cpu-openvino"),
+           pytest.param("cuda", Execution("torch", "fp16"), id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
                not torch.cuda.is_available(), reason="no CUDA GPU on this machine")])]
+NATIVE_BF16 = pytest.mark.skipif(not cpu_has_native_bf16(),
+                                 reason="this CPU has no native bf16 (AMX or AVX512-BF16); auto never picks it here")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_labels_equal_stock_nnunet_one_fold_no_tta(case, device):
-    """On the CPU, and on CUDA where there is a GPU (the engine's autocast and on-device accumulation)."""
+@pytest.mark.parametrize(("device", "execution"), ENGINES)
+def test_labels_equal_stock_nnunet_one_fold_no_tta(case, device, execution):
+    """On the CPU through PyTorch and OpenVINO, and on CUDA where there is a GPU (the engine's autocast and
+    on-device accumulation)."""
     bundle = _bundle(DEMO_BUNDLE)
     model = bundle.models[0]
     device = torch.device(device)
-    ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds[:1])], device, tta=False)
+    ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds[:1])], device, tta=False,
+                        execution=execution)
     stock = _stock_predictor(model, model.folds[:1], tta=False, device=device).predict_from_files_sequential(
         [case["files"]], None, save_probabilities=False)[0]
     _assert_parity(ours.labels, stock)
@@ -92,18 +102,32 @@ def test_labels_equal_stock_nnunet_one_fold_no_tta(case, device):
 
 @pytest.mark.slow
 def test_labels_equal_stock_nnunet_all_folds_with_tta(case):
+    """Through OpenVINO, the CPU default: one compiled model per fold, mirroring as nnU-Net does it."""
     bundle = _bundle(DEMO_BUNDLE)
     model = bundle.models[0]
-    ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds)], CPU, tta=True)
+    ours = run_ensemble(case["data"], case["spacing"], [Member(model, model.folds)], CPU, tta=True,
+                        execution=OPENVINO_FP32)
     stock = _stock_predictor(model, model.folds, tta=True).predict_from_files_sequential(
         [case["files"]], None, save_probabilities=False)[0]
     _assert_parity(ours.labels, stock)
 
 
+@NATIVE_BF16
+@pytest.mark.parametrize("bundle_path", [DEMO_BUNDLE, ENSEMBLE_BUNDLE], ids=["demo", "demo-ensemble"])
+def test_bf16_labels_agree_with_fp32(case, bundle_path):
+    members = [Member(model, folds) for model, folds in _bundle(bundle_path).folds_to_run(fast=True)]
+    fp32 = run_ensemble(case["data"], case["spacing"], members, CPU, tta=False, execution=OPENVINO_FP32)
+    bf16 = run_ensemble(case["data"], case["spacing"], members, CPU, tta=False,
+                        execution=Execution("openvino", "bf16", threads=2))
+    scores = region_dice(fp32.labels, bf16.labels)
+    assert all(s is None or s >= BF16_DICE for s in scores.values()), scores
+    assert scores["WT"] is not None
+
+
 # ------------------------------------------------------------------------------------- multi-model ensemble
 
 
-def test_two_model_ensemble_matches_weighted_stock_predictions(case, tmp_path):
+def test_two_model_ensemble_matches_weighted_stock_predictions(case, tmp_path, caplog):
     """The multi-model path on the two-model demo bundle in fast mode: one preprocessing for both models, and
     the written probability maps and labels are stock nnU-Net's per-model probabilities averaged with the
     bundle's weights."""
@@ -111,10 +135,13 @@ def test_two_model_ensemble_matches_weighted_stock_predictions(case, tmp_path):
     assert len(bundle.models) == 2
     assert len({m.weight for m in bundle.models}) == 2
     pre = Preprocessed(images=case["roles"], brain_mask=Path(), native={}, atlas_to_native={})
-    prediction = infer(pre, bundle, tmp_path, PipelineConfig(device="cpu", fast=True, threads=2))
+    with caplog.at_level(logging.INFO, logger="pedseg.pipeline.infer"):
+        prediction = infer(pre, bundle, tmp_path, PipelineConfig(device="cpu", fast=True, threads=2, precision="fp32"))
 
     assert prediction.tta is False
     assert prediction.device == "cpu"
+    assert (prediction.ensemble.backend, prediction.ensemble.precision) == ("openvino", "fp32")  # auto on a CPU
+    assert "inference on cpu with openvino at fp32 (as requested)" in caplog.text
     fast = bundle.folds_to_run(fast=True)
     assert prediction.folds_used == [f"{m.path.name}/fold_{f}" for m, folds in fast for f in folds]
     assert prediction.ensemble.preprocessing_runs == 1  # both models share the demo plans' preprocessing
@@ -204,7 +231,7 @@ def test_uncertainty_summary_inside_final_regions(tmp_path):
 
 def test_out_of_gpu_memory_with_device_cuda_is_a_resource_error(case, tmp_path, monkeypatch):
     """--device cuda never moves to the CPU behind the user's back (auto does: tests/test_hostile_inputs.py)."""
-    def run(data, spacing, members, device, tta):
+    def run(data, spacing, members, device, tta, execution):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(ensemble, "run_ensemble", run)
