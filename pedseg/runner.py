@@ -7,6 +7,7 @@ to compute its idempotency key). Each stage logs one line with its time and the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ import SimpleITK as sitk
 
 import pedseg
 from pedseg.pipeline.atomic import write_text
-from pedseg.pipeline.bundle import ModelBundle, load_bundle
+from pedseg.pipeline.bundle import BundleModel, ModelBundle, load_bundle
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import MissingSequenceError
 from pedseg.pipeline.identify import identify
@@ -103,8 +104,10 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
     clock = clock or StageClock()
     work = workspace.work
     with clock("identify") as facts:
-        identification = identify(session, config)
-        _require_inputs(identification, bundle)
+        # A bundle with fallback members decides itself which missing sequences it can do without.
+        identification = identify(session, dataclasses.replace(config, missing_policy="allow")
+                                  if bundle.has_fallbacks else config)
+        members = _require_inputs(identification, bundle)
         facts.append(_chosen_text(session, identification))
     context = study_context(session, identification.chosen[identification.reference_role],
                             pseudonymize=config.pseudonymize, subject_salt=config.subject_salt)
@@ -112,7 +115,8 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
     age_years = config.patient_age_years if config.patient_age_years is not None else context.age_years
     warning = _population_guard(bundle, age_years)
     with clock("preprocess") as facts:
-        pre = preprocess(session, identification, work, config, patient_age_years=age_years)
+        pre = preprocess(session, identification, work, config, patient_age_years=age_years,
+                         preparations={member.brain for member in members})
         facts.append(f"{len(pre.images)} series on the BraTS atlas, brain {pre.qc.brain_volume_ml:.0f} mL "
                      f"({pre.qc.brain_extraction}), {len(pre.qc.flags)} QC flag(s)")
     with clock("infer") as facts:
@@ -121,6 +125,8 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
                f"{len(prediction.folds_used)} fold(s) of {len(prediction.models_used)} model(s)")
         facts.append(f"{bundle.name} {bundle.version}: {ran}, TTA {'on' if prediction.tta else 'off'}, "
                      f"{prediction.device}")
+        if prediction.ensemble and prediction.ensemble.members_skipped:
+            facts.append(f"fallback: {', '.join(prediction.ensemble.members_skipped)} skipped (see above)")
     with clock("postprocess") as facts:
         labels, steps = postprocess(sitk.ReadImage(str(prediction.labels)), bundle.postprocessing)
         role = identification.reference_role
@@ -176,11 +182,18 @@ def _default_writers() -> Sequence[Writer]:
     return DEFAULT_WRITERS
 
 
-def _require_inputs(identification: Identification, bundle: ModelBundle) -> None:
+def _require_inputs(identification: Identification, bundle: ModelBundle) -> tuple[BundleModel, ...]:
+    """The bundle's members this session's sequences can run; MissingSequenceError when there are none or the
+    bundle requires a sequence the session lacks."""
     absent = [role for role in bundle.required_inputs if role not in identification.chosen]
-    if absent:
-        raise MissingSequenceError(f"Model bundle '{bundle.name}' requires {absent}, which this session lacks.",
-                                   hint="Add the missing series or use a bundle that accepts fewer inputs.")
+    members = bundle.runnable(identification.chosen)
+    if absent or not members:
+        needs = "; ".join(f"'{m.name}' needs {list(m.required_inputs)}" for m in bundle.models)
+        raise MissingSequenceError(
+            f"Model bundle '{bundle.name}' cannot run on this session's sequences {sorted(identification.chosen)}"
+            f" ({'it requires ' + str(absent) if absent else needs}).",
+            hint="Add the missing series or use a bundle that accepts fewer inputs.")
+    return members
 
 
 def _population_guard(bundle: ModelBundle, age_years: float | None) -> PopulationWarning | None:

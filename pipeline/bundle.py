@@ -6,7 +6,7 @@ bundle.json (format_version 1; its shape is the JSON Schema in bundle.schema.jso
 the README's "Model bundles" section describes every field):
   name, version, licence, description
   inputs:            {"t1n": 0, "t1c": 1, "t2w": 2, "t2f": 3}   role -> model input channel
-  required_inputs:   roles the models need (fewer than four is allowed for a bundle trained that way)
+  required_inputs:   roles a session must have (default: those every member needs)
   population:        who the models were trained on: pediatric, adult, adult-and-pediatric or synthetic
   label_convention:  "2024" (1 ET, 2 NET, 3 CC, 4 ED) or "2023" (1 NCR, 2 ED, 3 ET)
   labels:            {"1": "ET", ...} model output label value -> region name
@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -116,9 +117,14 @@ class ModelBundle:
         """The members' kinds, each once, in member order."""
         return tuple(dict.fromkeys(model.kind for model in self.models))
 
-    def runnable(self, available: set[str] | frozenset[str]) -> tuple[BundleModel, ...]:
+    def runnable(self, available: Collection[str]) -> tuple[BundleModel, ...]:
         """The members whose sequences are all `available`."""
         return tuple(m for m in self.models if set(m.required_inputs) <= set(available))
+
+    @property
+    def has_fallbacks(self) -> bool:
+        """Some member needs fewer sequences than the bundle maps, so a session missing one may still run."""
+        return any(set(m.required_inputs) != set(self.inputs) for m in self.models)
 
     def folds_to_run(self, fast: bool) -> list[tuple[BundleModel, tuple[str, ...]]]:
         """Each model with the folds a run uses: all of them, or in fast mode those in fast_folds."""
@@ -188,7 +194,9 @@ def _load_bundle(root: Path) -> ModelBundle:
         version=str(spec["version"]),
         licence=spec.get("licence", "unspecified"),
         inputs=inputs,
-        required_inputs=tuple(spec.get("required_inputs", spec["inputs"])),
+        # by default what every member needs (all inputs, unless some member is a fallback needing fewer)
+        required_inputs=tuple(spec.get("required_inputs", [r for r in inputs
+                                                           if all(r in m.required_inputs for m in models)])),
         label_convention=spec["label_convention"],
         labels={int(k): v for k, v in spec["labels"].items()},
         models=models,

@@ -1,5 +1,6 @@
-"""Inference stage: the bundle's models on the atlas-space images: an nnU-Net ensemble (pipeline.ensemble) or
-DeepMedic members (pipeline.deepmedic), by the bundle's model kind.
+"""Inference stage: the bundle's models on the atlas-space images: an nnU-Net ensemble (pipeline.ensemble),
+DeepMedic members (pipeline.deepmedic), or members of several kinds, per-region weights or fallback members
+(pipeline.members), each fed the images it declared.
 
 Writes the label map (internal BraTS-PEDs 2024 values), one probability map per region and an uncertainty
 map (normalised entropy of the ensemble's mean probabilities) as NIfTI on the atlas grid. `--fast` runs the
@@ -44,14 +45,25 @@ def pick_device(requested: str):
     return torch.device("cpu")
 
 
+def members_to_run(pre: Preprocessed, bundle: ModelBundle) -> tuple[tuple[BundleModel, ...], dict[str, str]]:
+    """The members whose sequences the session has, and why each other one is skipped; MissingSequenceError when
+    none can run."""
+    available = set(pre.images)
+    members = bundle.runnable(available)
+    skipped = {m.name: f"needs {sorted(set(m.required_inputs) - available)}, which the session lacks"
+               for m in bundle.models if m not in members}
+    if not members:
+        raise MissingSequenceError(
+            f"No model of bundle '{bundle.name}' can run on the session's sequences {sorted(available)}: "
+            + "; ".join(f"'{name}' {why}" for name, why in skipped.items()) + ".",
+            hint="Use a bundle trained for the available sequences.")
+    for name, why in skipped.items():
+        logger.warning("model %s of bundle %s skipped: it %s", name, bundle.name, why)
+    return members, skipped
+
+
 def _read_inputs(pre: Preprocessed, bundle: ModelBundle) -> list[sitk.Image]:
     """The preprocessed images in the bundle's channel order."""
-    missing = [role for role in bundle.inputs if role not in pre.images]
-    if missing:
-        raise MissingSequenceError(
-            f"Model bundle '{bundle.name}' needs {missing} but the session provided only {sorted(pre.images)}.",
-            hint="Use a bundle trained for the available sequences.",
-        )
     by_channel = sorted(bundle.inputs.items(), key=lambda item: item[1])
     return [sitk.ReadImage(str(pre.images[role]), sitk.sitkFloat32) for role, _ in by_channel]
 
@@ -62,24 +74,24 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
     # OpenVINO runs on the CPU: asked for by name, it keeps `--device auto` off a GPU.
     device = torch.device("cpu") if config.backend == "openvino" and config.device == "auto" else (
         pick_device(config.device))
-    images = _read_inputs(pre, bundle)
-    reference = images[0]
-    plan = _plan(bundle, images, config)
-    execution = _execution(config, bundle, device.type)
+    members, skipped = members_to_run(pre, bundle)
+    reference = sitk.ReadImage(str(pre.brain_mask))  # the atlas grid every output is written on
+    plan = _plan(bundle, members, pre, config)
+    executions = _executions(config, bundle, plan.models, device.type)
     t0 = time.perf_counter()
     try:
         if device.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        result = plan.run(device, execution)
+        result = plan.run(device, executions)
     except torch.OutOfMemoryError as exc:
         if config.device != "auto":
             raise ResourceError("The GPU ran out of memory during inference.",
                                 hint="Use --device auto (falls back to the CPU) or --device cpu, or --fast.") from exc
         logger.warning("out of GPU memory (%s): running the ensemble on the CPU instead", str(exc).splitlines()[0])
         device = torch.device("cpu")
-        execution = _execution(config, bundle, device.type)
+        executions = _executions(config, bundle, plan.models, device.type)
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        result = plan.run(device, execution)
+        result = plan.run(device, executions)
 
     out = workdir / "prediction"
     out.mkdir(parents=True, exist_ok=True)
@@ -98,27 +110,34 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
         models_used=[m.name for m in plan.models], folds_used=plan.units, tta=plan.tta, device=device.type,
         ensemble=EnsembleInfo(weights={m.name: m.weight for m in plan.models},
                               preprocessing_runs=result.preprocessing_runs, seconds_per_model=result.model_seconds,
-                              seconds=round(time.perf_counter() - t0, 2), backend=execution.backend,
-                              precision=execution.precision),
+                              seconds=round(time.perf_counter() - t0, 2),
+                              backend="+".join(dict.fromkeys(e.backend for e in executions.values())),
+                              precision="+".join(dict.fromkeys(e.precision for e in executions.values())),
+                              members_skipped=skipped),
     )
 
 
-def _execution(config: PipelineConfig, bundle: ModelBundle, device_type: str) -> Execution:
-    execution = resolve_execution(config.backend, config.precision, device_type, bundle_name=bundle.name,
-                                  allow_bf16=bundle.allow_bf16, kind=_kind(bundle), threads=config.threads)
-    logger.info("inference on %s with %s at %s (%s)", device_type, execution.backend, execution.precision,
-                execution.reason)
-    return execution
+# MONAI members run on PyTorch at fp32: OpenVINO conversion and bf16 are validated for nnU-Net and DeepMedic only.
+MONAI_EXECUTION = Execution("torch", "fp32", reason="MONAI members run on PyTorch at fp32")
 
 
-def _kind(bundle: ModelBundle) -> str:
-    return "deepmedic" if set(bundle.kinds) == {"deepmedic"} else "nnunetv2"
+def _executions(config: PipelineConfig, bundle: ModelBundle, members: list[BundleModel],
+                device_type: str) -> dict[str, Execution]:
+    """The backend and precision of each member kind that runs, logged once each."""
+    executions = {}
+    for kind in dict.fromkeys(m.kind for m in members):
+        executions[kind] = MONAI_EXECUTION if kind == "monai" else resolve_execution(
+            config.backend, config.precision, device_type, bundle_name=bundle.name, allow_bf16=bundle.allow_bf16,
+            kind=kind, threads=config.threads)
+        logger.info("inference of %s models on %s with %s at %s (%s)", kind, device_type, executions[kind].backend,
+                    executions[kind].precision, executions[kind].reason)
+    return executions
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How a bundle's models run: `run(device, execution)` gives their EnsembleResult; `models` and `units`
-    (nnU-Net folds, or the DeepMedic members) are what provenance lists; `tta`: test-time mirroring on."""
+    """How a bundle's models run: `run(device, executions)` (kind -> Execution) gives their EnsembleResult;
+    `models` and `units` (nnU-Net folds, or the other members) are what provenance lists; `tta`: mirroring on."""
 
     run: Callable[..., EnsembleResult]
     models: list[BundleModel]
@@ -126,20 +145,51 @@ class _Plan:
     tta: bool
 
 
-def _plan(bundle: ModelBundle, images: list[sitk.Image], config: PipelineConfig) -> _Plan:
+def _plan(bundle: ModelBundle, members: tuple[BundleModel, ...], pre: Preprocessed, config: PipelineConfig) -> _Plan:
+    tta = bundle.tta and not config.fast
+    if not _one_engine(bundle, members):
+        from pedseg.pipeline.members import run_members, units
+
+        images_of = _member_images(pre)
+        return _Plan(lambda device, executions: run_members(images_of, members, bundle, device, executions,
+                                                            tta=tta, fast=config.fast),
+                     list(members), [u for m in members for u in units(m, bundle, config.fast)], tta)
+    images = _read_inputs(pre, bundle)
     if bundle.kinds == ("deepmedic",):  # no folds, no mirroring, nothing to leave out in --fast
         from pedseg.pipeline.deepmedic import run_deepmedic
 
-        return _Plan(lambda device, execution: run_deepmedic(images, bundle, device, execution), list(bundle.models),
-                     [m.name for m in bundle.models], tta=False)
+        return _Plan(lambda device, executions: run_deepmedic(images, bundle, device, executions["deepmedic"]),
+                     list(bundle.models), [m.name for m in bundle.models], tta=False)
     from pedseg.pipeline.ensemble import Member, nnunet_input, run_ensemble
 
-    tta = bundle.tta and not config.fast
-    members = [Member(model, folds) for model, folds in bundle.folds_to_run(config.fast)]
+    nnunet = [Member(model, folds) for model, folds in bundle.folds_to_run(config.fast)]
     data, spacing_zyx = nnunet_input(images)
-    return _Plan(lambda device, execution: run_ensemble(data, spacing_zyx, members, device, tta, execution),
-                 [m.model for m in members],
-                 [f"{m.model.name}/fold_{f}" for m in members for f in m.folds], tta)
+    return _Plan(lambda device, executions: run_ensemble(data, spacing_zyx, nnunet, device, tta,
+                                                         executions["nnunetv2"]),
+                 [m.model for m in nnunet], [f"{m.model.name}/fold_{f}" for m in nnunet for f in m.folds], tta)
+
+
+def _one_engine(bundle: ModelBundle, members: tuple[BundleModel, ...]) -> bool:
+    """Whether one engine's own ensemble is the whole run: every member runs, all of one kind (nnU-Net or
+    DeepMedic), on the skull-stripped images of all the bundle's inputs, without per-region weights."""
+    return (len(members) == len(bundle.models) and len(bundle.kinds) == 1 and bundle.kinds[0] != "monai"
+            and all(m.brain == "skull_stripped" and not m.region_weights
+                    and set(m.required_inputs) == set(bundle.inputs) for m in members))
+
+
+def _member_images(pre: Preprocessed) -> Callable[[BundleModel], list[sitk.Image]]:
+    """Each member's images: its sequences, in the bundle's channel order, prepared as it declared; each file
+    read once."""
+    cache: dict[Path, sitk.Image] = {}
+
+    def images_of(member: BundleModel) -> list[sitk.Image]:
+        paths = [pre.images_for(member.brain)[role] for role in member.required_inputs]
+        for path in paths:
+            if path not in cache:
+                cache[path] = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        return [cache[path] for path in paths]
+
+    return images_of
 
 
 def normalised_entropy(probabilities: np.ndarray, has_regions: bool) -> np.ndarray:

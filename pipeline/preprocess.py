@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pedseg.pipeline.atlas import brats_reference_grid, load_atlas_brain_mask, l
 from pedseg.pipeline.atomic import write_image
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.convert import convert_series
+from pedseg.pipeline.deface import deface
 from pedseg.pipeline.errors import UnsupportedDataError
 from pedseg.pipeline.registration import (
     bias_corrected,
@@ -94,10 +96,13 @@ class StepTimer:
 
 
 def preprocess(session: Session, identification: Identification, workdir: Path, config: PipelineConfig, *,
-               patient_age_years: float | None = None) -> Preprocessed:
+               patient_age_years: float | None = None,
+               preparations: Collection[str] = ("skull_stripped",)) -> Preprocessed:
     """Every chosen series converted, registered to the reference series (identification.reference_role), that
     to the atlas, resampled once into BraTS space and skull-stripped. `patient_age_years` bounds the brain
-    volume check (None: no age, no check)."""
+    volume check (None: no age, no check). `preparations`: the brain preparations the bundle's members declared;
+    besides the skull-stripped images (always made: QC and the report use them), "defaced" writes the heads
+    with the face removed (Quickshear on the brain mask) and "none" the whole heads, each once per run."""
     roles = list(identification.chosen)
     native_dir, atlas_dir = workdir / "native", workdir / "atlas"
     atlas_dir.mkdir(parents=True, exist_ok=True)
@@ -149,12 +154,24 @@ def preprocess(session: Session, identification: Identification, workdir: Path, 
             write_image(sitk.Mask(image, mask), images[role])
         mask_path = atlas_dir / "brain_mask.nii.gz"
         write_image(mask, mask_path)
+        prepared = {brain: _write_prepared(atlas_space, mask, brain, atlas_dir / brain)
+                    for brain in sorted(set(preparations) - {"skull_stripped"})}
     with step("quality checks"):
         checks = quality_checks(atlas_space, anchor, mask, extraction, flags, patient_age_years)
     qc = QC(registration=registration, flags=tuple(flags), step_seconds=step.seconds, brain_extraction=extraction,
             **checks)
     return Preprocessed(images=images, brain_mask=mask_path, native=native_paths, atlas_to_native=transform_paths,
-                        qc=qc)
+                        qc=qc, prepared=prepared)
+
+
+def _write_prepared(atlas_space: dict[str, sitk.Image], mask: sitk.Image, brain: str, folder: Path) -> dict[str, Path]:
+    """The atlas-space heads, defaced or whole, as a member declared it was trained on."""
+    folder.mkdir(exist_ok=True)
+    paths = {}
+    for role, image in atlas_space.items():
+        paths[role] = folder / f"{role}.nii.gz"
+        write_image(deface(image, mask) if brain == "defaced" else image, paths[role])
+    return paths
 
 
 def _read_volume(path: Path) -> sitk.Image:

@@ -219,6 +219,12 @@ class Preprocessed:
     # image with it gives BraTS space; its inverse takes an atlas-space label map back to the native grid.
     atlas_to_native: dict[str, Path]
     qc: QC | None = None  # None only where a caller prepared the images itself (evaluation on atlas-space cases)
+    # Other brain preparations a bundle's members declared ("defaced", "none": the whole head): role -> NIfTI.
+    prepared: dict[str, dict[str, Path]] = field(default_factory=dict)
+
+    def images_for(self, brain: str) -> dict[str, Path]:
+        """The atlas-space images prepared as `brain` ("skull_stripped", "defaced" or "none") declares."""
+        return self.images if brain == "skull_stripped" else self.prepared[brain]
 
 
 # -------------------------------------------------------------------------------------------- infer
@@ -232,6 +238,8 @@ class EnsembleInfo:
     seconds: float
     backend: str = "torch"  # what ran the networks: torch or openvino (pipeline.backend)
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast)
+    # Members of the bundle that did not run, with why (fallback members ran for a session missing a sequence).
+    members_skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ DISCLAIMER = ("For research use only. Not for clinical diagnosis or treatment de
 FAST_MODE_LINE = "fast mode: fewer folds, no test-time augmentation"
 NO_TUMOUR = "No tumour detected"
 POPULATION_HEADING = "Model not validated for this patient's age"
+FALLBACK_HEADING = "Not every model of the bundle could run on this session's sequences"
 REGION_DESCRIPTIONS = {name: region.display_name.lower() + (f" ({' + '.join(region.members)})"
                                                               if region.is_composite else "")
                        for name, region in REGIONS.items()}
@@ -166,15 +167,19 @@ def _header(context: StudyContext, fast_mode: bool, population_warning: Populati
     ]))
     flow = [Paragraph(TITLE, _H1), info, Spacer(1, 4 * mm), disclaimer, Spacer(1, 2 * mm)]
     if population_warning is not None:
-        flow += [_population_box(population_warning), Spacer(1, 2 * mm)]
+        flow += [_warning_box(POPULATION_HEADING, population_warning.message), Spacer(1, 2 * mm)]
+    skipped = (provenance.get("ensemble") or {}).get("members_skipped") or {}
+    if skipped:  # fallback members made this result: say which ran and which could not
+        ran = ", ".join(provenance.get("models", [])) or "—"
+        flow += [_warning_box(FALLBACK_HEADING, f"Made by {ran} only; skipped: "
+                              + "; ".join(f"{name} ({why})" for name, why in skipped.items())), Spacer(1, 2 * mm)]
     if fast_mode:
         flow.append(Paragraph(f"<b>{_text(FAST_MODE_LINE)}</b>", _BODY))
     return flow
 
 
-def _population_box(warning: PopulationWarning) -> Table:
-    box = Table([[Paragraph(f"<b>{_text(POPULATION_HEADING)}.</b> {_text(warning.message)}", _WARNING)]],
-                colWidths=[178 * mm])
+def _warning_box(heading: str, message: str) -> Table:
+    box = Table([[Paragraph(f"<b>{_text(heading)}.</b> {_text(message)}", _WARNING)]], colWidths=[178 * mm])
     box.setStyle(TableStyle([
         ("BOX", (0, 0), (-1, -1), 1.5, colors.HexColor("#c77700")),
         ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fff4e0")),

@@ -94,7 +94,7 @@ def fake_model_stages(monkeypatch, images: dict[str, Path], labels: Path) -> Non
     NIfTI) and label map (internal convention); the runner's other stages and every writer run for real."""
     from pedseg import runner
 
-    def preprocess(session, identification, workdir, config, *, patient_age_years=None):
+    def preprocess(session, identification, workdir, config, *, patient_age_years=None, preparations=()):
         return Preprocessed(images=images, brain_mask=next(iter(images.values())), native=images,
                             atlas_to_native=dict.fromkeys(images, Path("identity.tfm")), qc=passing_qc())
 

@@ -54,7 +54,7 @@ def _edit(bundle_dir: Path, change) -> None:
 
 def test_bundle_channel_mapping_must_match_model(bundle_copy):
     _edit(bundle_copy, lambda s: s.update(inputs={"t1c": 0, "t2f": 1}))
-    with pytest.raises(BundleError, match="takes 4 input channels but bundle.json maps 2"):
+    with pytest.raises(BundleError, match="takes 4 input channels but bundle.json gives it 2 sequences"):
         load_bundle(bundle_copy)
 
 

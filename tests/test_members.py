@@ -1,0 +1,214 @@
+"""Running a bundle of several kinds (pipeline.infer -> pipeline.members): each member gets the sequences and the
+brain preparation it declared, per-region weights apply, a session missing a sequence runs the fallback members
+and says which were skipped, and a run no member can make stops with exit 3."""
+import dataclasses
+import json
+import tempfile
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from safetensors.torch import save_model
+
+from pedseg.pipeline.bundle import load_bundle
+from pedseg.pipeline.config import DEFAULT_BUNDLE, DEMO_BUNDLE, PipelineConfig
+from pedseg.pipeline.errors import BundleError, MissingSequenceError
+from pedseg.pipeline.infer import infer
+from pedseg.pipeline.member_ensemble import LabelSpace, MemberOutput, average
+from pedseg.pipeline.monai_member import load_monai_member, predict
+from pedseg.pipeline.types import ROLES, Preprocessed
+
+NNUNET = "nnUNetTrainer__nnUNetPlansDemo__3d_fullres"
+CPU = torch.device("cpu")
+CROP = (112, 112, 96)  # x, y, z voxels around the tumour: small enough for three engines in seconds
+
+
+def _segresnet(folder, in_channels):
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(in_channels)
+    folder.mkdir(parents=True)
+    args = {"spatial_dims": 3, "in_channels": in_channels, "out_channels": 5, "init_filters": 8}
+    save_model(SegResNet(**args), str(folder / "model.safetensors"))
+    return {"kind": "monai", "path": f"models/{folder.name}", "network": {"name": "SegResNet", "args": args},
+            "inference": {"roi_size": [64, 64, 64], "overlap": 0.25, "crop_to_nonzero": True},
+            "activation": "softmax", "outputs": [[0], [1], [2], [3], [4]]}
+
+
+def _bundle(root, models):
+    """A 2024-convention bundle in `root` with the demo nnU-Net model, CaPTk's DeepMedic model and the given
+    members available under models/."""
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    sources = {NNUNET: DEMO_BUNDLE / "models" / NNUNET, "deepmedic": DEFAULT_BUNDLE / "models" / "deepmedic"}
+    for name, source in sources.items():
+        if not (root / "models" / name).exists():
+            (root / "models" / name).symlink_to(source.resolve())
+    spec = json.loads((DEMO_BUNDLE / "bundle.json").read_text())
+    spec.update(name=root.name, models=models, population="synthetic")
+    del spec["required_inputs"]  # what every member needs, by default
+    (root / "bundle.json").write_text(json.dumps(spec))
+    return load_bundle(root)
+
+
+NNUNET_MEMBER = {"path": f"models/{NNUNET}", "folds": [0], "region_weights": {"ET": 2.0}}
+# CaPTk's classes (0, NCR, ED, ET, ET) onto the 2024 labels (NCR -> NET 2, ED 4, ET 1)
+DEEPMEDIC_MEMBER = {"kind": "deepmedic", "path": "models/deepmedic", "normalisation": "captk-zscore", "weight": 0.5,
+                    "classes": {"0": 0, "1": 2, "2": 4, "3": 1, "4": 1}}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """A held-out phantom's skull-stripped BraTS-space images cropped around the tumour, and a 'defaced' version
+    of each that differs from it (a block of head outside the brain kept), so a test sees which one a member
+    was given."""
+    from pedseg.synth.session import generate_training_case
+
+    root = tmp_path_factory.mktemp("phantom")
+    images, labels = generate_training_case(9001)
+    z, y, x = (int(np.median(i)) for i in np.nonzero(sitk.GetArrayViewFromImage(labels)))
+    size = list(CROP)
+    index = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip((x, y, z), size, labels.GetSize())]
+    paths = {"skull_stripped": {}, "defaced": {}}
+    for role in ROLES:
+        image = sitk.RegionOfInterest(images[role], size, index)
+        head = sitk.GetArrayFromImage(image)
+        head[:, :12][head[:, :12] == 0] = 300.0  # tissue the skull stripping removed, outside the brain
+        with_head = sitk.GetImageFromArray(head)
+        with_head.CopyInformation(image)
+        for brain, version in (("skull_stripped", image), ("defaced", with_head)):
+            (root / brain).mkdir(exist_ok=True)
+            paths[brain][role] = root / brain / f"{role}.nii.gz"
+            sitk.WriteImage(version, str(paths[brain][role]))
+        mask = sitk.Cast(image > 0, sitk.sitkUInt8)
+    sitk.WriteImage(mask, str(root / "brain_mask.nii.gz"))
+    return root, paths
+
+
+def _pre(phantom, roles=ROLES) -> Preprocessed:
+    root, paths = phantom
+    return Preprocessed(images={r: paths["skull_stripped"][r] for r in roles}, brain_mask=root / "brain_mask.nii.gz",
+                        native={}, atlas_to_native={},
+                        prepared={"defaced": {r: paths["defaced"][r] for r in roles}})
+
+
+def _config(bundle) -> PipelineConfig:
+    return PipelineConfig(bundle=bundle.root, device="cpu", backend="torch", fast=True, threads=2)
+
+
+def _labels(prediction) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(prediction.labels)))
+
+
+def _monai_alone(member, phantom, brain, roles) -> np.ndarray:
+    """The member's own softmax on the phantom's `brain` images of `roles`, (C, z, y, x)."""
+    _, paths = phantom
+    volume = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(paths[brain][r]), sitk.sitkFloat32)).T
+                       for r in roles])
+    network = load_monai_member(member.monai, member.path / member.weights, "test")
+    return predict(network, volume, member.monai, CPU, tta=False).transpose(0, 3, 2, 1)
+
+
+@pytest.mark.slow
+def test_three_kinds_averaged_with_per_region_weights(tmp_path, phantom):
+    """nnU-Net (ET weighted 2), DeepMedic (0.5) and a SegResNet on t1c + FLAIR: the stage's labels are the
+    weighted mean of each engine's own probabilities, computed here member by member."""
+    from pedseg.pipeline.deepmedic import run_deepmedic
+    from pedseg.pipeline.ensemble import Member, nnunet_input, run_ensemble
+
+    segresnet = {**_segresnet(tmp_path / "mixed" / "models" / "segresnet", 2), "required_inputs": ["t1c", "t2f"]}
+    bundle = _bundle(tmp_path / "mixed", [NNUNET_MEMBER, DEEPMEDIC_MEMBER, segresnet])
+    prediction = infer(_pre(phantom), bundle, tmp_path / "work", _config(bundle))
+    assert prediction.folds_used == [f"{NNUNET}/fold_0", "deepmedic", "segresnet"]
+    assert prediction.ensemble.members_skipped == {} and prediction.ensemble.backend == "torch"
+
+    _, paths = phantom
+    images = [sitk.ReadImage(str(paths["skull_stripped"][r]), sitk.sitkFloat32) for r in ROLES]
+    nnunet = run_ensemble(*nnunet_input(images), [Member(bundle.models[0], ("0",))], CPU, tta=False)
+    deepmedic = run_deepmedic(images, dataclasses.replace(bundle, models=(bundle.models[1],)), CPU)
+    outputs = [MemberOutput("nnunet", nnunet.probabilities, nnunet.channel_labels, False),
+               MemberOutput("deepmedic", deepmedic.probabilities, deepmedic.channel_labels, False),
+               MemberOutput("segresnet", _monai_alone(bundle.models[2], phantom, "skull_stripped", ("t1c", "t2f")),
+                            ((0,), (1,), (2,), (3,), (4,)), False)]
+    space = LabelSpace.for_members(outputs)  # background, ET, NET, CC, ED
+    weights = {"nnunet": [1, 2, 1, 1, 1], "deepmedic": [0.5] * 5, "segresnet": [1] * 5}
+    expected = space.labels(average(outputs, weights, space))
+    assert (_labels(prediction) == expected).mean() == 1.0
+    assert (expected > 0).sum() > 1000  # the demo model finds the phantom's tumour, so the comparison means something
+
+
+def test_a_session_without_t1n_and_t2w_runs_the_fallback_member_and_says_so(tmp_path, phantom):
+    segresnet = {**_segresnet(tmp_path / "fb" / "models" / "segresnet", 2), "required_inputs": ["t1c", "t2f"]}
+    bundle = _bundle(tmp_path / "fb", [NNUNET_MEMBER, segresnet])
+    assert bundle.required_inputs == ("t1c", "t2f")  # what every member needs
+    prediction = infer(_pre(phantom, ("t1c", "t2f")), bundle, tmp_path / "work", _config(bundle))
+    assert prediction.models_used == ["segresnet"]
+    assert prediction.ensemble.members_skipped == {NNUNET: "needs ['t1n', 't2w'], which the session lacks"}
+    expected = _monai_alone(bundle.models[1], phantom, "skull_stripped", ("t1c", "t2f")).argmax(0)
+    lut = np.array([0, 1, 2, 3, 4])  # the member's classes are the bundle's 2024 labels
+    np.testing.assert_array_equal(_labels(prediction), lut[expected])
+
+
+def test_a_member_that_declares_defaced_gets_the_defaced_images(tmp_path, phantom):
+    segresnet = {**_segresnet(tmp_path / "dfc" / "models" / "segresnet", 4), "brain": "defaced"}
+    bundle = _bundle(tmp_path / "dfc", [segresnet])
+    labels = _labels(infer(_pre(phantom), bundle, tmp_path / "work", _config(bundle)))
+    defaced = _monai_alone(bundle.models[0], phantom, "defaced", ROLES).argmax(0)
+    stripped = _monai_alone(bundle.models[0], phantom, "skull_stripped", ROLES).argmax(0)
+    assert (defaced != stripped).any()  # the two preparations do give different answers here...
+    np.testing.assert_array_equal(labels, defaced)  # ...and the member was given the defaced one
+
+
+def test_no_member_able_to_run_is_exit_3_naming_what_each_needs(tmp_path, phantom):
+    segresnet = {**_segresnet(tmp_path / "none" / "models" / "segresnet", 2), "required_inputs": ["t1c", "t2f"]}
+    bundle = _bundle(tmp_path / "none", [NNUNET_MEMBER, segresnet])
+    with pytest.raises(MissingSequenceError, match=r"No model of bundle 'none' can run on the session's sequences "
+                                                   r"\['t1c', 't1n'\]: .*'segresnet' needs \['t2f'\]") as err:
+        infer(_pre(phantom, ("t1n", "t1c")), bundle, tmp_path / "work", _config(bundle))
+    assert err.value.exit_code == 3
+
+
+def test_a_region_weight_the_members_are_not_averaged_over_is_refused(tmp_path, phantom):
+    segresnet = {**_segresnet(tmp_path / "rw" / "models" / "segresnet", 4), "region_weights": {"WT": 2.0}}
+    bundle = _bundle(tmp_path / "rw", [segresnet])
+    with pytest.raises(BundleError, match=r"region_weights for \['WT'\], but its members are averaged over "
+                                          r"\['background', 'ET', 'NET', 'CC', 'ED'\]"):
+        infer(_pre(phantom), bundle, tmp_path / "work", _config(bundle))
+
+
+@pytest.mark.slow
+def test_from_dicom_a_session_without_t1n_and_t2w_gets_a_fallback_segmentation(tmp_path, monkeypatch):
+    """The whole run: identification lets the fallback bundle decide, preprocessing also defaces (the fallback
+    member declared it), the demo nnU-Net model is skipped, and measurements.json, provenance and the PDF say so."""
+    import pydicom
+    from pypdf import PdfReader
+
+    from pedseg.runner import run_pipeline
+    from pedseg.synth.session import generate_session
+
+    summary = generate_session(tmp_path / "session", 9002)
+    dropped = {summary["series_uids"]["t1n"], summary["series_uids"]["t2w"]}
+    for path in (tmp_path / "session" / "dicom").rglob("*.dcm"):
+        if pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID in dropped:
+            path.unlink()
+    segresnet = {**_segresnet(tmp_path / "fb" / "models" / "segresnet", 2), "required_inputs": ["t1c", "t2f"],
+                 "brain": "defaced"}
+    bundle = _bundle(tmp_path / "fb", [NNUNET_MEMBER, segresnet])
+    config = dataclasses.replace(_config(bundle), keep_workdir=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the kept work folder goes
+    result = run_pipeline(tmp_path / "session" / "dicom", tmp_path / "out", config)
+
+    assert sorted(result.identification.chosen) == ["t1c", "t2f"]
+    assert result.provenance.models == ["segresnet"]
+    skipped = {NNUNET: "needs ['t1n', 't2w'], which the session lacks"}
+    assert result.provenance.ensemble.members_skipped == skipped
+    document = json.loads((tmp_path / "out" / "measurements.json").read_text())
+    assert document["context"]["models"] == {"ran": ["segresnet"], "skipped": skipped}
+    first_page = PdfReader(tmp_path / "out" / "report.pdf").pages[0].extract_text()
+    assert "Not every model of the bundle could run" in first_page and "segresnet" in first_page
+    (atlas,) = tmp_path.glob("pedseg-work-*/atlas")
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas / "brain_mask.nii.gz"))) > 0
+    stripped = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas / "t1c.nii.gz")))
+    defaced = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas / "defaced" / "t1c.nii.gz")))
+    np.testing.assert_array_equal(defaced[brain], stripped[brain])  # the brain as the stripped image has it
+    assert (defaced[~brain] != 0).sum() > 10 * (stripped[~brain] != 0).sum()  # with the head around it
