@@ -107,6 +107,19 @@ def fake_model_stages(monkeypatch, images: dict[str, Path], labels: Path) -> Non
     monkeypatch.setattr(runner, "labels_to_native", lambda atlas_labels, transform, native: atlas_labels)
 
 
+def tiny_tumour_labels(path: Path) -> Path:
+    """Labels for `tiny_atlas_case`'s grid (z, y, x on a 1 mm grid from (-12, -2, -16) LPS): oedema around a
+    non-enhancing core around an enhancing centre, reaching through the sagittal T1c and the axial FLAIR."""
+    arr = np.zeros((75, 20, 30), np.uint8)
+    arr[2:56, 2:18, 2:22] = 4  # ED
+    arr[8:26, 5:14, 6:16] = 2  # NET
+    arr[11:21, 7:12, 8:14] = 1  # ET
+    labels = sitk.GetImageFromArray(arr)
+    labels.SetOrigin((-12.0, -2.0, -16.0))
+    sitk.WriteImage(labels, str(path))
+    return path
+
+
 def tiny_atlas_case(folder: Path, labels: np.ndarray | None = None, roles=ROLES) -> tuple[dict[str, Path], Path]:
     """Small images of every role and a label map on one 2 mm grid (all background unless `labels` is given):
     what `fake_model_stages` hands the runner."""

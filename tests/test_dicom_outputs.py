@@ -36,7 +36,14 @@ from pedseg.reporting.dicom_seg import load_sources, segment_volumes_ml, write_s
 from pedseg.reporting.dicom_sr import write_sr
 from pedseg.runner import run_pipeline
 
-from factories import dicom_dataset, fake_bundle, fake_model_stages, tiny_atlas_case, write_dicom
+from factories import (
+    dicom_dataset,
+    fake_bundle,
+    fake_model_stages,
+    tiny_atlas_case,
+    tiny_tumour_labels,
+    write_dicom,
+)
 from hostile_support import write_session
 from readers import read_seg_labels, read_sr_volumes
 
@@ -504,13 +511,7 @@ def pipeline_run(tmp_path_factory):
     factories.fake_model_stages) on a DICOM session whose sagittal T1c and axial FLAIR both cross the tumour."""
     tmp = tmp_path_factory.mktemp("run")
     images, _ = tiny_atlas_case(tmp / "atlas")
-    arr = np.zeros((75, 20, 30), np.uint8)  # z, y, x on a 1 mm grid from (-12, -2, -16) LPS
-    arr[2:56, 2:18, 2:22] = 4  # ED
-    arr[8:26, 5:14, 6:16] = 2  # NET
-    arr[11:21, 7:12, 8:14] = 1  # ET
-    labels = sitk.GetImageFromArray(arr)
-    labels.SetOrigin((-12.0, -2.0, -16.0))
-    sitk.WriteImage(labels, str(tmp / "labels.nii.gz"))
+    tiny_tumour_labels(tmp / "labels.nii.gz")
     with pytest.MonkeyPatch.context() as patch:
         fake_model_stages(patch, images, tmp / "labels.nii.gz")
         session = write_session(tmp / "dicom")

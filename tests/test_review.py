@@ -30,7 +30,7 @@ from pedseg.reporting.dicom_seg import load_sources, segment_volumes_ml
 from pedseg.runner import run_pipeline
 from pedseg.tracking.sqlite import SQLiteStore
 
-from factories import fake_bundle, fake_model_stages, tiny_atlas_case
+from factories import fake_bundle, fake_model_stages, tiny_atlas_case, tiny_tumour_labels
 from hostile_support import write_session
 
 SUBJECT = "subject-review"
@@ -47,13 +47,7 @@ def _tool(name: str) -> str:
 def tracked_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("review")
     images, _ = tiny_atlas_case(tmp / "atlas")
-    arr = np.zeros((75, 20, 30), np.uint8)  # z, y, x on a 1 mm grid from (-12, -2, -16) LPS
-    arr[2:56, 2:18, 2:22] = 4  # ED
-    arr[8:26, 5:14, 6:16] = 2  # NET
-    arr[11:21, 7:12, 8:14] = 1  # ET
-    labels = sitk.GetImageFromArray(arr)
-    labels.SetOrigin((-12.0, -2.0, -16.0))
-    sitk.WriteImage(labels, str(tmp / "labels.nii.gz"))
+    tiny_tumour_labels(tmp / "labels.nii.gz")
     store = SQLiteStore(tmp / "store.db")
     with pytest.MonkeyPatch.context() as patch:
         fake_model_stages(patch, images, tmp / "labels.nii.gz")
