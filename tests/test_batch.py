@@ -284,3 +284,62 @@ def test_the_readme_slurm_recipe_asks_slurm_for_one_session_per_worker():
     worker = next(line for line in script.splitlines() if "dask_worker" in line)
     assert worker.startswith("/opt/pedseg/.venv/bin/python -m distributed.cli.dask_worker tcp://")
     assert "--nworkers 2" in worker and "--nthreads 1" in worker and "--memory-limit 16.00GiB" in worker
+
+
+def _wait_for(summary: Path, statuses: dict[str, set[str]], process, timeout_s: float = 300) -> dict[str, dict]:
+    """The summary's rows once every named session has one of its statuses (the batch still running)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the batch ended early (exit {process.returncode})"
+        try:
+            rows = {r["session"]: r for r in json.loads(summary.read_text())["sessions"]}
+        except (OSError, ValueError):
+            rows = {}
+        if all(rows.get(name, {}).get("status") in wanted for name, wanted in statuses.items()):
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"the summary never showed {statuses}")
+
+
+@pytest.mark.slow
+def test_a_batch_killed_mid_run_resumes_without_recomputing_what_finished(tmp_path):
+    """A real kill: the batch's whole process group (client, scheduler, workers) gets SIGKILL while the second
+    session is running; started again, the finished session is not run again and the killed one is."""
+    import signal
+    import subprocess
+    import sys
+
+    from pedseg.synth.session import generate_session
+
+    source = tmp_path / "src"
+    _session_folder(source / "a")  # finishes at once (fails at ingest: not DICOM)
+    generate_session(tmp_path / "work", 7)
+    shutil.move(tmp_path / "work" / "dicom", source / "b")  # takes minutes
+    out = tmp_path / "out"
+    command = [str(Path(sys.executable).parent / "pedseg"), "batch", str(source), str(out), "--bundle",
+               str(DEMO_BUNDLE), "--fast", "--device", "cpu", "--workers", "1", "--threads", "2"]
+
+    def start():
+        # SIGKILL leaves the killed run's work folder behind (nothing can clean up after it): keep it in here
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "TMPDIR": str(tmp_path)})
+
+    first = start()
+    try:
+        _wait_for(out / "batch-summary.json", {"a": {"failed"}, "b": {"running"}}, first)
+        key_a = (out / "a" / KEY_FILE).stat().st_mtime_ns
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (out / "b" / KEY_FILE).exists() and not (out / "b" / "measurements.json").exists()
+
+    second = start()
+    try:
+        rows = _wait_for(out / "batch-summary.json", {"a": {"failed_before"}, "b": {"running"}}, second)
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
+    assert (out / "a" / KEY_FILE).stat().st_mtime_ns == key_a  # what finished was not run again
+    assert rows["a"]["exit_code"] == 2 and "DICOM" in rows["a"]["message"]
