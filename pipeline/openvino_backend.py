@@ -10,6 +10,7 @@ compiled model each rather than a weight swap. Nothing is written to disk: no ca
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -24,8 +25,9 @@ from pedseg.pipeline.backend import Execution, default_threads
 
 logger = logging.getLogger(__name__)
 
-# Compiled models kept in the process. Between uses each one gives its working memory back (release_memory), so
-# a cached fold holds mainly its weights (a full-size fold's checkpoint is about 120 MB; not measured separately).
+# Compiled models kept in the process, each with the private copy of the network it reads its weights from.
+# Between uses each one gives its working memory back (release_memory), so a cached fold holds mainly its weights
+# (a full-size fold's checkpoint is about 120 MB, held by the copy; not measured separately).
 CACHE_SIZE = 12
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _compiled: OrderedDict[tuple, object] = OrderedDict()
@@ -73,13 +75,16 @@ class OpenVINONetwork(nn.Module):
             self._weights = weights_sha256(self.network)
         key = (self._weights, tuple(tuple(t.shape[1:]) for t in flat), self.execution.precision,
                default_threads(self.execution.threads))
-        compiled = _compiled.get(key)
-        if compiled is None:
-            compiled = _compile(self.network, args, self.execution)
-            _compiled[key] = compiled
+        if key not in _compiled:
+            # The compiled model keeps reading the exported network's tensors: compiled from the network itself,
+            # loading the next fold into it in place would silently turn this fold's cached model into that fold
+            # (a later run reusing it got 97.8 % of the labels right). A private copy keeps these weights.
+            frozen = copy.deepcopy(self.network)
+            _compiled[key] = (_compile(frozen, args, self.execution), frozen)
             while len(_compiled) > CACHE_SIZE:
                 _compiled.popitem(last=False)
         _compiled.move_to_end(key)
+        compiled = _compiled[key][0]
         if self._current is not None and self._current is not compiled:
             self._current.release_memory()
         self._current = compiled
