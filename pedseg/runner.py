@@ -116,7 +116,7 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
     warning = _population_guard(bundle, age_years)
     with clock("preprocess") as facts:
         pre = preprocess(session, identification, work, config, patient_age_years=age_years,
-                         preparations={member.brain for member in members})
+                         preparations={member.brain for member in members} or {"skull_stripped"})
         facts.append(f"{len(pre.images)} series on the BraTS atlas, brain {pre.qc.brain_volume_ml:.0f} mL "
                      f"({pre.qc.brain_extraction}), {len(pre.qc.flags)} QC flag(s)")
     with clock("infer") as facts:
@@ -183,17 +183,13 @@ def _default_writers() -> Sequence[Writer]:
 
 
 def _require_inputs(identification: Identification, bundle: ModelBundle) -> tuple[BundleModel, ...]:
-    """The bundle's members this session's sequences can run; MissingSequenceError when there are none or the
-    bundle requires a sequence the session lacks."""
+    """The bundle's members this session's sequences can run (inference refuses when there are none);
+    MissingSequenceError when the session lacks a sequence the bundle requires."""
     absent = [role for role in bundle.required_inputs if role not in identification.chosen]
-    members = bundle.runnable(identification.chosen)
-    if absent or not members:
-        needs = "; ".join(f"'{m.name}' needs {list(m.required_inputs)}" for m in bundle.models)
-        raise MissingSequenceError(
-            f"Model bundle '{bundle.name}' cannot run on this session's sequences {sorted(identification.chosen)}"
-            f" ({'it requires ' + str(absent) if absent else needs}).",
-            hint="Add the missing series or use a bundle that accepts fewer inputs.")
-    return members
+    if absent:
+        raise MissingSequenceError(f"Model bundle '{bundle.name}' requires {absent}, which this session lacks.",
+                                   hint="Add the missing series or use a bundle that accepts fewer inputs.")
+    return bundle.runnable(identification.chosen)
 
 
 def _population_guard(bundle: ModelBundle, age_years: float | None) -> PopulationWarning | None:

@@ -75,7 +75,8 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
     device = torch.device("cpu") if config.backend == "openvino" and config.device == "auto" else (
         pick_device(config.device))
     members, skipped = members_to_run(pre, bundle)
-    reference = sitk.ReadImage(str(pre.brain_mask))  # the atlas grid every output is written on
+    # the atlas grid every output is written on (all preprocessed images share it)
+    reference = sitk.ReadImage(str(pre.images[members[0].required_inputs[0]]))
     plan = _plan(bundle, members, pre, config)
     executions = _executions(config, bundle, plan.models, device.type)
     t0 = time.perf_counter()

@@ -133,4 +133,4 @@ def test_real_non_enhancing_glioma_without_contrast_tags_stops_and_asks(tmp_path
     assert "Cannot tell which T1 is post-contrast" in str(err.value) and "--role t1c=SERIES" in err.value.hint
     ident = classify_session(session)
     assert 0.5 < ident.contrast_confidence < contrast.MIN_CONFIDENCE
-    assert f"best: series {t1c} '' against series {t1n} ''" in ident.contrast_unresolved
+    assert f"best: series {t1c} (no description) against series {t1n} (no description)" in ident.contrast_unresolved

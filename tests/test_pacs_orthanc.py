@@ -204,7 +204,11 @@ def test_orthanc_round_trip_with_the_real_pipeline(orthanc, tmp_path):
         [instance] = by_modality[modality]["Instances"]
         tags = orthanc.get(f"/instances/{instance}/simplified-tags")
         assert tags["StudyInstanceUID"] == uid, modality
-    seg_id = by_modality["SEG"]["Instances"][0]
-    seg = pydicom.dcmread(io.BytesIO(requests.get(f"{orthanc.url}/instances/{seg_id}/file", timeout=60).content))
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == summary["series_uids"]["t1c"]
+    # One SEG series per configured source series (t1c and FLAIR), each referencing its own.
+    referenced = set()
+    for seg_series in (s for s in series if s["MainDicomTags"]["Modality"] == "SEG"):
+        [seg_id] = seg_series["Instances"]
+        seg = pydicom.dcmread(io.BytesIO(requests.get(f"{orthanc.url}/instances/{seg_id}/file", timeout=60).content))
+        referenced.add(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    assert referenced == {summary["series_uids"]["t1c"], summary["series_uids"]["t2f"]}
     assert "SYNTHETIC^PHANTOM" not in log_path.read_text()  # the listener logs no patient names
