@@ -126,11 +126,13 @@ def _executions(config: PipelineConfig, bundle: ModelBundle, members: list[Bundl
                 device_type: str) -> dict[str, Execution]:
     """The backend and precision of each member kind that runs, logged once each."""
     executions = {}
-    for kind in dict.fromkeys(m.kind for m in members):
+    kinds = list(dict.fromkeys(m.kind for m in members))
+    for kind in kinds:
         executions[kind] = MONAI_EXECUTION if kind == "monai" else resolve_execution(
             config.backend, config.precision, device_type, bundle_name=bundle.name, allow_bf16=bundle.allow_bf16,
             kind=kind, threads=config.threads)
-        logger.info("inference of %s models on %s with %s at %s (%s)", kind, device_type, executions[kind].backend,
+        which = f" of {kind} models" if len(kinds) > 1 else ""
+        logger.info("inference%s on %s with %s at %s (%s)", which, device_type, executions[kind].backend,
                     executions[kind].precision, executions[kind].reason)
     return executions
 
