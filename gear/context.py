@@ -1,7 +1,7 @@
 """A Flywheel job as the engine lays it out: `manifest.json`, `config.json`, `input/<name>/<file>`, `output/`,
 `work/`.
 
-Translates config.json into one PipelineConfig, the input path and the gear-only options. The options are
+Translates config.json into one PipelineConfig, the input paths and the gear-only options. The options are
 checked against the manifest with Flywheel's own invocation schema (fw-gear), and every option that is not
 gear-only is the PipelineConfig field of the same name. One is text the gear parses into its field:
 role_overrides ("t1c=6,t1n=2") into PipelineConfig.role_overrides. Nothing here talks to Flywheel: session mode
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class GearJob:
     dicom: Path | None  # None: session mode
     bundle_zip: Path | None  # None: the bundle built into the image
     destination: dict
+    edited_seg: Path | None = None  # a reader's edited DICOM SEG (or a zip of it): review it after the run
     job_id: str = ""
     force_rerun: bool = False
     debug: bool = False
@@ -63,6 +65,7 @@ def load_job(root: Path = FLYWHEEL_ROOT) -> GearJob:
         config=pipeline_config(options),
         dicom=_input_file(root, inputs, "dicom"),
         bundle_zip=_input_file(root, inputs, "model_bundle"),
+        edited_seg=_input_file(root, inputs, "edited_seg"),
         destination=dict(config_json.get("destination") or {}),
         job_id=str((config_json.get("job") or {}).get("id", "")),
         force_rerun=options["force_rerun"],
@@ -107,6 +110,31 @@ def unpack_bundle(bundle_zip: Path, dest: Path) -> Path:
                           hint="Zip exactly one bundle folder (the folder holding bundle.json and the model folders).")
     logger.info("model bundle unpacked from the model_bundle input")
     return found[0]
+
+
+EDITED_SEG_NAME = "edited_seg.dcm"
+
+
+def stage_edited_seg(edited_seg: Path, dest: Path) -> Path:
+    """The edited_seg input as one DICOM file, dest/edited_seg.dcm: the file itself, or the one file of a zip
+    (Flywheel may hold a DICOM file zipped). Copied under a fixed name, so that messages about it never quote the
+    input's file name, which may hold the patient's name."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    target = dest / EDITED_SEG_NAME
+    if not zipfile.is_zipfile(edited_seg):
+        shutil.copyfile(edited_seg, target)
+        return target
+    unpacked = dest / "unpacked"
+    unpacked.mkdir()
+    safe_extract(edited_seg, unpacked)
+    files = sorted(p for p in unpacked.rglob("*") if p.is_file())
+    if len(files) != 1:
+        raise InputError(f"The edited_seg archive holds {len(files)} files; it must hold the one DICOM SEG file.",
+                         hint="Give the edited segmentation as the DICOM SEG file the viewer exported.")
+    files[0].rename(target)
+    shutil.rmtree(unpacked)
+    return target
 
 
 def _read_json(path: Path) -> dict:

@@ -1,9 +1,11 @@
 """Run the gear with no Flywheel instance: lay out a gear folder as the engine would, then (optionally) run it.
 
-    python -m gear.local_run SESSION_DICOM(.zip or folder) GEAR_DIR [--set fast=true ...] [--bundle-zip Z] [--run]
+    python -m gear.local_run SESSION_DICOM(.zip or folder) GEAR_DIR [--set fast=true ...] [--bundle-zip Z]
+        [--edited-seg SEG.dcm] [--run]
 
-GEAR_DIR gets manifest.json, config.json (manifest defaults plus --set overrides), input/dicom/<zip>, output/
-and work/; `python run.py --root GEAR_DIR` (or --run) then behaves as the gear does on an engine.
+GEAR_DIR gets manifest.json, config.json (manifest defaults plus --set overrides), input/dicom/<zip> (and
+input/model_bundle/, input/edited_seg/ when given), output/ and work/; `python run.py --root GEAR_DIR` (or
+--run) then behaves as the gear does on an engine.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ REPO_MANIFEST = Path(__file__).resolve().parents[1] / "manifest.json"
 
 
 def make_gear_root(dicom: Path, root: Path, overrides: dict[str, str] | None = None,
-                   bundle_zip: Path | None = None, manifest_path: Path | None = None) -> Path:
+                   bundle_zip: Path | None = None, manifest_path: Path | None = None,
+                   edited_seg: Path | None = None) -> Path:
     manifest_text = _manifest_path(manifest_path).read_text(encoding="utf-8")
     manifest = json.loads(manifest_text)
     for sub in ("output", "work"):
@@ -28,6 +31,9 @@ def make_gear_root(dicom: Path, root: Path, overrides: dict[str, str] | None = N
     if bundle_zip is not None:
         bundle = _copy(Path(bundle_zip), root / "input" / "model_bundle")
         inputs["model_bundle"] = _file_input(root, "model_bundle", bundle, "archive")
+    if edited_seg is not None:
+        seg = _copy(Path(edited_seg), root / "input" / "edited_seg")
+        inputs["edited_seg"] = _file_input(root, "edited_seg", seg, "dicom")
     config_json = {
         "config": gear_config(manifest, overrides or {}),
         "inputs": inputs,
@@ -93,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="gear config option, e.g. --set fast=true --set reference_role=t2f (repeatable)")
     parser.add_argument("--bundle-zip", type=Path, help="zip of a model bundle folder (the model_bundle input)")
+    parser.add_argument("--edited-seg", type=Path, help="an edited DICOM SEG to review (the edited_seg input)")
     parser.add_argument("--manifest", type=Path, help="manifest.json giving the config defaults")
     parser.add_argument("--run", action="store_true", help="run the gear on the folder once it is laid out")
     return parser
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if any("=" not in item for item in args.overrides):
         raise SystemExit("--set takes KEY=VALUE")
     overrides = dict(item.split("=", 1) for item in args.overrides)
-    root = make_gear_root(args.dicom, args.root, overrides, args.bundle_zip, args.manifest)
+    root = make_gear_root(args.dicom, args.root, overrides, args.bundle_zip, args.manifest, args.edited_seg)
     print(f"gear folder ready: {root}  (run it with: python run.py --root {root})")
     if not args.run:
         return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,10 +27,14 @@ from pedseg.gear.idempotency import idempotency_key
 from pedseg.pipeline.atomic import write_text
 
 if TYPE_CHECKING:
+    from pedseg.pipeline.types import Measurements
+    from pedseg.reporting.review import Review
     from pedseg.runner import RunResult
 
 GEAR_NAME = "pedseg-brain-tumor"
 TAGS = ["pedseg"]
+REVIEWED_TAG = "reviewed"
+REVIEWED_PREFIX = "reviewed_"  # a review's output keys, as publish_outputs receives them
 FLAT_NAMES = {
     "seg": "pedseg_segmentation.dcm",
     "sr": "pedseg_measurements_sr.dcm",
@@ -39,6 +44,10 @@ FLAT_NAMES = {
     "measurements_csv": "pedseg_measurements.csv",
     "provenance": "pedseg_provenance.json",
     "identify": "pedseg_identify.json",
+    "reviewed_measurements_json": "pedseg_reviewed_measurements.json",
+    "reviewed_measurements_csv": "pedseg_reviewed_measurements.csv",
+    "reviewed_sr": "pedseg_reviewed_measurements_sr.dcm",
+    "reviewed_pdf": "pedseg_reviewed_report.pdf",
 }
 # Flywheel's standard file types, by extension (it types .json as "source code").
 FILE_TYPES = {".dcm": "dicom", ".nii.gz": "nifti", ".pdf": "pdf", ".csv": "tabular data", ".json": "source code"}
@@ -46,14 +55,15 @@ FILE_TYPES = {".dcm": "dicom", ".nii.gz": "nifti", ".pdf": "pdf", ".csv": "tabul
 SEQUENCE_MEASUREMENT = {"t1n": "T1", "t1c": "T1", "t2w": "T2", "t2f": "T2"}
 
 
-def publish_outputs(result: RunResult, output_dir: Path) -> dict[str, Path]:
-    """Move every output to a flat `pedseg_*` name in output_dir and drop the emptied sub-folders."""
+def publish_outputs(outputs: Mapping[str, Path], output_dir: Path) -> dict[str, Path]:
+    """Move every output (RunResult.outputs, and a review's under `reviewed_*` keys) to a flat `pedseg_*` name in
+    output_dir and drop the emptied sub-folders."""
     published = {}
-    for key, path in result.outputs.items():
+    for key, path in outputs.items():
         target = output_dir / flat_name(key, path)
         os.replace(path, target)
         published[key] = target
-    for folder in sorted({p.parent for p in result.outputs.values()}, key=lambda p: len(p.parts), reverse=True):
+    for folder in sorted({p.parent for p in outputs.values()}, key=lambda p: len(p.parts), reverse=True):
         if folder != output_dir and folder.is_relative_to(output_dir) and not any(folder.iterdir()):
             folder.rmdir()
     return published
@@ -70,13 +80,18 @@ def build_metadata(summary: dict, files: dict[str, Path], destination_type: str,
     metadata.update_container(destination_type, info={"pedseg": summary})
     for key, path in files.items():
         metadata.update_file_metadata(_output_file(path, destination_type), destination_type, **_file_fields(key, path))
-    # Flywheel's QC convention, on the report a reviewer opens: any QC flag asks for review, and so does a model
-    # not trained on children segmenting a child (its message joins the flags; the record stands beside them).
-    qc_file = files["pdf"] if "pdf" in files else files["measurements_json"]
+    # Flywheel's QC convention, on the report a reviewer opens (the reviewed one after a review): any QC flag asks
+    # for review, and so does a model not trained on children segmenting a child (its message joins the flags; the
+    # record stands beside them). The flags are the automatic run's: a reader's edit does not clear them.
+    qc_file = next(files[key] for key in ("reviewed_pdf", "reviewed_measurements_json", "pdf", "measurements_json")
+                   if key in files)
     population = summary.get("population_warning")
     flags = [*summary["qc_flags"], *([population["message"]] if population else [])]
+    reviewed = {"reviewed": True, "automatic_whole_tumour_ml": summary["automatic"]["volumes_ml"].get("WT")} \
+        if summary.get("reviewed") else {"reviewed": False}
     result = create_qc_result_dict("segmentation", "FAIL" if flags else "PASS", flags=flags,
-                                   whole_tumour_ml=summary["volumes_ml"].get("WT"), population_warning=population)
+                                   whole_tumour_ml=summary["volumes_ml"].get("WT"), population_warning=population,
+                                   **reviewed)
     info = metadata.add_gear_info("qc", File(qc_file.name, destination_type), **result)
     metadata.update_file_metadata(_output_file(qc_file, destination_type), destination_type, info=info)
     return metadata.as_dict()
@@ -111,12 +126,15 @@ def write_metadata(metadata: dict, output_dir: Path) -> Path:
     return write_text(output_dir / ".metadata.json", json.dumps(metadata, indent=2, allow_nan=False) + "\n")
 
 
-def run_summary(result: RunResult) -> dict:
+def run_summary(result: RunResult, review: Review | None = None, edited_seg_sha256: str = "") -> dict:
+    """The run in numbers. With the `review` of an edited SEG (whose file hash joins the idempotency key), the
+    volumes, components and RAPNO are the reviewed ones and the automatic ones stand under `automatic`."""
     provenance = result.provenance
     numbers = {d.key: d.series_number for d in result.identification.decisions}
-    return {
+    automatic = _measured(result.measurements)
+    summary = {
         "pedseg_version": provenance.pedseg_version,
-        "idempotency_key": idempotency_key(provenance),
+        "idempotency_key": idempotency_key(provenance, edited_seg_sha256),
         "bundle": {k: getattr(provenance.bundle, k) for k in ("name", "version", "licence", "sha256")},
         "device": provenance.device,
         "fast_mode": provenance.fast_mode,
@@ -124,16 +142,26 @@ def run_summary(result: RunResult) -> dict:
         "reference_role": provenance.reference_role,
         "series_numbers": {role: numbers.get(uid) for role, uid in result.identification.chosen.items()},
         "missing_sequences": list(result.identification.missing),
-        "volumes_ml": {name: _number(r.volume_ml) for name, r in result.measurements.regions.items()},
-        "native_volumes_ml": {name: _number(r.native_volume_ml) for name, r in result.measurements.regions.items()},
-        "components": {name: r.components for name, r in result.measurements.regions.items()},
-        "rapno": {
-            "region": result.measurements.rapno.region,
-            "lesions_total": result.measurements.rapno.lesions_total,
-            "sum_product_mm2": _number(result.measurements.rapno.sum_product_mm2),
-        },
+        **automatic,
         "qc_flags": list(result.measurements.qc_flags),
         "population_warning": result.population_warning.as_dict() if result.population_warning else None,
+        "reviewed": review is not None,
+    }
+    if review is not None:
+        summary.update(_measured(review.measurements), automatic=automatic, edited_seg_sha256=edited_seg_sha256)
+    return summary
+
+
+def _measured(measurements: Measurements) -> dict:
+    return {
+        "volumes_ml": {name: _number(r.volume_ml) for name, r in measurements.regions.items()},
+        "native_volumes_ml": {name: _number(r.native_volume_ml) for name, r in measurements.regions.items()},
+        "components": {name: r.components for name, r in measurements.regions.items()},
+        "rapno": {
+            "region": measurements.rapno.region,
+            "lesions_total": measurements.rapno.lesions_total,
+            "sum_product_mm2": _number(measurements.rapno.sum_product_mm2),
+        },
     }
 
 
@@ -143,7 +171,8 @@ def _output_file(path: Path, destination_type: str) -> dict:
 
 
 def _file_fields(key: str, path: Path) -> dict:
-    fields = {"type": FILE_TYPES.get(_suffix(path), "file"), "tags": list(TAGS)}
+    tags = [*TAGS, *([REVIEWED_TAG] if key.startswith(REVIEWED_PREFIX) else [])]
+    fields = {"type": FILE_TYPES.get(_suffix(path), "file"), "tags": tags}
     if fields["type"] == "nifti":
         fields["modality"] = "MR"  # every NIfTI output lies on an MR series' grid
     role = key.removeprefix("nifti_")

@@ -50,9 +50,9 @@ class Review:
 
 def review_segmentation(edited_seg: Path, outdir: Path) -> Review:
     """Measure `edited_seg` and write the reviewed outputs into `outdir`/review/ (see the module docstring)."""
-    seg = _read_seg(edited_seg)
+    seg, regions = read_edited_seg(edited_seg)
     automatic = _automatic_result(outdir)
-    labels = _label_map(seg, edited_seg)
+    labels = _label_map(seg, regions)
     measurements = measure(labels, labels, qc_flags=[])
     context = automatic["context"]
     if seg.StudyInstanceUID != context.get("study_instance_uid"):
@@ -93,6 +93,14 @@ def review_segmentation(edited_seg: Path, outdir: Path) -> Review:
                   bundle, {key: final / path.name for key, path in outputs.items()})
 
 
+def read_edited_seg(path: Path) -> tuple[hd.seg.Segmentation, dict[str, int]]:
+    """The edited SEG and its segment number per region; an InputError when it is no DICOM SEG, or when a segment
+    stands for no tumour region, two for the same one, or none for a sub-region. Adapters call it to refuse a bad
+    SEG before a long run; `review_segmentation` starts with it."""
+    seg = _read_seg(path)
+    return seg, _segment_regions(seg, path)
+
+
 def _read_seg(path: Path) -> hd.seg.Segmentation:
     try:
         dataset = pydicom.dcmread(path)
@@ -102,7 +110,13 @@ def _read_seg(path: Path) -> hd.seg.Segmentation:
     if dataset.get("Modality") != "SEG":
         raise InputError(f"{path.name} is not a DICOM Segmentation (modality {dataset.get('Modality', 'none')}).",
                          hint="Export the edited segmentation as DICOM SEG from the viewer.")
-    return hd.seg.Segmentation.from_dataset(dataset)
+    try:
+        return hd.seg.Segmentation.from_dataset(dataset)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        # By type only: a library's message may quote header values.
+        raise InputError(f"{path.name} is a DICOM Segmentation that cannot be read ({exc.__class__.__name__}: it "
+                         "lacks or mangles attributes the SEG IOD requires).",
+                         hint="Export the edited segmentation again as DICOM SEG from the viewer.") from exc
 
 
 def _automatic_result(outdir: Path) -> dict:
@@ -116,9 +130,8 @@ def _automatic_result(outdir: Path) -> dict:
             "sr": pydicom.dcmread(sr_path, stop_before_pixels=True) if sr_path.is_file() else None}
 
 
-def _label_map(seg: hd.seg.Segmentation, path: Path) -> sitk.Image:
-    """The edited sub-regions as one internal-convention label map on the SEG's grid (LPS)."""
-    regions = {}
+def _segment_regions(seg: hd.seg.Segmentation, path: Path) -> dict[str, int]:
+    regions: dict[str, int] = {}
     for item in seg.SegmentSequence:
         region = codes.region_of_segment(item)
         if region is None:
@@ -128,10 +141,15 @@ def _label_map(seg: hd.seg.Segmentation, path: Path) -> sitk.Image:
             raise InputError(f"{path.name}: segments {regions[region]} and {item.SegmentNumber} are both {region}.",
                              hint="Merge them into one segment per region.")
         regions[region] = int(item.SegmentNumber)
+    if not any(name in regions for name in BASE_REGIONS):
+        raise InputError(f"{path.name} holds only composite regions ({', '.join(regions) or 'none'}); the "
+                         "sub-regions are needed to measure.", hint=_HINT_REGIONS)
+    return regions
+
+
+def _label_map(seg: hd.seg.Segmentation, regions: dict[str, int]) -> sitk.Image:
+    """The edited sub-regions as one internal-convention label map on the SEG's grid (LPS)."""
     base = [name for name in BASE_REGIONS if name in regions]
-    if not base:
-        raise InputError(f"{path.name} holds only composite regions ({', '.join(regions)}); the sub-regions are "
-                         "needed to measure.", hint=_HINT_REGIONS)
     volume = seg.get_volume(segment_numbers=[regions[name] for name in base])
     labels = np.zeros(volume.array.shape[:3], np.uint8)
     # Where edited segments overlap, the more specific sub-region wins (ET over NET over CC over oedema).

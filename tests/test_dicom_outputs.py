@@ -332,6 +332,45 @@ def test_region_codes_come_from_the_segmentation_context_groups():
         assert number == LABEL_VALUES[INTERNAL][name]
 
 
+# Each region's segmented property type (the SEG's segment code and the SR's finding type), pinned with where it
+# was checked (issue 17):
+# - CID: DICOM PS3.16 CID 7159 "Lesion Segmentation Types" / CID 7169 "Brain Lesion Segmentation Types Without
+#   Necrosis" (pydicom/sr/_cid_dict.py);
+# - MHub: the SegDB segment MHub's brain tumour model writes (MHubAI/models models/bamf_mr_brain_tumor/meta.json,
+#   its config in https://github.com/MHubAI/models/pull/93): ENHANCING_LESION "Enhancing Lesion" NCIt, EDEMA
+#   (T_EDEMA_MABNORMALITY), NECROSIS; category C_MORPHOLOGICALLY_ABNORMAL_STRUCTURE; MHubAI/SegDB
+#   segdb/data/types.csv for the brain (T_BRAIN_STRUCTURE 12738006).
+# - "none": no SegDB/MHub segment found for the region; the CID 7159 code stands, unverified against SegDB.
+REGION_CODES = {
+    "ET": (("C113842", "NCIt", "Enhancing Lesion"), "CID 7159, 7169; MHub ENHANCING_LESION"),
+    "NET": (("C81175", "NCIt", "Non-Enhancing Lesion"), "CID 7159, 7169; none (MHub has NECROSIS only)"),
+    "CC": (("367643001", "SCT", "Cyst"), "CID 7159; none"),
+    "ED": (("79654002", "SCT", "Edema"), "CID 7159, 7169; MHub EDEMA"),
+    "TC": (("108369006", "SCT", "Neoplasm"), "CID 7159; none (SegDB's 86049000 asserts malignancy)"),
+    "WT": (("52988006", "SCT", "Lesion"), "CID 7159; none"),
+}
+
+
+def test_region_code_triples_are_pinned_with_their_sources():
+    assert {name: (code.value, code.scheme_designator, code.meaning) for name, code in codes.PROPERTY_TYPES.items()} \
+        == {name: triple for name, (triple, _) in REGION_CODES.items()}
+    for triple in ((codes.CATEGORY, ("49755003", "SCT", "Morphologically Abnormal Structure")),  # SegDB's category
+                   (codes.ANATOMY, ("12738006", "SCT", "Brain"))):  # SegDB T_BRAIN_STRUCTURE: same code
+        assert (triple[0].value, triple[0].scheme_designator, triple[0].meaning) == triple[1]
+    for cid in ("7159", "7169"):  # the sources' CID claims hold
+        values = {code.value for code in getattr(dcm_codes, f"cid{cid}").concepts.values()}
+        assert {name for name, (triple, _) in REGION_CODES.items() if triple[0] in values} \
+            == {name for name, (_, source) in REGION_CODES.items() if cid in source}, cid
+    # MHub's NECROSIS (adult BraTS label 1) is read back as NET; never written.
+    necrosis = Dataset()
+    necrosis.SegmentLabel = "Segment_1"
+    coded = Dataset()
+    coded.CodeValue, coded.CodingSchemeDesignator, coded.CodeMeaning = "6574001", "SCT", "Necrosis"
+    necrosis.SegmentedPropertyTypeCodeSequence = [coded]
+    assert codes.region_of_segment(necrosis) == "NET"
+    assert dcm_codes.SCT.Necrosis not in codes.PROPERTY_TYPES.values()
+
+
 def test_seg_from_enhanced_multiframe_source(tmp_path, labels):
     series = make_series(tmp_path / "mr", "oblique", seed=3)
     legacy = [pydicom.dcmread(f) for f in series.files]
@@ -409,6 +448,14 @@ def test_sr_volumes_are_the_segs_own_voxel_volumes(written, labels, tmp_path):
         path, number = segs[name]
         assert segment_item.referenced_sop_instance_uid == pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         assert segment_item.referenced_segment_numbers == [number]
+        # The SR's finding codes are the referenced segment's own codes, read back from the SEG file.
+        (described,) = [item for item in pydicom.dcmread(path, stop_before_pixels=True).SegmentSequence
+                        if item.SegmentNumber == number]
+        assert group.finding_type == hd.sr.CodedConcept.from_dataset(described.SegmentedPropertyTypeCodeSequence[0])
+        assert group.finding_category == hd.sr.CodedConcept.from_dataset(
+            described.SegmentedPropertyCategoryCodeSequence[0])
+        assert [site.value for site in group.finding_sites] == [
+            hd.sr.CodedConcept.from_dataset(described.AnatomicRegionSequence[0])]
 
     _, again_uids = write_sr([seg_path, composites], series.files, tmp_path / "sr2.dcm", tracking_uids=uids,
                              **ALGORITHM)

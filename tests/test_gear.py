@@ -84,7 +84,7 @@ def sentinel_dicom_zip(path: Path) -> Path:
 
 
 def write_gear_root(root: Path, config: dict | None = None, *, dicom: bool = True, api_key: bool = False,
-                    bundle_zip: Path | None = None) -> Path:
+                    bundle_zip: Path | None = None, edited_seg: Path | None = None) -> Path:
     """A gear folder with manifest.json, and config.json exactly as the engine writes it (absolute /flywheel/v0
     paths included)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -110,6 +110,13 @@ def write_gear_root(root: Path, config: dict | None = None, *, dicom: bool = Tru
         target.write_bytes(bundle_zip.read_bytes())
         inputs["model_bundle"] = {"base": "file", "location": {"path": str(target), "name": target.name},
                                   "object": {"type": "archive", "info": {}}}
+    if edited_seg is not None:  # named as a viewer may name it: after the patient
+        (root / "input" / "edited_seg").mkdir(parents=True, exist_ok=True)
+        target = root / "input" / "edited_seg" / f"{SENTINELS[0]}_edited{edited_seg.suffix}"
+        target.write_bytes(edited_seg.read_bytes())
+        inputs["edited_seg"] = {"base": "file", "location": {"path": f"/flywheel/v0/input/edited_seg/{target.name}",
+                                                             "name": target.name},
+                                "object": {"type": "dicom", "modality": "SEG", "info": {}}}
     if api_key:
         inputs["api-key"] = {"base": "api-key", "key": API_KEY}
     config_json = {
@@ -568,10 +575,12 @@ def fw(tmp_path, monkeypatch, pipeline_calls, caplog):
 
     monkeypatch.setattr("pedseg.gear.session._client", client_for)
 
-    def run(session: FakeSession, config: dict | None = None, others: tuple[FakeSession, ...] = ()) -> int:
+    def run(session: FakeSession, config: dict | None = None, others: tuple[FakeSession, ...] = (),
+            edited_seg: Path | None = None) -> int:
         world.client = fake_client(session, others=others)
         shutil.rmtree(world.root / "output", ignore_errors=True)  # each job gets a fresh output folder
-        return run_gear(write_gear_root(world.root, config, dicom=False, api_key=True))
+        shutil.rmtree(world.root / "input", ignore_errors=True)
+        return run_gear(write_gear_root(world.root, config, dicom=False, api_key=True, edited_seg=edited_seg))
 
     world.run = run
     return world
@@ -794,6 +803,248 @@ def test_importer_header_forms_are_read_alike():
         "modality CT: not an MR series"]
 
 
+# ------------------------------------------------------------------------- edited_seg input: the review path
+# One real run (the runner and every writer; preprocessing and inference replaced, as in test_review) is shared by
+# these tests: the fake pipeline copies its output folder into the job's, so the review reads real measurements,
+# SR and SEG. The "reader" cuts the oedema back to the tumour core's slices and saves a SEG (pedseg's own writer,
+# segments coded as pedseg codes them; test_review covers Slicer/dcmqi and highdicom SEGs).
+
+
+@pytest.fixture(scope="module")
+def automatic_run(tmp_path_factory):
+    import SimpleITK as sitk
+
+    from pedseg.reporting.dicom_seg import write_seg
+    from pedseg.runner import run_pipeline
+
+    from factories import fake_model_stages, tiny_atlas_case, tiny_tumour_labels
+    from hostile_support import write_session
+
+    tmp = tmp_path_factory.mktemp("automatic")
+    images, _ = tiny_atlas_case(tmp / "atlas")
+    tiny_tumour_labels(tmp / "labels.nii.gz")
+    with pytest.MonkeyPatch.context() as patch:
+        fake_model_stages(patch, images, tmp / "labels.nii.gz")
+        dicom = write_session(tmp / "dicom")
+        result = run_pipeline(dicom, tmp / "out", PipelineConfig(bundle=fake_bundle(tmp / "bundle")))
+    labels = sitk.ReadImage(str(tmp / "labels.nii.gz"))
+    arr = sitk.GetArrayFromImage(labels)
+    arr[26:][arr[26:] == 4] = 0  # z >= 26: below the core, oedema only
+    edited = sitk.GetImageFromArray(arr)
+    edited.CopyInformation(labels)
+    t1c = sorted((dicom / "t1c").rglob("*.dcm")) or sorted(p for p in (dicom / "t1c").rglob("*") if p.is_file())
+    seg = write_seg(edited, t1c, tmp / "edited.dcm", algorithm_name="Reader", algorithm_version="1")
+    return SimpleNamespace(result=result, seg=seg, other_seg=result.outputs["seg"], tmp=tmp)
+
+
+def _copied_result(run, outdir: Path, **provenance_changes) -> RunResult:
+    """The shared run's outputs copied into `outdir`, as a RunResult there."""
+    shutil.copytree(run.result.outdir, outdir, dirs_exist_ok=True)
+    outputs = {key: outdir / path.relative_to(run.result.outdir) for key, path in run.result.outputs.items()}
+    provenance = dataclasses.replace(run.result.provenance, **provenance_changes)
+    return dataclasses.replace(run.result, outdir=outdir, outputs=outputs, provenance=provenance)
+
+
+@pytest.fixture
+def reviewing(monkeypatch, automatic_run):
+    """run_pipeline replaced by the shared real run; each call recorded."""
+    calls = []
+
+    def fake_run_pipeline(input_path, outdir, config, store=None):
+        calls.append({"input": Path(input_path), "outdir": Path(outdir)})
+        return _copied_result(automatic_run, Path(outdir))
+
+    monkeypatch.setattr("pedseg.runner.run_pipeline", fake_run_pipeline)
+    monkeypatch.delenv("PEDSEG_BUNDLE", raising=False)
+    return calls
+
+
+def test_an_edited_seg_input_adds_reviewed_outputs_and_the_metadata_holds_the_reviewed_volumes(
+        tmp_path, reviewing, automatic_run, caplog):
+    caplog.set_level(logging.INFO)
+    root = write_gear_root(tmp_path, edited_seg=automatic_run.seg)
+    assert run_gear(root) == 0
+    output = root / "output"
+    names = {p.name for p in output.iterdir()} - {".metadata.json"}
+    assert not [p for p in output.iterdir() if p.is_dir()]  # review/ flattened too
+    assert {"pedseg_reviewed_measurements.json", "pedseg_reviewed_measurements.csv",
+            "pedseg_reviewed_measurements_sr.dcm", "pedseg_reviewed_report.pdf",
+            "pedseg_measurements.json", "pedseg_measurements_sr.dcm", "pedseg_segmentation.dcm"} <= names
+    reviewed = json.loads((output / "pedseg_reviewed_measurements.json").read_text())
+    automatic = json.loads((output / "pedseg_measurements.json").read_text())
+    assert reviewed["regions"]["ED"]["volume_ml"] < automatic["regions"]["ED"]["volume_ml"]  # the edit shows
+    # The reviewed SR revises the automatic SR that this job uploads.
+    sr = pydicom.dcmread(output / "pedseg_reviewed_measurements_sr.dcm")
+    predecessor = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == pydicom.dcmread(output / "pedseg_measurements_sr.dcm").SOPInstanceUID
+    assert "reviewed" in sr.SeriesDescription
+
+    metadata = json.loads((output / ".metadata.json").read_text())
+    jsonschema.Draft7Validator(ENGINE_METADATA_SCHEMA).validate(metadata)
+    summary = metadata["analysis"]["info"]["pedseg"]
+    assert summary["reviewed"] is True
+    assert summary["volumes_ml"] == {name: region["volume_ml"] for name, region in reviewed["regions"].items()}
+    assert summary["automatic"]["volumes_ml"] == pytest.approx(
+        {name: region["volume_ml"] for name, region in automatic["regions"].items()}, abs=1e-3)
+    edited_sha = hashlib.sha256(automatic_run.seg.read_bytes()).hexdigest()
+    assert summary["edited_seg_sha256"] == edited_sha
+    provenance = automatic_run.result.provenance
+    assert summary["idempotency_key"] == series_key(provenance.series_instance_uids, provenance.bundle.sha256,
+                                                    edited_sha) != idempotency_key(provenance)
+    files = {f["name"]: f for f in metadata["analysis"]["files"]}
+    assert set(files) == names
+    assert files["pedseg_reviewed_report.pdf"]["tags"] == ["pedseg", "reviewed"]
+    assert files["pedseg_report.pdf"]["tags"] == ["pedseg"]
+    qc = files["pedseg_reviewed_report.pdf"]["info"]["qc"]["pedseg-brain-tumor"]["segmentation"]
+    assert qc["reviewed"] is True
+    assert qc["whole_tumour_ml"] == reviewed["regions"]["WT"]["volume_ml"]
+    assert qc["automatic_whole_tumour_ml"] == summary["automatic"]["volumes_ml"]["WT"]
+    assert "qc" not in files["pedseg_report.pdf"]["info"]
+    assert "reviewed (automatic" in caplog.text
+    assert_no_phi(caplog.text)
+    assert_no_phi((output / ".metadata.json").read_text())
+
+
+def test_an_edited_seg_zip_holding_the_seg_is_reviewed_alike(tmp_path, reviewing, automatic_run):
+    archive = tmp_path / "seg.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(automatic_run.seg, "export/1-1.dcm")
+    root = write_gear_root(tmp_path / "gear", edited_seg=archive)
+    assert run_gear(root) == 0
+    summary = json.loads((root / "output" / ".metadata.json").read_text())["analysis"]["info"]["pedseg"]
+    assert summary["edited_seg_sha256"] == hashlib.sha256(automatic_run.seg.read_bytes()).hexdigest()
+
+
+def _not_dicom(tmp: Path, run) -> Path:
+    return Path(shutil.copy(__file__, tmp / "notes.dcm"))
+
+
+def _mr_image(tmp: Path, run) -> Path:
+    return next(p for p in (run.tmp / "dicom" / "t1c").rglob("*") if p.is_file())
+
+
+def _unknown_segment(tmp: Path, run) -> Path:
+    ds = pydicom.dcmread(run.seg)
+    ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue = "10200004"  # Liver
+    ds.SegmentSequence[0].SegmentLabel = "Liver"
+    ds.save_as(tmp / "liver.dcm")
+    return tmp / "liver.dcm"
+
+
+def _mangled_seg(tmp: Path, run) -> Path:
+    ds = pydicom.dcmread(run.seg)
+    del ds.SegmentSequence
+    ds.save_as(tmp / "mangled.dcm")
+    return tmp / "mangled.dcm"
+
+
+def _two_files_zip(tmp: Path, run) -> Path:
+    with zipfile.ZipFile(tmp / "two.zip", "w") as zf:
+        zf.write(run.seg, "a.dcm")
+        zf.write(run.other_seg, "b.dcm")
+    return tmp / "two.zip"
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (_not_dicom, "edited_seg.dcm cannot be read as DICOM"),
+    (_mr_image, "edited_seg.dcm is not a DICOM Segmentation (modality MR)"),
+    (_unknown_segment, "edited_seg.dcm: segment 1 'Liver' is not a tumour region pedseg knows"),
+    (_mangled_seg, "edited_seg.dcm is a DICOM Segmentation that cannot be read"),
+    (_two_files_zip, "The edited_seg archive holds 2 files"),
+])
+def test_a_malformed_edited_seg_stops_the_job_before_the_run_with_exit_code_2(tmp_path, reviewing, automatic_run,
+                                                                               caplog, make, says):
+    root = write_gear_root(tmp_path / "gear", edited_seg=make(tmp_path, automatic_run))
+    assert run_gear(root) == InputError.exit_code == 2
+    error = json.loads((root / "output" / "error.json").read_text())
+    assert error["error"] == "bad_input"
+    assert says in error["message"]
+    assert error["hint"]
+    assert not reviewing  # refused before the (long) run
+    assert not (root / "output" / ".metadata.json").exists()
+    assert_no_phi(json.dumps(error))  # the input's own name (after the patient) is never quoted
+    assert_no_phi(caplog.text)
+
+
+def test_an_edited_seg_of_another_study_fails_after_the_run_with_exit_code_2(tmp_path, reviewing, automatic_run):
+    ds = pydicom.dcmread(automatic_run.seg)
+    ds.StudyInstanceUID = generate_uid()
+    ds.save_as(tmp_path / "other-study.dcm")
+    root = write_gear_root(tmp_path / "gear", edited_seg=tmp_path / "other-study.dcm")
+    assert run_gear(root) == 2
+    assert "belongs to another study" in json.loads((root / "output" / "error.json").read_text())["message"]
+    assert not (root / "output" / ".metadata.json").exists()
+
+
+def test_the_edited_seg_input_is_read_from_config_json(tmp_path, automatic_run):
+    job = gear_context.load_job(write_gear_root(tmp_path, edited_seg=automatic_run.seg))
+    assert job.edited_seg == tmp_path / "input" / "edited_seg" / f"{SENTINELS[0]}_edited.dcm"
+    assert gear_context.load_job(write_gear_root(tmp_path / "plain")).edited_seg is None
+    listed_not_there = write_gear_root(tmp_path / "missing", edited_seg=automatic_run.seg)
+    for path in (listed_not_there / "input" / "edited_seg").iterdir():
+        path.unlink()
+    with pytest.raises(InputError, match="'edited_seg' input file is listed"):
+        gear_context.load_job(listed_not_there)
+
+
+def test_the_edited_seg_joins_the_idempotency_key():
+    plain = series_key(UIDS, BUNDLE_SHA)
+    assert plain == series_key(UIDS, BUNDLE_SHA, "")  # keys of earlier runs stay what they were
+    assert len({plain, series_key(UIDS, BUNDLE_SHA, "1" * 64), series_key(UIDS, BUNDLE_SHA, "2" * 64)}) == 3
+
+
+@pytest.fixture
+def fw_review(fw, monkeypatch, automatic_run, pipeline_calls):
+    """Session mode over the shared real run: its provenance given the fake session's series and the bundle's
+    hash (so keys match as in a real run), and its time point recorded in the Flywheel store as the runner
+    records it."""
+    def reviewing_session(session, workspace, config, store=None, *, bundle=None, clock=None):
+        pipeline_calls.append({"outdir": workspace.outdir, "store": store, "config": config})
+        result = _copied_result(automatic_run, workspace.outdir, series_instance_uids=dict(UIDS),
+                                bundle=dataclasses.replace(automatic_run.result.provenance.bundle,
+                                                           sha256=bundle.sha256))
+        if store is not None:
+            store.record(time_point(result.measurements, subject_key=config.subject_key,
+                                    study_uid=result.provenance.study_instance_uid, study_date="20260105",
+                                    bundle=result.provenance.bundle.as_dict()))
+        return result
+
+    monkeypatch.setattr("pedseg.runner.run_session", reviewing_session)
+    return fw
+
+
+def test_session_mode_records_the_reviewed_volumes_beside_the_automatic_ones(fw_review, pipeline_calls,
+                                                                             automatic_run):
+    session = flywheel_session(info={"clinical": {"site": "A"}})
+    assert fw_review.run(session, edited_seg=automatic_run.seg) == 0
+    namespace = session.info["pedseg"]
+    reviewed = json.loads((fw_review.root / "output" / "pedseg_reviewed_measurements.json").read_text())
+    (recorded,) = namespace["timepoints"]
+    assert recorded["reviewed_volumes_ml"] == {name: r["volume_ml"] for name, r in reviewed["regions"].items()}
+    assert recorded["volumes_ml"]["ED"] > recorded["reviewed_volumes_ml"]["ED"]
+    assert namespace["reviewed"] is True
+    assert namespace["volumes_ml"] == recorded["reviewed_volumes_ml"]
+    assert session.info["clinical"] == {"site": "A"}
+
+
+def test_a_review_reruns_for_another_edited_seg_but_not_for_the_same_one(fw_review, pipeline_calls, automatic_run,
+                                                                         caplog):
+    session = flywheel_session()
+    assert fw_review.run(session) == 0  # the automatic run
+    assert fw_review.run(session) == 0  # skipped: same series and weights
+    assert len(pipeline_calls) == 1
+    assert fw_review.run(session, edited_seg=automatic_run.seg) == 0  # a review is not the automatic run
+    assert len(pipeline_calls) == 2
+    first_review_key = session.info["pedseg"]["idempotency_key"]
+    caplog.clear()
+    assert fw_review.run(session, edited_seg=automatic_run.seg) == 0  # the same edited SEG again: skipped
+    assert len(pipeline_calls) == 2
+    assert "already holds the pedseg result" in caplog.text
+    assert fw_review.run(session, edited_seg=automatic_run.other_seg) == 0  # another edited SEG: reviewed
+    assert len(pipeline_calls) == 3
+    assert session.info["pedseg"]["idempotency_key"] not in (first_review_key, fw_review.key)
+
+
 # ------------------------------------------------------------------------------------------ local runs
 
 
@@ -811,6 +1062,15 @@ def test_local_run_lays_out_a_gear_folder_the_gear_runs(tmp_path, pipeline_calls
     assert run_gear(root) == 0
     assert pipeline_calls[0]["config"].fast
     assert pipeline_calls[0]["config"].label_convention == "2023"
+
+
+def test_local_run_lays_out_the_edited_seg_input(tmp_path, reviewing, automatic_run):
+    dicom = tmp_path / "s.zip"
+    sentinel_dicom_zip(dicom)
+    root = make_gear_root(dicom, tmp_path / "gear", edited_seg=automatic_run.seg)
+    assert gear_context.load_job(root).edited_seg == root / "input" / "edited_seg" / automatic_run.seg.name
+    assert run_gear(root) == 0
+    assert (root / "output" / "pedseg_reviewed_measurements_sr.dcm").is_file()
 
 
 def test_local_run_rejects_unknown_and_mistyped_options(tmp_path):
@@ -835,10 +1095,14 @@ def test_manifest_declares_the_gear_contract():
     assert m["custom"]["flywheel"]["classification"] == {
         "function": ["Image Processing - Segmentation"], "modality": ["MR"], "organ": ["Brain"],
         "therapeutic_area": ["Oncology"], "species": ["Human"]}
+    # The input contract, changed deliberately: 'edited_seg' (issue 17) brings a reader's edited SEG back.
     assert {k: v["base"] for k, v in m["inputs"].items()} == {"dicom": "file", "model_bundle": "file",
-                                                              "api-key": "api-key"}
+                                                              "edited_seg": "file", "api-key": "api-key"}
     assert m["inputs"]["dicom"]["optional"]
     assert m["inputs"]["model_bundle"]["optional"]
+    assert m["inputs"]["edited_seg"]["optional"]
+    assert m["inputs"]["edited_seg"]["type"] == {"enum": ["dicom", "archive"]}
+    assert "pedseg_reviewed_" in m["inputs"]["edited_seg"]["description"]
     assert {"nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "OMP_NUM_THREADS"} <= set(m["environment"])
     assert m["source"].startswith("https://")
     assert m["url"].startswith("https://")  # placeholders until published
