@@ -25,6 +25,7 @@ from pedseg.pipeline.bundle import BundleModel, ModelBundle, load_bundle
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import MissingSequenceError
 from pedseg.pipeline.identify import identify
+from pedseg.pipeline.identify_rules import ROLE_NAMES
 from pedseg.pipeline.infer import infer, uncertainty_summary
 from pedseg.pipeline.ingest import ingest
 from pedseg.pipeline.longitudinal import Longitudinal, compare
@@ -33,7 +34,7 @@ from pedseg.pipeline.population import CHILDREN_COVERED, population_warning
 from pedseg.pipeline.postprocess import postprocess
 from pedseg.pipeline.preprocess import labels_to_native, preprocess
 from pedseg.pipeline.study import study_context
-from pedseg.pipeline.types import Identification, Measurements, PopulationWarning, Session, StudyContext
+from pedseg.pipeline.types import Identification, Measurements, PopulationWarning, SeriesDecision, Session, StudyContext
 from pedseg.reporting.artifacts import BundleRecord, Provenance, RunArtifacts
 from pedseg.tracking.records import time_point
 from pedseg.tracking.store import MeasurementStore
@@ -183,13 +184,56 @@ def _default_writers() -> Sequence[Writer]:
 
 
 def _require_inputs(identification: Identification, bundle: ModelBundle) -> tuple[BundleModel, ...]:
-    """The bundle's members this session's sequences can run (inference refuses when there are none);
-    MissingSequenceError when the session lacks a sequence the bundle requires."""
+    """The bundle's members this session's sequences can run. MissingSequenceError, before anything is
+    preprocessed, when the session lacks a sequence the bundle requires or no member can run; error.json then
+    holds what was identified (`identification_report`)."""
+    members = bundle.runnable(identification.chosen)
     absent = [role for role in bundle.required_inputs if role not in identification.chosen]
-    if absent:
-        raise MissingSequenceError(f"Model bundle '{bundle.name}' requires {absent}, which this session lacks.",
-                                   hint="Add the missing series or use a bundle that accepts fewer inputs.")
-    return bundle.runnable(identification.chosen)
+    if members and not absent:
+        return members
+    def names(roles: Sequence[str]) -> str:
+        return ", ".join(ROLE_NAMES[r] for r in roles)
+
+    found = "; ".join(f"{role} {_decision(identification, key).label} (confidence "
+                      f"{_decision(identification, key).confidence:.2f})"
+                      for role, key in identification.chosen.items()) or "none"
+    models = "; ".join(f"'{m.name}' needs {' + '.join(m.required_inputs)}"
+                       + (f" (lacks {', '.join(_lacks(m, identification))})" if _lacks(m, identification) else
+                          " (all present)") for m in bundle.models)
+    head = (f"Model bundle '{bundle.name}' requires {names(absent)}, which this session lacks." if members else
+            f"No model of bundle '{bundle.name}' can run on this session, which lacks "
+            f"{names(identification.missing)}.")
+    raise MissingSequenceError(
+        f"{head} Identified: {found}. Models and the sequences each runs with: {models}.",
+        hint="Add the missing series (if one is there but was not recognised, pin it with --role ROLE=SERIES), or "
+             "use a bundle whose models take these sequences. error.json lists how each series was identified.",
+        details={"identification": identification_report(identification, bundle)})
+
+
+def identification_report(identification: Identification, bundle: ModelBundle) -> dict:
+    """What was identified when a run stops for want of sequences: each role's chosen series with its confidence
+    and reasons, the roles missing, what each of the bundle's models needs and lacks, and every other series
+    with the role it was given. Series are named by number and description only."""
+    def series(d: SeriesDecision) -> dict:
+        return {"series_number": d.series_number, "description": d.description, "part": d.part or None,
+                "role": d.role, "confidence": round(d.confidence, 3), "reasons": list(d.reasons),
+                "pinned": d.pinned}
+
+    return {
+        "chosen": {role: series(_decision(identification, key)) for role, key in identification.chosen.items()},
+        "missing": list(identification.missing),
+        "models": {m.name: {"needs": list(m.required_inputs), "lacks": _lacks(m, identification),
+                            "can_run": not _lacks(m, identification)} for m in bundle.models},
+        "other_series": [series(d) for d in identification.decisions if not d.chosen],
+    }
+
+
+def _decision(identification: Identification, key: str) -> SeriesDecision:
+    return next(d for d in identification.decisions if d.key == key)
+
+
+def _lacks(member: BundleModel, identification: Identification) -> list[str]:
+    return [role for role in member.required_inputs if role not in identification.chosen]
 
 
 def _population_guard(bundle: ModelBundle, age_years: float | None) -> PopulationWarning | None:

@@ -3,8 +3,9 @@
 `resolve_execution` turns the user's `--backend` and `--precision` into an `Execution`. Precision `auto` is bf16
 only where the CPU computes it natively (AMX or AVX512-BF16: emulated bf16 is slower than fp32) and the bundle
 allows it (bundle.json `allow_bf16`, default true), else fp32; on CUDA it is what nnU-Net does there, fp16
-autocast, for nnU-Net members, and fp32 for DeepMedic (validated in fp32). Backend `auto` is PyTorch on CUDA and
-OpenVINO on the CPU, except for DeepMedic at fp32: its channels-last PyTorch path ran as fast as OpenVINO there
+autocast, for nnU-Net and MONAI members, and fp32 for DeepMedic (validated in fp32). Backend `auto` is PyTorch
+on CUDA and OpenVINO on the CPU (MONAI members included: a 96^3 SegResNet window ran 1.9-2.0x faster than on
+PyTorch, 2 cores), except for DeepMedic at fp32: its channels-last PyTorch path ran as fast as OpenVINO there
 (bench/RESULTS.md), without the conversion.
 """
 from __future__ import annotations
@@ -81,7 +82,7 @@ def resolve_execution(backend: str, precision: str, device_type: str, *, bundle_
         chosen_precision, reason = precision, "as requested"
     elif device_type == "cuda":
         chosen_precision, reason = (("fp32", "DeepMedic is validated in fp32") if kind == "deepmedic" else
-                                    ("fp16", "nnU-Net's fp16 autocast on CUDA"))
+                                    ("fp16", "fp16 autocast on CUDA, as nnU-Net runs there"))
     elif not cpu_has_native_bf16():
         chosen_precision, reason = "fp32", "this CPU has no native bf16"
     elif not allow_bf16:

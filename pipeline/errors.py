@@ -24,16 +24,21 @@ class PipelineError(Exception):
     causes = ""
     advice = ""
 
-    def __init__(self, message: str, *, hint: str = ""):
+    def __init__(self, message: str, *, hint: str = "", details: dict | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        # What the run had found when it stopped, for error.json (JSON values, no patient identifiers).
+        self.details = details or {}
 
     def __str__(self) -> str:
         return f"{self.message} {self.hint}".strip()
 
     def to_dict(self) -> dict:
-        return {"error": self.kind, "exit_code": self.exit_code, "message": self.message, "hint": self.hint}
+        document = {"error": self.kind, "exit_code": self.exit_code, "message": self.message, "hint": self.hint}
+        if self.details:
+            document["details"] = self.details
+        return document
 
 
 class InternalError(PipelineError):

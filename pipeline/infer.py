@@ -114,12 +114,11 @@ def infer(pre: Preprocessed, bundle: ModelBundle, workdir: Path, config: Pipelin
                               seconds=round(time.perf_counter() - t0, 2),
                               backend="+".join(dict.fromkeys(e.backend for e in executions.values())),
                               precision="+".join(dict.fromkeys(e.precision for e in executions.values())),
-                              members_skipped=skipped),
+                              members_skipped=skipped,
+                              executions={m.name: {"backend": executions[m.kind].backend,
+                                                   "precision": executions[m.kind].precision}
+                                          for m in plan.models}),
     )
-
-
-# MONAI members run on PyTorch at fp32: OpenVINO conversion and bf16 are validated for nnU-Net and DeepMedic only.
-MONAI_EXECUTION = Execution("torch", "fp32", reason="MONAI members run on PyTorch at fp32")
 
 
 def _executions(config: PipelineConfig, bundle: ModelBundle, members: list[BundleModel],
@@ -128,7 +127,7 @@ def _executions(config: PipelineConfig, bundle: ModelBundle, members: list[Bundl
     executions = {}
     kinds = list(dict.fromkeys(m.kind for m in members))
     for kind in kinds:
-        executions[kind] = MONAI_EXECUTION if kind == "monai" else resolve_execution(
+        executions[kind] = resolve_execution(
             config.backend, config.precision, device_type, bundle_name=bundle.name, allow_bf16=bundle.allow_bf16,
             kind=kind, threads=config.threads)
         which = f" of {kind} models" if len(kinds) > 1 else ""

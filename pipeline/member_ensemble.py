@@ -40,9 +40,14 @@ class LabelSpace:
     def for_members(cls, outputs: Sequence[MemberOutput]) -> LabelSpace:
         """Classes when every member predicts classes (their union, background first), else the region members'
         regions (which must agree and nest)."""
-        region_sets = {o.channels for o in outputs if o.has_regions}
+        return cls.of([(o.channels, o.has_regions) for o in outputs])
+
+    @classmethod
+    def of(cls, declared: Sequence[tuple[Channels, bool]]) -> LabelSpace:
+        """`for_members` from what each member declares it predicts, (channels, has_regions), before it runs."""
+        region_sets = {channels for channels, has_regions in declared if has_regions}
         if not region_sets:
-            values = sorted({v for o in outputs for c in o.channels for v in c} | {0})
+            values = sorted({v for channels, _ in declared for c in channels for v in c} | {0})
             return cls(tuple((v,) for v in values), has_regions=False)
         if len(region_sets) > 1:
             raise BundleError(f"The bundle's region-based members predict different regions {sorted(region_sets)}; "

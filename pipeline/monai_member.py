@@ -13,7 +13,11 @@ A member's bundle.json entry (kind "monai"):
   "outputs":       one list of bundle label values per output channel: [[0], [1], [2], [3]] for classes,
                    [[1, 2, 3], [1, 3], [3]] for regions (each region the union of its labels)
 The probabilities come back on the input grid, one channel per `outputs` entry, so a bundle can average them with
-other members in one label space (pipeline.infer).
+other members in one label space (pipeline.members).
+
+The network runs on the backend and at the precision `pipeline.backend` resolved for the run: PyTorch (with its
+autocast precision), or OpenVINO on the CPU, compiled for the window shape (the inferer pads every window to
+roi_size, so one static shape serves a whole volume).
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from pedseg.pipeline.backend import TORCH_FP32, Execution
 from pedseg.pipeline.errors import BundleError
+from pedseg.pipeline.openvino_backend import OpenVINONetwork
 
 Activation = Literal["softmax", "sigmoid"]
 Normalisation = Literal["zscore-nonzero", "none"]
@@ -122,31 +128,36 @@ def load_monai_member(spec: MonaiSpec, weights: Path, where: str) -> torch.nn.Mo
 
 @torch.inference_mode()
 def predict(network: torch.nn.Module, volume: np.ndarray, spec: MonaiSpec, device: torch.device,
-            tta: bool = True) -> np.ndarray:
+            tta: bool = True, execution: Execution = TORCH_FP32) -> np.ndarray:
     """Activated probabilities (C_out, *spatial) of `volume` (C_in, *spatial, raw intensities): the declared
     normalisation, MONAI's sliding window, the logits' mean over mirrorings (each flipped back, as nnU-Net
-    averages them) and the activation."""
+    averages them) and the activation. `execution`: the backend and precision the network runs with."""
     from monai.inferers import SlidingWindowInferer
     from monai.transforms import NormalizeIntensity
 
     if spec.window.crop_to_nonzero:
-        return _predict_in_nonzero_box(network, volume, spec, device, tta)
+        return _predict_in_nonzero_box(network, volume, spec, device, tta, execution)
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     if spec.normalisation == "zscore-nonzero":
         x = NormalizeIntensity(nonzero=True, channel_wise=True)(x)
     x = torch.as_tensor(x)[None].to(device)
     inferer = SlidingWindowInferer(roi_size=spec.window.roi_size, sw_batch_size=spec.window.sw_batch_size,
                                    overlap=spec.window.overlap, mode=spec.window.mode)
-    network = network.to(device)
+    openvino = execution.backend == "openvino"
+    run = OpenVINONetwork(network, execution) if openvino else network.to(device)
+    autocast = None if openvino else execution.autocast_dtype
     passes = spec.window.mirrorings(tta)
-    logits = sum(torch.flip(inferer(torch.flip(x, dims), network), dims) if dims else inferer(x, network)
-                 for dims in passes) / len(passes)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        logits = sum(torch.flip(inferer(torch.flip(x, dims), run), dims).float() if dims else
+                     inferer(x, run).float() for dims in passes) / len(passes)
+    if openvino:
+        run.release()
     probabilities = torch.softmax(logits, 1) if spec.activation == "softmax" else torch.sigmoid(logits)
     return probabilities[0].float().cpu().numpy()
 
 
 def _predict_in_nonzero_box(network: torch.nn.Module, volume: np.ndarray, spec: MonaiSpec, device: torch.device,
-                            tta: bool) -> np.ndarray:
+                            tta: bool, execution: Execution) -> np.ndarray:
     """`predict` on the bounding box of the non-zero voxels; outside it, certain background (the channel that
     stands for label 0 when there is one, else nothing)."""
     from dataclasses import replace
@@ -159,5 +170,5 @@ def _predict_in_nonzero_box(network: torch.nn.Module, volume: np.ndarray, spec: 
         return out
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in nonzero)
     uncropped = replace(spec, window=replace(spec.window, crop_to_nonzero=False))
-    out[(slice(None), *box)] = predict(network, volume[(slice(None), *box)], uncropped, device, tta)
+    out[(slice(None), *box)] = predict(network, volume[(slice(None), *box)], uncropped, device, tta, execution)
     return out

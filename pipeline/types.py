@@ -240,6 +240,8 @@ class EnsembleInfo:
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast)
     # Members of the bundle that did not run, with why (fallback members ran for a session missing a sequence).
     members_skipped: dict[str, str] = field(default_factory=dict)
+    # What each member that ran ran with: model name -> {"backend": ..., "precision": ...}
+    executions: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

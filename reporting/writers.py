@@ -59,7 +59,9 @@ def measurement_tables(run: RunArtifacts, staging: Path) -> dict[str, Path]:
         "study_date": run.session.study_date,
         # which of the bundle's models made this result (fallback members when the session lacks a sequence)
         "models": {"ran": list(run.prediction.models_used),
-                   "skipped": dict(run.prediction.ensemble.members_skipped) if run.prediction.ensemble else {}},
+                   "skipped": dict(run.prediction.ensemble.members_skipped) if run.prediction.ensemble else {},
+                   # the backend and precision each member ran with (MONAI and DeepMedic members included)
+                   "executions": dict(run.prediction.ensemble.executions) if run.prediction.ensemble else {}},
     }
     return {"measurements_json": write_measurements_json(run.measurements, staging / "measurements.json",
                                                          context=context, population_warning=run.population_warning),

@@ -66,6 +66,15 @@ def test_auto_runs_deepmedic_at_fp32_on_pytorch_and_at_bf16_on_openvino(no_bf16,
     assert (_resolve(kind="deepmedic").backend, _resolve(kind="deepmedic").precision) == ("openvino", "bf16")
 
 
+def test_monai_members_are_resolved_like_nnunet_members(no_bf16, monkeypatch):
+    """No longer always PyTorch fp32: OpenVINO on the CPU, bf16 where the CPU has it, fp16 autocast on CUDA."""
+    assert (_resolve(kind="monai").backend, _resolve(kind="monai").precision) == ("openvino", "fp32")
+    assert (_resolve(device="cuda", kind="monai").backend, _resolve(device="cuda", kind="monai").precision) == (
+        "torch", "fp16")
+    monkeypatch.setattr(backend, "cpu_has_native_bf16", lambda: True)
+    assert (_resolve(kind="monai").backend, _resolve(kind="monai").precision) == ("openvino", "bf16")
+
+
 def test_explicit_choices_are_kept(no_bf16):
     chosen = _resolve("torch", "fp32")
     assert (chosen.backend, chosen.precision, chosen.reason) == ("torch", "fp32", "as requested")
