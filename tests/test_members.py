@@ -308,7 +308,8 @@ def test_from_dicom_a_session_without_t1n_and_t2w_gets_a_fallback_segmentation(t
     skipped = {NNUNET: "needs ['t1n', 't2w'], which the session lacks"}
     assert result.provenance.ensemble.members_skipped == skipped
     document = json.loads((tmp_path / "out" / "measurements.json").read_text())
-    assert document["context"]["models"] == {"ran": ["segresnet"], "skipped": skipped}
+    assert document["context"]["models"] == {"ran": ["segresnet"], "skipped": skipped,
+                                             "executions": {"segresnet": {"backend": "torch", "precision": "fp32"}}}
     first_page = PdfReader(tmp_path / "out" / "report.pdf").pages[0].extract_text()
     assert "Not every model of the bundle could run" in first_page and "segresnet" in first_page
     (atlas,) = tmp_path.glob("pedseg-work-*/atlas")
