@@ -19,7 +19,9 @@ the README's "Model bundles" section describes every field):
                        "activation": "sigmoid", "outputs": [[1, 2, 3], [1, 3], [3]]}]    (pipeline/monai_member.py)
                      any member: "region_weights": {"ET": 0.7, ...} its weight per region in the ensemble;
                      "required_inputs": the sequences it needs (default all), so a session missing one still
-                     runs the members that do not need it; "brain": overrides the bundle's preprocessing
+                     runs the members that do not need it; "brain": overrides the bundle's preprocessing;
+                     "fallback": true: it runs only when no other member can (a session lacking a sequence the
+                     primary members need), never alongside them (default false)
   preprocessing:     {"brain": "skull_stripped" | "defaced" | "none", "space": "sri24"}   what the members were
                      trained on (default skull_stripped)
   tta:               mirroring test-time augmentation by default
@@ -61,6 +63,8 @@ ModelKind = Literal["nnunetv2", "deepmedic", "monai"]
 BrainPreparation = Literal["skull_stripped", "defaced", "none"]
 Population = Literal["pediatric", "adult", "adult-and-pediatric", "synthetic", "unspecified"]
 DEEPMEDIC_ARCHITECTURE = "architecture.json"
+# Why a fallback member did not run on a complete session (not a reason to warn the reader)
+FALLBACK_NOT_NEEDED = "fallback member, not needed: the primary members can run"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class BundleModel:
     region_weights: dict[str, float] = field(default_factory=dict)  # region name -> weight, overriding `weight`
     required_inputs: tuple[str, ...] = ()  # the roles it needs, in the bundle's channel order
     brain: BrainPreparation = "skull_stripped"
+    fallback: bool = False  # runs only when no other (primary) member can
 
     @property
     def weight_files(self) -> tuple[Path, ...]:
@@ -118,8 +123,18 @@ class ModelBundle:
         return tuple(dict.fromkeys(model.kind for model in self.models))
 
     def runnable(self, available: Collection[str]) -> tuple[BundleModel, ...]:
-        """The members whose sequences are all `available`."""
-        return tuple(m for m in self.models if set(m.required_inputs) <= set(available))
+        """The members whose sequences are all `available`: the primary ones, or when none of them can run, the
+        fallback members."""
+        can_run = [m for m in self.models if set(m.required_inputs) <= set(available)]
+        return tuple(m for m in can_run if not m.fallback) or tuple(can_run)
+
+    def skip_reasons(self, available: Collection[str]) -> dict[str, str]:
+        """Why each member that `runnable` leaves out does not run, by member name."""
+        running = self.runnable(available)
+        return {m.name: (f"needs {sorted(set(m.required_inputs) - set(available))}, which the session lacks"
+                         if not set(m.required_inputs) <= set(available)
+                         else FALLBACK_NOT_NEEDED)
+                for m in self.models if m not in running}
 
     @property
     def has_fallbacks(self) -> bool:
@@ -219,7 +234,7 @@ def _model(root: Path, entry: dict, inputs: dict[str, int], brain: BrainPreparat
               "region_weights": {k: float(v) for k, v in entry.get("region_weights", {}).items()},
               # the member's channels: its roles in the bundle's channel order
               "required_inputs": tuple(sorted(entry.get("required_inputs", inputs), key=lambda r: inputs.get(r, -1))),
-              "brain": entry.get("brain", brain)}
+              "brain": entry.get("brain", brain), "fallback": bool(entry.get("fallback", False))}
     if kind == "deepmedic":
         return BundleModel(**common, weights=entry.get("weights", "model.safetensors"),
                            normalisation=entry["normalisation"],
@@ -255,13 +270,14 @@ def _validator() -> jsonschema.protocols.Validator:
 
 def _check_consistency(bundle: ModelBundle) -> None:
     """What the schema cannot say: channels numbered 0..N-1, labels of exactly the declared convention, members
-    needing only sequences the bundle maps."""
+    needing only sequences the bundle maps, fallback members that can ever run."""
     for model in bundle.models:
         unknown = sorted(set(model.required_inputs) - set(bundle.inputs))
         if unknown:
             raise BundleError(f"Bundle '{bundle.name}': model '{model.name}' requires {unknown}, which the bundle's "
                               f"'inputs' {sorted(bundle.inputs)} do not map.",
                               hint="Add them to 'inputs' or remove them from the model's 'required_inputs'.")
+    _check_fallbacks(bundle)
     if sorted(bundle.inputs.values()) != list(range(len(bundle.inputs))):
         raise BundleError(f"Bundle '{bundle.name}' input channels {sorted(bundle.inputs.values())} are not 0..N-1.")
     if set(bundle.labels.values()) != set(LABEL_VALUES[bundle.label_convention]):
@@ -269,6 +285,26 @@ def _check_consistency(bundle: ModelBundle) -> None:
             f"Bundle '{bundle.name}' labels {bundle.labels} do not match label convention '{bundle.label_convention}'.",
             hint="Use 2024 (ET, NET, CC, ED) or 2023 (NCR, ED, ET).",
         )
+
+
+def _check_fallbacks(bundle: ModelBundle) -> None:
+    """At least one primary member, and no fallback member needing every sequence some primary member needs: it
+    could run only when that member can, that is never."""
+    fallbacks = [m for m in bundle.models if m.fallback]
+    primaries = [m for m in bundle.models if not m.fallback]
+    if fallbacks and not primaries:
+        raise BundleError(f"Bundle '{bundle.name}': every model is a fallback ('fallback': true), so none is the "
+                          "primary model a complete session runs.",
+                          hint="Remove 'fallback' from the model(s) a session with every sequence should run.")
+    for model in fallbacks:
+        shadowed_by = [p.name for p in primaries if set(p.required_inputs) <= set(model.required_inputs)]
+        if shadowed_by:
+            raise BundleError(
+                f"Bundle '{bundle.name}': fallback model '{model.name}' needs {list(model.required_inputs)}, all "
+                f"that model '{shadowed_by[0]}' needs, so it could never run: a fallback runs only when no primary "
+                "model can.",
+                hint="A fallback model must need fewer sequences than the primary models (set its "
+                     "'required_inputs'), or drop 'fallback' to ensemble it with them.")
 
 
 def _check_model_folders(bundle: ModelBundle) -> None:

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from pedseg.pipeline.atomic import write_image
 from pedseg.pipeline.backend import Execution, resolve_execution
-from pedseg.pipeline.bundle import BundleModel, ModelBundle
+from pedseg.pipeline.bundle import FALLBACK_NOT_NEEDED, BundleModel, ModelBundle
 from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.errors import BundleError, MissingSequenceError, ResourceError
 from pedseg.pipeline.labels import internal_value, region_mask
@@ -50,15 +50,15 @@ def members_to_run(pre: Preprocessed, bundle: ModelBundle) -> tuple[tuple[Bundle
     none can run."""
     available = set(pre.images)
     members = bundle.runnable(available)
-    skipped = {m.name: f"needs {sorted(set(m.required_inputs) - available)}, which the session lacks"
-               for m in bundle.models if m not in members}
+    skipped = bundle.skip_reasons(available)
     if not members:
         raise MissingSequenceError(
             f"No model of bundle '{bundle.name}' can run on the session's sequences {sorted(available)}: "
             + "; ".join(f"'{name}' {why}" for name, why in skipped.items()) + ".",
             hint="Use a bundle trained for the available sequences.")
     for name, why in skipped.items():
-        logger.warning("model %s of bundle %s skipped: it %s", name, bundle.name, why)
+        if why != FALLBACK_NOT_NEEDED:
+            logger.warning("model %s of bundle %s skipped: it %s", name, bundle.name, why)
     return members, skipped
 
 

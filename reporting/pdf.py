@@ -28,6 +28,7 @@ from reportlab.lib.utils import ImageReader
 from reportlab.platypus import Image, KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from pedseg.pipeline.atomic import atomic_path
+from pedseg.pipeline.bundle import FALLBACK_NOT_NEEDED
 from pedseg.pipeline.identify_rules import ROLE_NAMES
 from pedseg.pipeline.labels import REGIONS
 from pedseg.pipeline.longitudinal import RESPONSES, Longitudinal
@@ -168,11 +169,15 @@ def _header(context: StudyContext, fast_mode: bool, population_warning: Populati
     flow = [Paragraph(TITLE, _H1), info, Spacer(1, 4 * mm), disclaimer, Spacer(1, 2 * mm)]
     if population_warning is not None:
         flow += [_warning_box(POPULATION_HEADING, population_warning.message), Spacer(1, 2 * mm)]
-    skipped = (provenance.get("ensemble") or {}).get("members_skipped") or {}
+    skipped = {name: why for name, why in ((provenance.get("ensemble") or {}).get("members_skipped") or {}).items()
+               if why != FALLBACK_NOT_NEEDED}
     if skipped:  # fallback members made this result: say which ran and which could not
         ran = ", ".join(provenance.get("models", [])) or "—"
         flow += [_warning_box(FALLBACK_HEADING, f"Made by {ran} only; skipped: "
-                              + "; ".join(f"{name} ({why})" for name, why in skipped.items())), Spacer(1, 2 * mm)]
+                              + "; ".join(f"{name} ({why})" for name, why in skipped.items())
+                              + ". A model made for fewer sequences is usually less accurate than the full one: "
+                                "check its held-out figures in the bundle's model card before trusting volumes."),
+                 Spacer(1, 2 * mm)]
     if fast_mode:
         flow.append(Paragraph(f"<b>{_text(FAST_MODE_LINE)}</b>", _BODY))
     return flow

@@ -59,6 +59,21 @@ CONFIGURATIONS = {
     "3d_p56": DemoConfiguration([56, 56, 56], [8, 16, 32, 64], batch_size=2, epochs=15),
 }
 DATA_CONFIGURATION = "3d_fullres"  # whose preprocessed data every configuration trains on
+
+
+@dataclass(frozen=True)
+class CpuTraining:
+    """One nnU-Net v2 dataset and the CPU-sized configurations trained on it (shared by the bundle scripts)."""
+
+    dataset_id: int
+    dataset_name: str
+    plans: str
+    spacing: list[float]
+    configurations: dict[str, DemoConfiguration]
+    data_configuration: str = DATA_CONFIGURATION
+
+
+DEMO = CpuTraining(DATASET_ID, DATASET_NAME, PLANS, DEMO_SPACING, CONFIGURATIONS)
 BALANCED_EPOCHS = 5  # second phase, see train_fold
 NNUNET_FOREGROUND_OVERSAMPLING = 0.33  # nnUNetTrainer's own default
 
@@ -100,15 +115,15 @@ def make_dataset(raw: Path, n_cases: int, workers: int) -> None:
     (ds / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
 
 
-def _demo_configuration(plans: dict, spec: DemoConfiguration) -> dict:
+def _demo_configuration(plans: dict, spec: DemoConfiguration, training: CpuTraining = DEMO) -> dict:
     config = json.loads(json.dumps(plans["configurations"]["3d_fullres"]))
-    config["spacing"] = DEMO_SPACING
+    config["spacing"] = training.spacing
     config["patch_size"] = spec.patch_size
     config["batch_size"] = spec.batch_size
-    config["data_identifier"] = f"{PLANS}_{DATA_CONFIGURATION}"
+    config["data_identifier"] = f"{training.plans}_{training.data_configuration}"
     median_mm = [s * sp for s, sp in zip(config["median_image_size_in_voxels"],
                                          plans["original_median_spacing_after_transp"])]
-    config["median_image_size_in_voxels"] = [round(m / d) for m, d in zip(median_mm, DEMO_SPACING)]
+    config["median_image_size_in_voxels"] = [round(m / d) for m, d in zip(median_mm, training.spacing)]
     n_stages = len(spec.features_per_stage)
     config["architecture"]["arch_kwargs"].update(
         n_stages=n_stages,
@@ -121,38 +136,52 @@ def _demo_configuration(plans: dict, spec: DemoConfiguration) -> dict:
     return config
 
 
-def plan_and_preprocess(workers: int) -> None:
+def set_nnunet_paths(work: Path) -> None:
+    """nnU-Net's three folders under `work`, set before nnunetv2 is first imported (it reads them on import)."""
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        os.environ[var] = str(work / sub)
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    # One augmentation worker: on a 2-core machine the network itself needs both cores.
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+
+
+def plan_and_preprocess(workers: int, training: CpuTraining = DEMO) -> None:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
     from nnunetv2.paths import nnUNet_preprocessed
 
-    pre = Path(nnUNet_preprocessed) / DATASET_NAME
+    pre = Path(nnUNet_preprocessed) / training.dataset_name
     if not (pre / "nnUNetPlans.json").is_file():
-        extract_fingerprints([DATASET_ID], num_processes=workers, check_dataset_integrity=True)
-        plan_experiments([DATASET_ID])  # nnU-Net's default plans, then narrowed below into PLANS
+        extract_fingerprints([training.dataset_id], num_processes=workers, check_dataset_integrity=True)
+        plan_experiments([training.dataset_id])  # nnU-Net's default plans, then narrowed below into training.plans
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = PLANS
-    plans["configurations"] = {name: _demo_configuration(plans, spec) for name, spec in CONFIGURATIONS.items()}
-    (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
+    plans["plans_name"] = training.plans
+    plans["configurations"] = {name: _demo_configuration(plans, spec, training)
+                               for name, spec in training.configurations.items()}
+    (pre / f"{training.plans}.json").write_text(json.dumps(plans, indent=2))
     n_cases = json.loads((pre / "dataset.json").read_text())["numTraining"]
-    if len(list((pre / f"{PLANS}_{DATA_CONFIGURATION}").glob("*.pkl"))) < n_cases:
-        preprocess([DATASET_ID], plans_identifier=PLANS, configurations=[DATA_CONFIGURATION], num_processes=[workers])
+    if len(list((pre / f"{training.plans}_{training.data_configuration}").glob("*.pkl"))) < n_cases:
+        preprocess([training.dataset_id], plans_identifier=training.plans,
+                   configurations=[training.data_configuration], num_processes=[workers])
 
 
-def train_fold(configuration: str, fold: int, epochs: int, iterations: int, device: str) -> Path:
+def train_fold(configuration: str, fold: int, epochs: int, iterations: int, device: str,
+               training: CpuTraining = DEMO, balanced_epochs: int = BALANCED_EPOCHS) -> Path:
     """Two phases. First every patch is centred on tumour (nnU-Net's default: one in three): with so few
     iterations the small sub-regions (ET rim, cyst) are otherwise never learned. Such a model has never seen
     tumour-free brain and calls ventricles and sulcal CSF tumour, so a second phase with nnU-Net's default
-    sampling follows, continuing the poly learning-rate schedule as if it had been BALANCED_EPOCHS longer."""
-    _train_until(configuration, fold, epochs, 1.0, iterations, device)
-    return _train_until(configuration, fold, epochs + BALANCED_EPOCHS, NNUNET_FOREGROUND_OVERSAMPLING, iterations,
-                        device)
+    sampling follows, continuing the poly learning-rate schedule as if it had been `balanced_epochs` longer."""
+    _train_until(configuration, fold, epochs, 1.0, iterations, device, training)
+    return _train_until(configuration, fold, epochs + balanced_epochs, NNUNET_FOREGROUND_OVERSAMPLING, iterations,
+                        device, training)
 
 
-def _train_until(configuration: str, fold: int, epochs: int, oversample: float, iterations: int, device: str) -> Path:
+def _train_until(configuration: str, fold: int, epochs: int, oversample: float, iterations: int, device: str,
+                 training: CpuTraining) -> Path:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    trainer = get_trainer_from_args(str(DATASET_ID), configuration, fold, TRAINER, PLANS, device=torch.device(device))
+    trainer = get_trainer_from_args(str(training.dataset_id), configuration, fold, TRAINER, training.plans,
+                                    device=torch.device(device))
     # A CPU-sized budget: nnU-Net's poly schedule over `epochs` epochs of `iterations` steps (default 1000 x 250).
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
@@ -284,11 +313,7 @@ def main() -> None:
     epochs = {e.configuration: args.epochs or CONFIGURATIONS[e.configuration].epochs for e in entries}
 
     work = args.workdir.resolve()
-    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
-        os.environ[var] = str(work / sub)
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    # One augmentation worker: on a 2-core machine the network itself needs both cores.
-    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+    set_nnunet_paths(work)
     raw = work / "raw"
     results = work / "results" / DATASET_NAME
     t0 = time.time()

@@ -100,3 +100,36 @@ def test_missing_monai_weights_are_named(mixed):
     (mixed / "models" / "segresnet").mkdir()
     with pytest.raises(BundleError, match="MONAI model 'segresnet' lacks its weights model.safetensors"):
         load_bundle(mixed)
+
+
+def test_a_fallback_member_runs_only_when_no_primary_member_can(mixed):
+    _rewrite(mixed, lambda s: s["models"][2].update(fallback=True))
+    bundle = load_bundle(mixed)
+    assert [m.fallback for m in bundle.models] == [False, False, True] and bundle.has_fallbacks
+    everything = {"t1n", "t1c", "t2w", "t2f"}
+    # A complete session runs the primary members only; the SegResNet is not averaged in.
+    assert [m.name for m in bundle.runnable(everything)] == [NNUNET, "deepmedic"]
+    assert bundle.skip_reasons(everything) == {"segresnet": "fallback member, not needed: the primary members can run"}
+    # Without t1n and t2w only the fallback can, and does.
+    assert [m.name for m in bundle.runnable({"t1c", "t2f"})] == ["segresnet"]
+    assert bundle.skip_reasons({"t1c", "t2f"}) == {NNUNET: "needs ['t1n', 't2w'], which the session lacks",
+                                                   "deepmedic": "needs ['t1n', 't2w'], which the session lacks"}
+    assert bundle.runnable({"t1c"}) == ()
+
+
+@pytest.mark.parametrize("fallbacks, message", [
+    ([0, 1, 2], "every model is a fallback"),
+    # the nnU-Net model needs the four sequences the DeepMedic model needs: it could never run
+    ([0], f"fallback model '{NNUNET}' needs ['t1n', 't1c', 't2w', 't2f'], all that model 'deepmedic' needs"),
+])
+def test_a_fallback_that_could_never_run_is_a_bundle_error(mixed, fallbacks, message):
+    _rewrite(mixed, lambda s: [s["models"][i].update(fallback=True) for i in fallbacks])
+    with pytest.raises(BundleError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        load_bundle(mixed)
+    assert err.value.exit_code == 6
+
+
+def test_fallback_must_be_a_boolean(mixed):
+    _rewrite(mixed, lambda s: s["models"][2].update(fallback="yes"))
+    with pytest.raises(BundleError, match="a fallback member runs only when no other member can"):
+        load_bundle(mixed)
