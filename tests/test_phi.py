@@ -62,7 +62,8 @@ def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_comple
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(runner, "infer", interrupt)  # Ctrl-C after minutes of preprocessing
+        # Ctrl-C once the DICOM is unpacked, converted and identified (work folders full of patient data)
+        patch.setattr(runner, "preprocess", interrupt)
         with pytest.raises(KeyboardInterrupt):
             runner.run_pipeline(dicom, out, config)
     assert list(out.iterdir()) == []
