@@ -5,6 +5,7 @@ RSS, and label Dice against the first variant.
 
     .venv/bin/python bench/cpu_backends.py [--repeat 1] [--threads N] [--skip-deepmedic] [--skip-nnunet]
     .venv/bin/python bench/cpu_backends.py --network-only [--repeat 5]   # one full-size tile, interleaved
+    (ONNX Runtime joins the one-tile comparison when installed: pip install -e ".[bench]")
     .venv/bin/python bench/cpu_backends.py --full --skip-deepmedic   # 5 folds x 8 mirrorings: long on 2 cores
 
 First, in one process, one full-size network on one 128x160x112 tile: PyTorch and OpenVINO calls interleaved
@@ -17,6 +18,7 @@ fold are inside the time); with `--repeat`, the variants alternate.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -49,7 +51,30 @@ def _execution(variant: str, threads: int):
     return Execution()
 
 
-def network_ratio(repeat: int, threads: int) -> None:
+class _OnnxRuntimeNetwork:
+    """ONNX Runtime's CPU execution provider on the same network, for the comparison only: exported once with
+    torch.onnx (static tile shape, as OpenVINO compiles it), every graph optimisation on."""
+
+    def __init__(self, network, tile, threads: int):
+        import onnxruntime
+        import torch
+
+        self._folder = tempfile.TemporaryDirectory()
+        path = Path(self._folder.name) / "network.onnx"
+        torch.onnx.export(network, (tile,), str(path), input_names=["x"], output_names=["y"], dynamo=True,
+                          external_data=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, tile):
+        import torch
+
+        return torch.from_numpy(self._session.run(["y"], {"x": tile.numpy()})[0])
+
+
+def network_ratio(repeat: int, threads: int, onnx_runtime: bool) -> None:
     import statistics
 
     import torch
@@ -67,6 +92,8 @@ def network_ratio(repeat: int, threads: int) -> None:
     engines = {"torch fp32": network}
     for precision in ["fp32"] + (["bf16"] if cpu_has_native_bf16() else []):
         engines[f"openvino {precision}"] = OpenVINONetwork(network, Execution("openvino", precision, threads))
+    if onnx_runtime:
+        engines["onnxruntime fp32"] = _OnnxRuntimeNetwork(network, tile, threads)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     cpu: dict[str, list[float]] = {name: [] for name in engines}  # this process's CPU time: what load cannot inflate
     outputs = {}
@@ -204,7 +231,7 @@ def main() -> None:
         from fullsize_bundle import build
 
         build(FULLSIZE, folds=5)
-    network_ratio(max(args.repeat, 3), args.threads)
+    network_ratio(max(args.repeat, 3), args.threads, onnx_runtime=importlib.util.find_spec("onnxruntime") is not None)
     if args.network_only:
         return
     with tempfile.TemporaryDirectory() as tmp:
