@@ -137,6 +137,36 @@ def tiny_atlas_case(folder: Path, labels: np.ndarray | None = None, roles=ROLES)
     return images, folder / "labels.nii.gz"
 
 
+def fake_pipeline_run(tmp: Path, store=None, **config_changes):
+    """One run through the real runner and every writer, preprocessing and inference replaced
+    (`fake_model_stages` with `tiny_atlas_case` images and `tiny_tumour_labels`), on hostile_support's DICOM
+    session: (RunResult, the DICOM session folder). The labels are at tmp/labels.nii.gz."""
+    from pedseg.pipeline.config import PipelineConfig
+    from pedseg.runner import run_pipeline
+
+    from hostile_support import write_session
+
+    images, _ = tiny_atlas_case(tmp / "atlas")
+    tiny_tumour_labels(tmp / "labels.nii.gz")
+    with pytest.MonkeyPatch.context() as patch:
+        fake_model_stages(patch, images, tmp / "labels.nii.gz")
+        session = write_session(tmp / "dicom")
+        config = PipelineConfig(bundle=fake_bundle(tmp / "bundle"), **config_changes)
+        return run_pipeline(session, tmp / "out", config, store), session
+
+
+def write_training_case(seed: int, folder: Path) -> tuple[dict[str, Path], sitk.Image]:
+    """A synthetic training case (pedseg.synth.session) written as one NIfTI per role: (role -> path, labels)."""
+    from pedseg.synth.session import generate_training_case
+
+    images, truth = generate_training_case(seed)
+    paths = {}
+    for role, image in images.items():
+        paths[role] = folder / f"{role}.nii.gz"
+        sitk.WriteImage(image, str(paths[role]))
+    return paths, truth
+
+
 # ------------------------------------------------------------------------------------------ Flywheel SDK
 
 

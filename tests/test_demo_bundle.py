@@ -9,18 +9,16 @@ import SimpleITK as sitk
 
 from pedseg.evaluation import predict_atlas_case, region_dice
 from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
-from pedseg.synth.session import HOLDOUT_SEEDS, generate_training_case
+from pedseg.synth.session import HOLDOUT_SEEDS
+
+from factories import write_training_case
 
 pytestmark = pytest.mark.slow
 
 
 def test_heldout_case_whole_tumour_dice(tmp_path):
     seed = HOLDOUT_SEEDS[0]
-    images, truth = generate_training_case(seed)
-    paths = {}
-    for role, image in images.items():
-        paths[role] = tmp_path / f"{role}.nii.gz"
-        sitk.WriteImage(image, str(paths[role]))
+    paths, truth = write_training_case(seed, tmp_path)
     pred = sitk.GetArrayFromImage(predict_atlas_case(DEMO_BUNDLE, paths, PipelineConfig(device="cpu", threads=2)))
     scores = region_dice(sitk.GetArrayFromImage(truth), pred)
     assert scores["WT"] >= 0.90, scores

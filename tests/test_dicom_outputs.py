@@ -34,17 +34,12 @@ from pedseg.reporting.derived import COMPOSITE_SEG_INDEX, PATIENT_STUDY_ATTRIBUT
 from pedseg.reporting.dicom_pdf import write_encapsulated_pdf
 from pedseg.reporting.dicom_seg import load_sources, segment_volumes_ml, write_seg
 from pedseg.reporting.dicom_sr import write_sr
-from pedseg.runner import run_pipeline
 
 from factories import (
     dicom_dataset,
-    fake_bundle,
-    fake_model_stages,
-    tiny_atlas_case,
-    tiny_tumour_labels,
+    fake_pipeline_run,
     write_dicom,
 )
-from hostile_support import write_session
 from readers import read_seg_labels, read_sr_volumes
 
 ROWS, COLS, SLICES = 64, 56, 20  # not square, and anisotropic pixels: a transpose or swapped spacing shows
@@ -557,13 +552,7 @@ def pipeline_run(tmp_path_factory):
     """One run through the real runner and writers (preprocessing and inference replaced, as in
     factories.fake_model_stages) on a DICOM session whose sagittal T1c and axial FLAIR both cross the tumour."""
     tmp = tmp_path_factory.mktemp("run")
-    images, _ = tiny_atlas_case(tmp / "atlas")
-    tiny_tumour_labels(tmp / "labels.nii.gz")
-    with pytest.MonkeyPatch.context() as patch:
-        fake_model_stages(patch, images, tmp / "labels.nii.gz")
-        session = write_session(tmp / "dicom")
-        result = run_pipeline(session, tmp / "out", PipelineConfig(bundle=fake_bundle(tmp / "bundle"),
-                                                                   seg_composites=True))
+    result, session = fake_pipeline_run(tmp, seg_composites=True)
     return result, session
 
 

@@ -815,18 +815,11 @@ def automatic_run(tmp_path_factory):
     import SimpleITK as sitk
 
     from pedseg.reporting.dicom_seg import write_seg
-    from pedseg.runner import run_pipeline
 
-    from factories import fake_model_stages, tiny_atlas_case, tiny_tumour_labels
-    from hostile_support import write_session
+    from factories import fake_pipeline_run
 
     tmp = tmp_path_factory.mktemp("automatic")
-    images, _ = tiny_atlas_case(tmp / "atlas")
-    tiny_tumour_labels(tmp / "labels.nii.gz")
-    with pytest.MonkeyPatch.context() as patch:
-        fake_model_stages(patch, images, tmp / "labels.nii.gz")
-        dicom = write_session(tmp / "dicom")
-        result = run_pipeline(dicom, tmp / "out", PipelineConfig(bundle=fake_bundle(tmp / "bundle")))
+    result, dicom = fake_pipeline_run(tmp)
     labels = sitk.ReadImage(str(tmp / "labels.nii.gz"))
     arr = sitk.GetArrayFromImage(labels)
     arr[26:][arr[26:] == 4] = 0  # z >= 26: below the core, oedema only

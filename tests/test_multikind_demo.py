@@ -21,6 +21,8 @@ from pedseg.pipeline.members import run_members
 from pedseg.pipeline.types import ROLES
 from pedseg.synth.session import HOLDOUT_SEEDS
 
+from factories import write_training_case
+
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "pedseg-demo-multikind"
 NNUNET = "nnUNetTrainer__nnUNetPlansDemo__3d_fullres"
 MONAI = "segresnet"
@@ -123,14 +125,9 @@ def test_a_heldout_case_through_inference_and_postprocessing_matches_the_record(
     ensemble Dice (the bundle's defaults: both folds, PyTorch fp32) is what a run gives."""
     from pedseg.evaluation import predict_atlas_case, region_dice
     from pedseg.pipeline.config import PipelineConfig
-    from pedseg.synth.session import generate_training_case
 
     seed = HOLDOUT_SEEDS[0]
-    images, truth = generate_training_case(seed)
-    paths = {}
-    for role, image in images.items():
-        paths[role] = tmp_path / f"{role}.nii.gz"
-        sitk.WriteImage(image, str(paths[role]))
+    paths, truth = write_training_case(seed, tmp_path)
     config = PipelineConfig(device="cpu", backend="torch", precision="fp32", threads=2)
     scores = region_dice(sitk.GetArrayFromImage(truth), sitk.GetArrayFromImage(predict_atlas_case(BUNDLE, paths,
                                                                                                   config)))

@@ -23,15 +23,12 @@ import SimpleITK as sitk
 from pypdf import PdfReader
 
 from pedseg.cli.main import main
-from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.labels import BASE_REGIONS, REGIONS
 from pedseg.pipeline.longitudinal import compare
 from pedseg.reporting.dicom_seg import load_sources, segment_volumes_ml
-from pedseg.runner import run_pipeline
 from pedseg.tracking.sqlite import SQLiteStore
 
-from factories import fake_bundle, fake_model_stages, tiny_atlas_case, tiny_tumour_labels
-from hostile_support import write_session
+from factories import fake_pipeline_run
 
 SUBJECT = "subject-review"
 DCMQI_COLOURS = {"ET": [230, 25, 25], "NET": [255, 220, 0], "CC": [0, 200, 255], "ED": [40, 200, 60]}
@@ -46,14 +43,8 @@ def _tool(name: str) -> str:
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("review")
-    images, _ = tiny_atlas_case(tmp / "atlas")
-    tiny_tumour_labels(tmp / "labels.nii.gz")
     store = SQLiteStore(tmp / "store.db")
-    with pytest.MonkeyPatch.context() as patch:
-        fake_model_stages(patch, images, tmp / "labels.nii.gz")
-        session = write_session(tmp / "dicom")
-        result = run_pipeline(session, tmp / "out", PipelineConfig(bundle=fake_bundle(tmp / "bundle"),
-                                                                   subject_key=SUBJECT), store)
+    result, session = fake_pipeline_run(tmp, store, subject_key=SUBJECT)
     return tmp, result, session, store
 
 
