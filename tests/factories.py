@@ -61,11 +61,11 @@ def write_dicom(ds: Dataset, path: Path) -> Path:
 
 
 def fake_bundle(root: Path, *, channels: int = 4, missing_fold: int | None = None, required: tuple[str, ...] = ROLES,
-                weights: bytes = b"not a checkpoint") -> Path:
+                weights: bytes = b"not a checkpoint", model_required: tuple[str, ...] | None = None) -> Path:
     """A bundle of one model, folds 0 and 1, that passes load_bundle (files present, mappings consistent) but
     holds no real weights: enough for every run that stops before inference, and for the bundle hash (which
     covers `weights`). `channels`: what the model's dataset.json declares; `missing_fold`: listed, not on disk;
-    `required`: the bundle's required inputs."""
+    `required`: the bundle's required inputs; `model_required`: the model's (default: every input)."""
     folder = root / "models" / "Dataset999_Test__nnUNetPlans__3d_fullres"
     folder.mkdir(parents=True)
     (folder / "dataset.json").write_text(json.dumps({"channel_names": {str(i): f"c{i}" for i in range(channels)}}))
@@ -77,7 +77,8 @@ def fake_bundle(root: Path, *, channels: int = 4, missing_fold: int | None = Non
     spec = {"name": "fake-bundle", "version": "0", "inputs": {role: channel for channel, role in enumerate(ROLES)},
             "required_inputs": list(required), "label_convention": "2024",
             "labels": {str(v): region for region, v in LABEL_VALUES["2024"].items()},
-            "models": [{"path": str(folder.relative_to(root)), "folds": [0, 1]}]}
+            "models": [{"path": str(folder.relative_to(root)), "folds": [0, 1],
+                        **({"required_inputs": list(model_required)} if model_required else {})}]}
     (root / "bundle.json").write_text(json.dumps(spec))
     return root
 

@@ -467,7 +467,8 @@ def test_runner_records_each_run_and_reports_the_change(tmp_path, monkeypatch):
                         lambda segs, files, out, **kw: sr_uids.append(kw["tracking_uids"]) or (output(out), {}))
     monkeypatch.setattr("pedseg.reporting.writers.write_encapsulated_pdf", lambda pdf, files, out, **kw: output(out))
     store = SQLiteStore(tmp_path / "m.db")
-    config = PipelineConfig(device="cpu", bundle=fake_bundle(tmp_path / "bundle", required=("t1c",)))
+    config = PipelineConfig(device="cpu", bundle=fake_bundle(tmp_path / "bundle", required=("t1c",), channels=1,
+                                                                         model_required=("t1c",)))
     for i, growth in enumerate(GROWTH):
         study.update(uid=UIDS[i], date=DATES[i])
         image, labels = ball_case(tmp_path / f"case{i}", growth)
