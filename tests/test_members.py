@@ -3,7 +3,6 @@ brain preparation it declared, per-region weights apply, a session missing a seq
 and says which were skipped, and a run no member can make stops with exit 3."""
 import dataclasses
 import json
-import tempfile
 
 import numpy as np
 import pytest
@@ -280,41 +279,3 @@ def test_no_member_able_to_run_stops_before_preprocessing_with_what_was_identifi
     assert "1.2.3." not in json.dumps(error)  # series by number and description only
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["error.json"]  # nothing half-written beside it
 
-
-@pytest.mark.slow
-def test_from_dicom_a_session_without_t1n_and_t2w_gets_a_fallback_segmentation(tmp_path, monkeypatch):
-    """The whole run: identification lets the fallback bundle decide, preprocessing also defaces (the fallback
-    member declared it), the demo nnU-Net model is skipped, and measurements.json, provenance and the PDF say so."""
-    import pydicom
-    from pypdf import PdfReader
-
-    from pedseg.runner import run_pipeline
-    from pedseg.synth.session import generate_session
-
-    summary = generate_session(tmp_path / "session", 9002)
-    dropped = {summary["series_uids"]["t1n"], summary["series_uids"]["t2w"]}
-    for path in (tmp_path / "session" / "dicom").rglob("*.dcm"):
-        if pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID in dropped:
-            path.unlink()
-    segresnet = {**_segresnet(tmp_path / "fb" / "models" / "segresnet", 2), "required_inputs": ["t1c", "t2f"],
-                 "brain": "defaced"}
-    bundle = _bundle(tmp_path / "fb", [NNUNET_MEMBER, segresnet])
-    config = dataclasses.replace(_config(bundle), keep_workdir=True)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the kept work folder goes
-    result = run_pipeline(tmp_path / "session" / "dicom", tmp_path / "out", config)
-
-    assert sorted(result.identification.chosen) == ["t1c", "t2f"]
-    assert result.provenance.models == ["segresnet"]
-    skipped = {NNUNET: "needs ['t1n', 't2w'], which the session lacks"}
-    assert result.provenance.ensemble.members_skipped == skipped
-    document = json.loads((tmp_path / "out" / "measurements.json").read_text())
-    assert document["context"]["models"] == {"ran": ["segresnet"], "skipped": skipped,
-                                             "executions": {"segresnet": {"backend": "torch", "precision": "fp32"}}}
-    first_page = PdfReader(tmp_path / "out" / "report.pdf").pages[0].extract_text()
-    assert "Not every model of the bundle could run" in first_page and "segresnet" in first_page
-    (atlas,) = tmp_path.glob("pedseg-work-*/atlas")
-    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas / "brain_mask.nii.gz"))) > 0
-    stripped = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas / "t1c.nii.gz")))
-    defaced = sitk.GetArrayFromImage(sitk.ReadImage(str(atlas / "defaced" / "t1c.nii.gz")))
-    np.testing.assert_array_equal(defaced[brain], stripped[brain])  # the brain as the stripped image has it
-    assert (defaced[~brain] != 0).sum() > 10 * (stripped[~brain] != 0).sum()  # with the head around it

@@ -12,11 +12,12 @@ import pytest
 from pypdf import PdfReader
 
 from pedseg.cli.main import main
-from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
+from pedseg.pipeline.config import PipelineConfig
 from pedseg.pipeline.convert import convert_series
 from pedseg.pipeline.identify import classify_session, session_to_json
 from pedseg.pipeline.ingest import ingest
 
+from factories import fake_bundle, fake_model_stages, tiny_atlas_case, tiny_tumour_labels
 from hostile_support import SENTINELS, phi_found, text_files, write_session
 
 
@@ -40,29 +41,20 @@ def test_ingest_identify_and_conversion_never_show_patient_identifiers(tmp_path,
         assert not phi_found(text), where
 
 
-@pytest.mark.slow
-def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_complete_outputs(tmp_path, monkeypatch,
-                                                                                         caplog):
-    """The full pipeline with the demo bundle: a run interrupted mid-way leaves nothing; a leftover of a killed
-    run is cleared; the re-run writes every output and no file, log or report text shows an identifier."""
-    if not (DEMO_BUNDLE / "bundle.json").exists():
-        pytest.skip(f"demo bundle not built at {DEMO_BUNDLE}")
+def test_a_run_interrupted_leaves_nothing_and_the_next_clears_a_killed_runs_leftover(tmp_path, monkeypatch,
+                                                                                     caplog):
+    """A run interrupted once the DICOM is unpacked, converted and identified leaves nothing; a leftover of a
+    killed run is cleared by the next run, which writes every output, and no file, log or report text shows an
+    identifier. The model stages of the second run are stand-ins (factories.fake_model_stages): the whole run
+    with the demo bundle, on sentinel headers, is tests/test_end_to_end.py."""
     import pedseg.runner as runner
-    from pedseg.synth.session import generate_session
 
-    generate_session(tmp_path / "session", seed=4)
-    dicom = tmp_path / "session" / "dicom"
-    for path in dicom.rglob("*.dcm"):  # the generator's names are random: make them the sentinels
-        ds = pydicom.dcmread(path)
-        for keyword, value in SENTINELS.items():
-            setattr(ds, keyword, value)
-        ds.save_as(path)
-    out, config = tmp_path / "out", PipelineConfig(bundle=DEMO_BUNDLE, device="cpu", fast=True, threads=2)
+    dicom = write_session(tmp_path / "dicom")
+    out, config = tmp_path / "out", PipelineConfig(bundle=fake_bundle(tmp_path / "bundle"))
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    with monkeypatch.context() as patch:
-        # Ctrl-C once the DICOM is unpacked, converted and identified (work folders full of patient data)
+    with monkeypatch.context() as patch, caplog.at_level(logging.DEBUG):
         patch.setattr(runner, "preprocess", interrupt)
         with pytest.raises(KeyboardInterrupt):
             runner.run_pipeline(dicom, out, config)
@@ -70,6 +62,8 @@ def test_whole_run_interrupted_then_rerun_shows_no_identifiers_and_leaves_comple
     (out / ".pedseg-staging-killed").mkdir()  # what SIGKILL would leave
     (out / ".pedseg-staging-killed" / "report.pdf").write_bytes(b"%PDF-1.4 half")
 
+    images, _ = tiny_atlas_case(tmp_path / "atlas")
+    fake_model_stages(monkeypatch, images, tiny_tumour_labels(tmp_path / "labels.nii.gz"))
     with caplog.at_level(logging.DEBUG):
         result = runner.run_pipeline(dicom, out, config)
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
