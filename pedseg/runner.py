@@ -30,6 +30,7 @@ from pedseg.pipeline.infer import infer, uncertainty_summary
 from pedseg.pipeline.ingest import ingest
 from pedseg.pipeline.longitudinal import Longitudinal, compare
 from pedseg.pipeline.measure import measure
+from pedseg.pipeline.members import check_bundle_region_weights
 from pedseg.pipeline.population import CHILDREN_COVERED, population_warning
 from pedseg.pipeline.postprocess import postprocess
 from pedseg.pipeline.preprocess import labels_to_native, preprocess
@@ -81,9 +82,17 @@ def run_pipeline(inputs: Path | Sequence[Path], outdir: Path, config: PipelineCo
     under the subject and compare it with the subject's earlier time points."""
     clock = StageClock()
     with Workspace(outdir, keep_work=config.keep_workdir) as workspace:
-        bundle = load_bundle(config.bundle)  # a broken bundle fails before the session is read
+        bundle = _load_checked_bundle(config)  # a broken bundle fails before the session is read
         session = read_session(inputs, workspace, clock)
         return run_session(session, workspace, config, store, bundle=bundle, clock=clock)
+
+
+def _load_checked_bundle(config: PipelineConfig) -> ModelBundle:
+    """The bundle, with its region weights checked for every set of members a session could run (they need the
+    members' declared outputs, which loading alone does not read)."""
+    bundle = load_bundle(config.bundle)
+    check_bundle_region_weights(bundle)
+    return bundle
 
 
 def read_session(inputs: Path | Sequence[Path], workspace: Workspace, clock: StageClock) -> Session:
@@ -101,7 +110,7 @@ def run_session(session: Session, workspace: Workspace, config: PipelineConfig,
     """Every stage after ingest, the writers, and publishing into the workspace's OUTDIR. `bundle`: loaded by
     the caller already, else from `config.bundle`; `clock`: the one that timed the ingest, for provenance;
     `writers`: reporting.writers.DEFAULT_WRITERS unless given."""
-    bundle = bundle or load_bundle(config.bundle)
+    bundle = bundle or _load_checked_bundle(config)
     clock = clock or StageClock()
     work = workspace.work
     with clock("identify") as facts:

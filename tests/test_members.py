@@ -182,10 +182,12 @@ def test_a_region_weight_the_members_are_not_averaged_over_is_refused_before_any
         infer(_pre(phantom), bundle, tmp_path / "work", _config(bundle))
 
 
-def test_region_weights_can_be_checked_for_every_set_of_members_a_session_can_run(tmp_path):
-    """For the bundle loader: the fallback member alone (a session with t1c and t2f only) weights ED, which it
-    predicts; with the nnU-Net member too it is still a class space. 'WT' fails for either set."""
+def test_region_weights_are_checked_for_every_set_of_members_before_the_session_is_read(tmp_path):
+    """The fallback member alone (a session with t1c and t2f only) weights ED, which it predicts; with the
+    nnU-Net member too it is still a class space. 'WT' fails for either set, and a run stops on it before it
+    reads its input (exit 6, not 2 for the missing folder)."""
     from pedseg.pipeline.members import check_bundle_region_weights
+    from pedseg.runner import run_pipeline
 
     segresnet = {**_segresnet(tmp_path / "cb" / "models" / "segresnet", 2), "required_inputs": ["t1c", "t2f"],
                  "region_weights": {"ED": 2.0}}
@@ -194,6 +196,8 @@ def test_region_weights_can_be_checked_for_every_set_of_members_a_session_can_ru
              "region_weights": {"WT": 2.0}}
     with pytest.raises(BundleError, match=r"model 'segresnet' has region_weights for \['WT'\]"):
         check_bundle_region_weights(_bundle(tmp_path / "cb2", [NNUNET_MEMBER, wrong]))
+    with pytest.raises(BundleError, match=r"model 'segresnet' has region_weights for \['WT'\]"):
+        run_pipeline(tmp_path / "no-such-session", tmp_path / "out", _config(load_bundle(tmp_path / "cb2")))
 
 
 def test_each_kind_declares_the_channels_its_engine_gives_before_it_runs(tmp_path):
