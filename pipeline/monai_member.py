@@ -147,11 +147,13 @@ def predict(network: torch.nn.Module, volume: np.ndarray, spec: MonaiSpec, devic
     run = OpenVINONetwork(network, execution) if openvino else network.to(device)
     autocast = None if openvino else execution.autocast_dtype
     passes = spec.window.mirrorings(tta)
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        logits = sum(torch.flip(inferer(torch.flip(x, dims), run), dims).float() if dims else
-                     inferer(x, run).float() for dims in passes) / len(passes)
-    if openvino:
-        run.release()
+    try:
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            logits = sum(torch.flip(inferer(torch.flip(x, dims), run), dims).float() if dims else
+                         inferer(x, run).float() for dims in passes) / len(passes)
+    finally:
+        if openvino:
+            run.release()
     probabilities = torch.softmax(logits, 1) if spec.activation == "softmax" else torch.sigmoid(logits)
     return probabilities[0].float().cpu().numpy()
 
