@@ -8,7 +8,7 @@ to BraTS-PEDs 2023 (1 NCR = necrosis + non-enhancing, 2 ED, 3 ET), the label spa
 so both members of the bundle share one label space. Four cases make a weak model: it is meant only for a session
 that lacks the sequences the DeepMedic member needs.
 
-    python scripts/train_fallback_bundle.py --workdir scratch/train-fallback \
+    python -m scripts.train_fallback_bundle --workdir scratch/train-fallback \
         --out bundles/captk-deepmedic-brats-fallback
 
 Steps: data -> plan (fingerprint, plans narrowed to FALLBACK, preprocessing) -> train -> export (the DeepMedic
