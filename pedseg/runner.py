@@ -211,7 +211,7 @@ def _require_inputs(identification: Identification, bundle: ModelBundle) -> tupl
                           " (all present)") for m in bundle.models)
     head = (f"Model bundle '{bundle.name}' requires {names(absent)}, which this session lacks." if members else
             f"No model of bundle '{bundle.name}' can run on this session, which lacks "
-            f"{names(identification.missing)}.")
+            f"{names([r for r in bundle.inputs if any(r in _lacks(m, identification) for m in bundle.models)])}.")
     raise MissingSequenceError(
         f"{head} Identified: {found}. Models and the sequences each runs with: {models}.",
         hint="Add the missing series (if one is there but was not recognised, pin it with --role ROLE=SERIES), or "

@@ -283,3 +283,19 @@ def test_no_member_able_to_run_stops_before_preprocessing_with_what_was_identifi
     assert "1.2.3." not in json.dumps(error)  # series by number and description only
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["error.json"]  # nothing half-written beside it
 
+
+
+def test_the_refusal_names_what_the_models_lack_even_when_identification_listed_nothing_missing(tmp_path,
+                                                                                                monkeypatch):
+    """Identification under a permissive missing policy may list no missing role: the message still names the
+    sequences the bundle's models lack, never an empty list."""
+    import pedseg.runner as runner
+    from pedseg.workspace import Workspace
+
+    segresnet = {**_segresnet(tmp_path / "pm" / "models" / "segresnet", 2), "required_inputs": ["t1c", "t2f"]}
+    bundle = _bundle(tmp_path / "pm", [NNUNET_MEMBER, segresnet])
+    identification = dataclasses.replace(_identification(("t1n", "t1c")), missing=[])
+    monkeypatch.setattr(runner, "identify", lambda session, config: identification)
+    with pytest.raises(MissingSequenceError, match=r"can run on this session, which lacks T2 \(t2w\), "
+                                                   r"T2-FLAIR \(t2f\)\."), Workspace(tmp_path / "out") as workspace:
+        runner.run_session(None, workspace, _config(bundle), bundle=bundle)
