@@ -207,11 +207,11 @@ def _require_inputs(identification: Identification, bundle: ModelBundle) -> tupl
                       f"{_decision(identification, key).confidence:.2f})"
                       for role, key in identification.chosen.items()) or "none"
     models = "; ".join(f"'{m.name}' needs {' + '.join(m.required_inputs)}"
-                       + (f" (lacks {', '.join(_lacks(m, identification))})" if _lacks(m, identification) else
+                       + (f" (lacks {', '.join(m.lacks(identification.chosen))})" if m.lacks(identification.chosen) else
                           " (all present)") for m in bundle.models)
     head = (f"Model bundle '{bundle.name}' requires {names(absent)}, which this session lacks." if members else
             f"No model of bundle '{bundle.name}' can run on this session, which lacks "
-            f"{names([r for r in bundle.inputs if any(r in _lacks(m, identification) for m in bundle.models)])}.")
+            f"{names([r for r in bundle.inputs if any(r in m.lacks(identification.chosen) for m in bundle.models)])}.")
     raise MissingSequenceError(
         f"{head} Identified: {found}. Models and the sequences each runs with: {models}.",
         hint="Add the missing series (if one is there but was not recognised, pin it with --role ROLE=SERIES), or "
@@ -231,8 +231,8 @@ def identification_report(identification: Identification, bundle: ModelBundle) -
     return {
         "chosen": {role: series(_decision(identification, key)) for role, key in identification.chosen.items()},
         "missing": list(identification.missing),
-        "models": {m.name: {"needs": list(m.required_inputs), "lacks": _lacks(m, identification),
-                            "can_run": not _lacks(m, identification)} for m in bundle.models},
+        "models": {m.name: {"needs": list(m.required_inputs), "lacks": m.lacks(identification.chosen),
+                            "can_run": not m.lacks(identification.chosen)} for m in bundle.models},
         "other_series": [series(d) for d in identification.decisions if not d.chosen],
     }
 
@@ -240,9 +240,6 @@ def identification_report(identification: Identification, bundle: ModelBundle) -
 def _decision(identification: Identification, key: str) -> SeriesDecision:
     return next(d for d in identification.decisions if d.key == key)
 
-
-def _lacks(member: BundleModel, identification: Identification) -> list[str]:
-    return [role for role in member.required_inputs if role not in identification.chosen]
 
 
 def _population_guard(bundle: ModelBundle, age_years: float | None) -> PopulationWarning | None:

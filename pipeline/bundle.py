@@ -92,6 +92,10 @@ class BundleModel:
             return (self.path / self.weights,)
         return tuple(self.path / f"fold_{fold}" / self.checkpoint for fold in self.folds)
 
+    def lacks(self, available: Collection[str]) -> list[str]:
+        """The sequences it needs that are not `available`, in its channel order."""
+        return [role for role in self.required_inputs if role not in available]
+
     def weight_of(self, region: str) -> float:
         return self.region_weights.get(region, self.weight)
 
@@ -125,14 +129,13 @@ class ModelBundle:
     def runnable(self, available: Collection[str]) -> tuple[BundleModel, ...]:
         """The members whose sequences are all `available`: the primary ones, or when none of them can run, the
         fallback members."""
-        can_run = [m for m in self.models if set(m.required_inputs) <= set(available)]
+        can_run = [m for m in self.models if not m.lacks(available)]
         return tuple(m for m in can_run if not m.fallback) or tuple(can_run)
 
     def skip_reasons(self, available: Collection[str]) -> dict[str, str]:
         """Why each member that `runnable` leaves out does not run, by member name."""
         running = self.runnable(available)
-        return {m.name: (f"needs {sorted(set(m.required_inputs) - set(available))}, which the session lacks"
-                         if not set(m.required_inputs) <= set(available)
+        return {m.name: (f"needs {sorted(m.lacks(available))}, which the session lacks" if m.lacks(available)
                          else FALLBACK_NOT_NEEDED)
                 for m in self.models if m not in running}
 
