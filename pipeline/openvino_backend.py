@@ -11,6 +11,7 @@ compiled model each rather than a weight swap. Nothing is written to disk: no ca
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import time
@@ -113,6 +114,28 @@ def _compile(network: nn.Module, args, execution: Execution):
     logger.debug("OpenVINO compiled %s at %s in %.1f s", type(network).__name__, execution.precision,
                  time.perf_counter() - t0)
     return compiled
+
+
+@functools.cache
+def bf16_convolution_kernel() -> str | None:
+    """The kernel OpenVINO's CPU plugin runs a convolution with when asked for bf16 on this CPU (an AMX or
+    AVX512-BF16 kernel where bf16 is native; 'jit_avx512_bf16', oneDNN's emulation, on other AVX-512 CPUs), or
+    None where it computes such a network in fp32 whatever the hint. Emulated bf16 rounds inputs and weights to
+    bf16 and accumulates in fp32 as the native kernels do, only slower: it can test bf16's accuracy, not its
+    speed, which is why `auto` still requires native bf16 (pipeline.backend)."""
+    import openvino as ov
+
+    network = nn.Conv3d(2, 4, 3).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = ov.convert_model(torch.export.export(network, (torch.zeros(1, 2, 8, 8, 8),)))
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 1})
+    for node in compiled.get_runtime_model().get_ops():
+        info = node.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            kernel = info["primitiveType"].astype(str)
+            return kernel if info["runtimePrecision"].astype(str) == "bf16" else None
+    return None
 
 
 def _example(arg):

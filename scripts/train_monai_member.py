@@ -297,6 +297,7 @@ def _bundle_json(out: Path, weights: dict[str, dict[str, float]], training: dict
              "normalisation": "zscore-nonzero", "activation": "sigmoid", "outputs": [list(o) for o in OUTPUTS],
              **weighting(MONAI_MEMBER)}
     return {"format_version": demo["format_version"], "name": out.name, "version": "1.0.0", "licence": "CC0-1.0",
+            "allow_bf16": demo["allow_bf16"],  # the nnU-Net member's measured bf16 accuracy (train_demo_bundle.py)
             "description": "Demo ensemble of two kinds of model, the pedseg-demo nnU-Net v2 model and a MONAI "
                            "SegResNet, averaged per region; both trained only on synthetic phantoms built from the "
                            "BraTS-space atlas. It shows cross-kind, region-weighted ensembling; it is not a model "

@@ -1,4 +1,5 @@
-"""Shared fixtures: the shared test data folder beside the checkout (../shared/data), a copy of the demo bundle."""
+"""Shared fixtures: the shared test data folder beside the checkout (../shared/data), a copy of the demo bundle,
+OpenVINO's bf16 kernel on this CPU."""
 from __future__ import annotations
 
 import shutil
@@ -27,6 +28,17 @@ def bundle_copy(tmp_path) -> Path:
     shutil.copytree(DEMO_BUNDLE, dst)
     return dst
 
+
+@pytest.fixture(scope="session")
+def openvino_bf16() -> str:
+    """The bf16 accuracy tests run wherever OpenVINO computes bf16, natively or emulated on AVX-512 (same rounding,
+    fp32 accumulation, slower); on a CPU where it would silently compute fp32 they would test nothing."""
+    from pedseg.pipeline.openvino_backend import bf16_convolution_kernel
+
+    kernel = bf16_convolution_kernel()
+    if kernel is None:
+        pytest.skip("OpenVINO computes no bf16 on this CPU (neither native nor emulated on AVX-512)")
+    return kernel
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -4,7 +4,7 @@ tests/test_pipeline_units.py).
 
 The parity and ensemble tests run the committed demo bundles on one synthetic held-out case on the CPU, through
 PyTorch and through OpenVINO (the CPU default); the variants with all folds and mirroring TTA are marked slow.
-bf16 against fp32 runs only on a CPU with native bf16.
+bf16 against fp32 runs wherever OpenVINO computes bf16 (natively, or emulated on AVX-512).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 import pedseg.pipeline.ensemble as ensemble
 import pedseg.pipeline.infer as infer_module
 from pedseg.evaluation import mask_dice, region_dice
-from pedseg.pipeline.backend import Execution, cpu_has_native_bf16
+from pedseg.pipeline.backend import Execution
 from pedseg.pipeline.bundle import load_bundle
 from pedseg.pipeline.config import DEMO_BUNDLE, PipelineConfig
 from pedseg.pipeline.ensemble import Member, nnunet_input, preprocessing_key, run_ensemble, tiles_per_batch
@@ -96,8 +96,6 @@ ENGINES = [pytest.param("cpu", Execution(), id="cpu-torch"),
            pytest.param("cpu", OPENVINO_FP32, id="cpu-openvino"),
            pytest.param("cuda", Execution("torch", "fp16"), id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
                not torch.cuda.is_available(), reason="no CUDA GPU on this machine")])]
-NATIVE_BF16 = pytest.mark.skipif(not cpu_has_native_bf16(),
-                                 reason="this CPU has no native bf16 (AMX or AVX512-BF16); auto never picks it here")
 
 
 @pytest.mark.parametrize(("device", "execution"), ENGINES)
@@ -127,16 +125,18 @@ def test_labels_equal_stock_nnunet_all_folds_with_tta(case):
     _assert_parity(ours.labels, stock)
 
 
-@NATIVE_BF16
-@pytest.mark.parametrize("bundle_path", [DEMO_BUNDLE, ENSEMBLE_BUNDLE], ids=["demo", "demo-ensemble"])
-def test_bf16_labels_agree_with_fp32(case, bundle_path):
-    members = [Member(model, folds) for model, folds in _bundle(bundle_path).folds_to_run(fast=True)]
+def test_a_bundle_allows_bf16_only_where_its_labels_keep_to_fp32s(case, openvino_bf16):
+    """bf16 within Dice 0.99 of fp32 per region, or the bundle forbids it (then `auto` runs it in fp32 on any
+    CPU). The demo bundles forbid it: enhancing tumour 0.986 on this case (measured 2026-11-30 with OpenVINO's
+    emulated bf16, for the ensemble bundle too; bench/RESULTS.md), the other regions 0.996 and up."""
+    bundle = _bundle(DEMO_BUNDLE)
+    members = [Member(model, folds) for model, folds in bundle.folds_to_run(fast=True)]
     fp32 = run_ensemble(case["data"], case["spacing"], members, CPU, tta=False, execution=OPENVINO_FP32)
     bf16 = run_ensemble(case["data"], case["spacing"], members, CPU, tta=False,
                         execution=Execution("openvino", "bf16", threads=2))
     scores = region_dice(fp32.labels, bf16.labels)
-    assert all(s is None or s >= BF16_DICE for s in scores.values()), scores
-    assert scores["WT"] is not None
+    assert scores["WT"] is not None and scores["WT"] >= BF16_DICE, scores
+    assert not bundle.allow_bf16 or all(s is None or s >= BF16_DICE for s in scores.values()), scores
 
 
 # ------------------------------------------------------------------------------------- multi-model ensemble

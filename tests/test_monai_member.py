@@ -5,7 +5,6 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from pedseg.pipeline.backend import cpu_has_native_bf16
 from pedseg.pipeline.errors import BundleError
 from pedseg.pipeline.monai_member import REQUIRED_NETWORKS, MonaiSpec, load_monai_member, predict
 
@@ -161,9 +160,7 @@ def test_openvino_fp32_equals_pytorch_fp32(tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cpu_has_native_bf16(),
-                    reason="this CPU has no native bf16 (AMX or AVX512-BF16); auto never picks it here")
-def test_openvino_bf16_agrees_with_pytorch_fp32(tmp_path):
+def test_openvino_bf16_agrees_with_pytorch_fp32(tmp_path, openvino_bf16):
     from pedseg.pipeline.backend import Execution
 
     agreement, max_delta = _backend_parity(tmp_path, "SegResNet", Execution("openvino", "bf16", threads=2))
