@@ -138,6 +138,10 @@ def tile_worker(args) -> None:
     print(json.dumps({"first": first, "seconds": seconds, "cpu": cpu}))
 
 
+def _tile_output(tmp: Path, engine: str) -> Path:
+    return tmp / f"{engine.replace(' ', '_')}.npy"
+
+
 def network_ratio(repeat: int, threads: int, onnx_runtime: bool, tmp: Path) -> None:
     import statistics
 
@@ -154,17 +158,17 @@ def network_ratio(repeat: int, threads: int, onnx_runtime: bool, tmp: Path) -> N
     print(f"OpenVINO's bf16 convolution kernel: {kernel} "
           f"({'native' if cpu_has_native_bf16() else 'emulated: this CPU has no native bf16'})" if kernel else
           "OpenVINO computes no bf16 on this CPU")
-    runs: dict[str, dict[str, list[float]]] = {e: {"first": [], "seconds": [], "cpu": []} for e in engines}
+    runs: dict[str, dict[str, list[float]]] = {e: {"seconds": [], "cpu": []} for e in engines}
     for rounds in range(repeat):
         for engine in engines if rounds % 2 == 0 else engines[::-1]:
             cmd = [sys.executable, __file__, "--tile-worker", engine, "--calls", "2", "--threads", str(threads),
-                   "--output", str(tmp / f"{engine.replace(' ', '_')}.npy")]
+                   "--output", str(_tile_output(tmp, engine))]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
                 sys.exit(f"{engine} failed:\n{run.stderr[-3000:]}")
             result = json.loads(run.stdout.strip().splitlines()[-1])
             for key in runs[engine]:
-                runs[engine][key] += result[key] if isinstance(result[key], list) else [result[key]]
+                runs[engine][key] += result[key]
             print(f"  {engine}: first call {result['first']:.1f} s, then "
                   f"{', '.join(f'{s:.2f}' for s in result['seconds'])} s", flush=True)
     network, tile = _fullsize_network(threads)
@@ -174,14 +178,14 @@ def network_ratio(repeat: int, threads: int, onnx_runtime: bool, tmp: Path) -> N
     ceiling = gemm_gflops(threads)
     median = {e: statistics.median(runs[e]["seconds"]) for e in engines}
     median_cpu = {e: statistics.median(runs[e]["cpu"]) for e in engines}
-    reference = torch.from_numpy(np.load(tmp / "torch_fp32.npy"))
+    reference = torch.from_numpy(np.load(_tile_output(tmp, "torch fp32")))
     print(f"\none full-size network, one {tuple(tile.shape)} tile; each engine alone in a fresh process, {repeat} "
           f"processes each, alternating, 2 timed calls each after the first (median); {gflop:.0f} GFLOP a tile "
           f"(torch's FlopCounterMode), sgemm ceiling {ceiling:.0f} GFLOP/s:\n"
           "| engine | seconds | vs torch fp32 | CPU seconds | vs torch fp32 | GFLOP/s | of sgemm | max abs logit diff "
           "| argmax agreement |\n|---|---|---|---|---|---|---|---|---|")
     for engine in engines:
-        output = torch.from_numpy(np.load(tmp / f"{engine.replace(' ', '_')}.npy"))
+        output = torch.from_numpy(np.load(_tile_output(tmp, engine)))
         diff = (output - reference).abs().max().item()
         agree = (output.argmax(1) == reference.argmax(1)).float().mean().item()
         rate = gflop / median[engine]

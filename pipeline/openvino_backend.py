@@ -123,13 +123,7 @@ def bf16_convolution_kernel() -> str | None:
     None where it computes such a network in fp32 whatever the hint. Emulated bf16 rounds inputs and weights to
     bf16 and accumulates in fp32 as the native kernels do, only slower: it can test bf16's accuracy, not its
     speed, which is why `auto` still requires native bf16 (pipeline.backend)."""
-    import openvino as ov
-
-    network = nn.Conv3d(2, 4, 3).eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = ov.convert_model(torch.export.export(network, (torch.zeros(1, 2, 8, 8, 8),)))
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 1})
+    compiled = _compile(nn.Conv3d(2, 4, 3).eval(), (torch.zeros(1, 2, 8, 8, 8),), Execution("openvino", "bf16", 1))
     for node in compiled.get_runtime_model().get_ops():
         info = node.get_rt_info()
         if info["layerType"].astype(str) == "Convolution":
